@@ -1,0 +1,165 @@
+"""``RetrieverConfig``: the retriever process's one frozen config, built once from CLI flags.
+
+    retriever-svc serve --port 50051 --artifacts artifacts/          # embedded redis-server
+    retriever-svc serve --port 0 --artifacts A --data-dir /var/lib/xr  # its AOF kept there
+    retriever-svc serve --port 50051 --artifacts A --redis-url redis://:secret@127.0.0.1:6379/0
+
+Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
+consumer the ``redis`` section, ``server.py`` the ``server`` and ``artifacts`` sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from retriever_svc.vectors import INDEX_KINDS
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisConfig:
+    """Where Redis is and how the stream is consumed.
+
+    Args:
+        url: a redis-py URL; None starts an embedded redis-server under ``data_dir``.
+        data_dir: the embedded server's directory (AOF, socket); None means a temporary one.
+        prefix: key prefix (see ``store.py``).
+        group: the stream's consumer group.
+        consumer: this process's consumer name (stable across restarts of one replica).
+        read_count: entries read per batch.
+        block_ms: how long one read waits for new entries.
+        claim_idle_ms: entries pending this long are taken from a (crashed) peer while running;
+            at start every pending entry is re-claimed.
+        timeout_s: socket timeout of Redis commands.
+    """
+
+    url: str | None = None
+    data_dir: Path | None = None
+    prefix: str = "xr"
+    group: str = "retriever"
+    consumer: str = field(default_factory=lambda: f"{socket.gethostname()}")
+    read_count: int = 512
+    block_ms: int = 200
+    claim_idle_ms: int = 30_000
+    timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.read_count < 1:
+            raise ValueError(f"redis.read_count must be >= 1, got {self.read_count}")
+        if not 1 <= self.block_ms < self.timeout_s * 1000:
+            raise ValueError("redis.block_ms must be >= 1 and below redis.timeout_s")
+        if not self.prefix or not self.group or not self.consumer:
+            raise ValueError("redis.prefix, redis.group and redis.consumer must be non-empty")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexConfig:
+    """The FAISS index and embedding versions.
+
+    Args:
+        kind: ``auto`` (HNSW from ``hnsw_min_users`` users on), ``exact`` or ``hnsw``.
+        hnsw_min_users, hnsw_m, ef_construction, ef_search: see ``VectorIndex``.
+        keep_versions: embedding versions kept in Redis (the current one and older ones).
+        title_cache_size: item titles cached in process before the cache is cleared.
+        faiss_threads: OpenMP threads of one search. 1 (default): a single-query search gains
+            nothing from more, and on a busy 2-core box their barrier waits cost 0.2 -> 7 ms.
+    """
+
+    kind: str = "auto"
+    hnsw_min_users: int = 200_000
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 128
+    keep_versions: int = 2
+    title_cache_size: int = 2_000_000
+    faiss_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"index.kind must be one of {INDEX_KINDS}, got {self.kind!r}")
+        if self.keep_versions < 1:
+            raise ValueError(f"index.keep_versions must be >= 1, got {self.keep_versions}")
+        if min(self.hnsw_m, self.ef_construction, self.ef_search, self.title_cache_size,
+               self.faiss_threads) < 1:
+            raise ValueError("index.hnsw_m, ef_construction, ef_search, title_cache_size and "
+                             "faiss_threads must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """The gRPC listener.
+
+    Args:
+        host: address to bind (default loopback).
+        port: TCP port; 0 picks a free one (printed once serving).
+        grace_s: how long in-flight calls may finish at shutdown.
+        ingest_batch: stream messages written to Redis per pipeline.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 50051
+    grace_s: float = 5.0
+    ingest_batch: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
+        if self.grace_s < 0 or self.ingest_batch < 1:
+            raise ValueError("server.grace_s must be >= 0 and server.ingest_batch >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ArtifactsConfig:
+    """Args: dir: the artifacts directory; ``dir/gcn`` is published at start when present."""
+
+    dir: Path
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrieverConfig:
+    redis: RedisConfig
+    index: IndexConfig
+    server: ServerConfig
+    artifacts: ArtifactsConfig
+
+    @classmethod
+    def from_args(cls, argv: Sequence[str] | None = None) -> RetrieverConfig:
+        """Parse ``retriever-svc serve ...`` flags (see the module docstring)."""
+        args = build_parser().parse_args(argv)
+        return cls(
+            redis=RedisConfig(
+                url=args.redis_url or os.environ.get("EXITRANK_REDIS_URL") or None,
+                data_dir=args.data_dir,
+                prefix=args.redis_prefix,
+                consumer=args.consumer or socket.gethostname(),
+            ),
+            index=IndexConfig(kind=args.index_kind, hnsw_min_users=args.hnsw_min_users),
+            server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
+            artifacts=ArtifactsConfig(dir=args.artifacts),
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retriever-svc", description="The exitrank GCN-Retriever gRPC service."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve exitrank.v1.Retriever")
+    serve.add_argument("--port", type=int, required=True, help="TCP port, 0 for a free one")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--artifacts", type=Path, required=True,
+                       help="artifacts directory; ARTIFACTS/gcn is published when present")
+    serve.add_argument("--redis-url", default=None,
+                       help="external Redis (default: start an embedded redis-server)")
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="embedded redis-server directory (default: a temporary one)")
+    serve.add_argument("--redis-prefix", default="xr", help="Redis key prefix (default xr)")
+    serve.add_argument("--consumer", default=None, help="stream consumer name (default hostname)")
+    serve.add_argument("--index-kind", choices=INDEX_KINDS, default="auto")
+    serve.add_argument("--hnsw-min-users", type=int, default=200_000)
+    serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace seconds")
+    return parser

@@ -1,0 +1,124 @@
+"""The stream consumer: applies ingested interactions to histories and embeddings, at least once.
+
+One consumer group (``redis.group``) reads the ingest stream. For each batch the consumer
+1. reads entries (XREADGROUP; they are now pending for this consumer),
+2. applies them to histories (idempotent, ``store.py``) and refreshes the touched users' fold-in
+   vectors in Redis and FAISS (``Retriever.apply_events``),
+3. only then acknowledges them (XACK).
+
+A crash anywhere before 3 leaves the entries pending; the next start re-claims every pending entry
+(XAUTOCLAIM from 0) and applies it again, which changes nothing that was already applied. While
+running, entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's) are claimed too,
+and entries every group has acknowledged are trimmed from the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+from retriever_svc.config import RedisConfig
+from retriever_svc.errors import InvalidArgument, StoreUnavailable
+from retriever_svc.index import Retriever
+from retriever_svc.records import Interaction, check_interaction
+from retriever_svc.store import RedisStore, StreamEntry, decode_event
+
+log = logging.getLogger(__name__)
+
+
+class StreamConsumer:
+    """Runs the consumer loop as an asyncio task until :meth:`stop`.
+
+    Args:
+        retriever: the core whose ``apply_events`` updates histories and embeddings.
+        store: the Redis access layer holding the stream.
+        config: the ``redis`` section (group, consumer name, batch size, timings).
+    """
+
+    def __init__(self, *, retriever: Retriever, store: RedisStore, config: RedisConfig) -> None:
+        self.retriever = retriever
+        self.store = store
+        self.config = config
+        self.applied = 0  # entries acknowledged by this process
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self.run(), name="retriever-stream-consumer")
+        return self._task
+
+    async def stop(self) -> None:
+        """Finish the batch in hand, then return (a blocked read ends within ``block_ms``)."""
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+
+    async def run(self) -> None:
+        backoff, started, last_claim = 0.1, False, time.monotonic()
+        while not self._stopping.is_set():
+            try:
+                if not started:
+                    await self.store.ensure_group()
+                    await self.reclaim(min_idle_ms=0)  # whatever a previous run left pending
+                    started = True
+                await self.step()
+                if time.monotonic() - last_claim > self.config.claim_idle_ms / 1000:
+                    await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
+                    await self.store.trim_acknowledged()
+                    last_claim = time.monotonic()
+                backoff = 0.1
+            except StoreUnavailable as exc:
+                log.warning("stream consumer: %s; retrying in %.1fs", exc, backoff)
+                await self._sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+            except Exception:  # a bug must not end the loop silently; entries stay pending
+                log.exception("stream consumer: batch failed; its entries stay pending")
+                await self._sleep(1.0)
+
+    async def step(self) -> int:
+        """Read one batch (waiting up to ``block_ms``), apply it, acknowledge it; returns its size."""
+        entries = await self.store.read_events(
+            self.config.consumer, count=self.config.read_count, block_ms=self.config.block_ms
+        )
+        return await self._process(entries)
+
+    async def reclaim(self, *, min_idle_ms: int) -> int:
+        """Claim, apply and acknowledge entries pending at least ``min_idle_ms``; returns how many."""
+        total = 0
+        while True:
+            entries = await self.store.claim_pending(
+                self.config.consumer, min_idle_ms=min_idle_ms, count=self.config.read_count
+            )
+            if not entries:
+                return total
+            total += await self._process(entries)
+
+    async def _process(self, entries: Sequence[StreamEntry]) -> int:
+        if not entries:
+            return 0
+        events = [e for entry_id, fields in entries if (e := _valid(entry_id, fields)) is not None]
+        if events:
+            await self.retriever.apply_events(events)
+        await self.store.ack([entry_id for entry_id, _ in entries])  # only after the writes
+        self.applied += len(entries)
+        return len(entries)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+
+def _valid(entry_id: str, fields: dict[bytes, bytes]) -> Interaction | None:
+    """The entry's event, or None (logged, then acknowledged) when no retry could make it valid."""
+    event = decode_event(fields)
+    try:
+        return check_interaction(event) if event is not None else None
+    except InvalidArgument as exc:
+        log.warning("dropping stream entry %s: %s", entry_id, exc)
+        return None
+    finally:
+        if event is None:
+            log.warning("dropping malformed stream entry %s: %r", entry_id, fields)

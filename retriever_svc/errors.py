@@ -1,0 +1,44 @@
+"""The retriever's errors: one hierarchy, mapped to gRPC statuses at one point (``servicer.py``).
+
+Exception tree (status each maps to)::
+
+    RetrievalError                     base of everything the core raises on purpose
+    ├── InvalidArgument(field, msg)    INVALID_ARGUMENT: a request field is out of range or malformed
+    ├── UnknownUser(user_id, reason)   NOT_FOUND: no embedding / no history for the user
+    ├── StoreUnavailable               UNAVAILABLE: Redis cannot be reached or refused the command
+    └── EmbeddingsError                FAILED_PRECONDITION: an embedding artifact or version is unusable
+
+Core code raises these and never imports grpc; third-party errors (redis-py) are converted to
+``StoreUnavailable`` at one boundary, ``store.py``.
+"""
+
+from __future__ import annotations
+
+
+class RetrievalError(Exception):
+    """Base class of the retriever's errors."""
+
+
+class InvalidArgument(RetrievalError):
+    """A request field is invalid; ``field`` names it (``k``, ``item_ids[3]``, ...)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class UnknownUser(RetrievalError):
+    """The retriever has no embedding (NearestUsers) or knows nothing (GetContext) of a user."""
+
+    def __init__(self, user_id: str, reason: str) -> None:
+        super().__init__(f"unknown user {user_id!r}: {reason}")
+        self.user_id = user_id
+
+
+class StoreUnavailable(RetrievalError):
+    """Redis could not be reached, timed out, or refused a command; retrying later may work."""
+
+
+class EmbeddingsError(RetrievalError):
+    """An embedding artifact or stored version is missing, inconsistent or of the wrong shape."""

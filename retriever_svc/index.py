@@ -1,0 +1,254 @@
+"""The retriever core, ``Retriever``: ingest, fold-in, nearest users, contexts, catalog. No grpc.
+
+Embedding versions. A published version is an immutable ``_Snapshot`` (version, item rows, fold-in
+basis, user ``VectorIndex``); requests read ``self._snapshot`` once and use only that object, and
+``load_embeddings`` builds the next snapshot completely before one assignment swaps it in, so no
+request sees a mix and every answer names the version that produced it.
+
+Fold-in (how a user's embedding follows its interactions between refits). LightGCN's propagation
+gives user u at layer k >= 1, with the item layers e_i^(k-1) of the fit held fixed,
+
+    e_u^(k) = sum_{i in N_u} e_i^(k-1) / sqrt(|N_u| |N_i|)
+
+so the combined embedding sum_{k>=1} alpha_k e_u^(k) = sum_{i in N_u} f_i / sqrt(|N_u|), with the
+fit's per-item basis f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|) (``item_foldin``). For the
+paper's ``mean_1_to_K`` (alpha_0 = 0) this is exactly the embedding the fit gives a user with the
+same items, so folded-in and fitted users are comparable by cosine; for ``mean_0_to_K`` it lacks
+the user's own free layer-0 term, which only a refit can learn. N_u is the user's distinct items
+that the version knows (items new since the fit have no embedding and are skipped until the next
+refit); a user none of whose items are known has no embedding. One (I, d) basis and a sum of
+|N_u| rows per user: cheap enough to refresh every touched user on every stream batch.
+
+Titles come from an in-process cache filled from the catalog on a miss, so ``get_context`` is one
+Redis round trip (the histories of the user and its k neighbours) once titles are cached. The
+cache learns of UpsertItems through this process only: another replica's retitling shows here
+after a restart (titles rarely change; a catalog-change stream would close that gap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from exitrank.types import HistoryItem, NeighborContext, UserContext
+from retriever_svc.config import IndexConfig
+from retriever_svc.embeddings import GCNEmbeddings
+from retriever_svc.errors import InvalidArgument, UnknownUser
+from retriever_svc.records import (
+    CONTEXT_K_RANGE,
+    MAX_GET_ITEMS,
+    MAX_HISTORY_RANGE,
+    MAX_REPORTED_ERRORS,
+    NEAREST_K_RANGE,
+    CatalogItem,
+    IngestResult,
+    Interaction,
+    Neighbors,
+    check_id,
+    check_interaction,
+    check_item,
+    check_range,
+    refusal,
+)
+from retriever_svc.store import HistoryRow, RedisStore
+from retriever_svc.vectors import VectorIndex
+
+log = logging.getLogger(__name__)
+_FOLD_CHUNK = 2000
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One published embedding version, as requests see it."""
+
+    version: str
+    item_row: dict[str, int]
+    basis: np.ndarray  # (I, d) fold-in basis f
+    users: VectorIndex
+
+    def fold_in(self, item_ids: Iterable[str]) -> np.ndarray | None:
+        """e_u = sum_{i in N_u} f_i / sqrt(|N_u|) over the known distinct items; (d,) or None."""
+        rows = sorted({self.item_row[i] for i in item_ids if i in self.item_row})
+        if not rows:
+            return None
+        return self.basis[rows].sum(axis=0) / math.sqrt(len(rows))
+
+
+class Retriever:
+    """Histories and catalog in Redis, LightGCN user vectors in FAISS, answers similar users.
+
+    Args:
+        store: the Redis access layer.
+        config: the ``index`` section of ``RetrieverConfig``.
+    """
+
+    def __init__(self, *, store: RedisStore, config: IndexConfig) -> None:
+        self.store = store
+        self.config = config
+        self._snapshot: _Snapshot | None = None
+        self._lock = asyncio.Lock()  # serialises publishing and fold-in writes
+        self._titles: dict[str, str] = {}
+
+    @property
+    def embedding_version(self) -> str:
+        """The published version ("" before any)."""
+        return self._snapshot.version if self._snapshot else ""
+
+    # ---- embedding versions -------------------------------------------------------------
+
+    async def load_embeddings(self, emb: GCNEmbeddings) -> None:
+        """Publish a fit: store it in Redis (unless already there), index it, fold in the
+        users the fit lacks, point ``current`` at it, then swap it in atomically."""
+        async with self._lock:
+            if not await self.store.version_complete(emb.version):
+                await self.store.write_version(emb)
+            await self._publish(self._snapshot_of(emb))
+
+    async def restore(self) -> str | None:
+        """Load the version ``current`` names in Redis (a restart without artifacts)."""
+        async with self._lock:
+            version = await self.store.current_version()
+            if version is None:
+                return None
+            await self._publish(self._snapshot_of(await self.store.load_version(version)))
+            return version
+
+    def _snapshot_of(self, emb: GCNEmbeddings) -> _Snapshot:
+        cfg = self.config
+        users = VectorIndex(
+            emb.user_ids, emb.user, kind=cfg.kind, hnsw_min_users=cfg.hnsw_min_users,
+            hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search,
+        )
+        item_row = {item: row for row, item in enumerate(emb.item_ids)}
+        return _Snapshot(emb.version, item_row, emb.fold_in_basis(), users)
+
+    async def _publish(self, snap: _Snapshot) -> None:
+        folded = await self._fold_in_missing(snap)
+        dropped = await self.store.set_current(snap.version, keep=self.config.keep_versions)
+        self._snapshot = snap
+        log.info("published embedding version %s: %d users (%d folded in), dropped %s",
+                 snap.version, len(snap.users), folded, dropped or "none")
+
+    async def _fold_in_missing(self, snap: _Snapshot) -> int:
+        """Fold in users with a history but no vector in ``snap`` (e.g. new since the fit)."""
+        missing = [u for u in await self.store.all_users() if u not in snap.users]
+        count = 0
+        for start in range(0, len(missing), _FOLD_CHUNK):
+            items = await self.store.user_items(missing[start : start + _FOLD_CHUNK])
+            count += await self._write_fold_ins(snap, items)
+        return count
+
+    async def _write_fold_ins(self, snap: _Snapshot, items: dict[str, list[str]]) -> int:
+        """Compute, store (Redis first) and index the users' fold-in vectors."""
+        vectors = [(u, v) for u, ids in items.items() if (v := snap.fold_in(ids)) is not None]
+        await self.store.put_user_vectors(snap.version, vectors)
+        for user, vector in vectors:
+            snap.users.upsert(user, vector)
+        return len(vectors)
+
+    # ---- the stream ---------------------------------------------------------------------
+
+    async def ingest(self, events: Sequence[Interaction], *, first_index: int = 0) -> IngestResult:
+        """Validate each event; append the valid ones durably to the stream (XADD acknowledged)."""
+        valid, errors = [], []
+        for offset, event in enumerate(events):
+            try:
+                valid.append(check_interaction(event))
+            except InvalidArgument as exc:
+                errors.append(refusal("interaction", first_index + offset, exc))
+        await self.store.append_events(valid)
+        return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+
+    async def apply_events(self, events: Sequence[Interaction]) -> int:
+        """The consumer's step: histories first, then the touched users' fold-in vectors
+        (Redis, then FAISS). Returns how many vectors were refreshed; idempotent."""
+        async with self._lock:
+            items = await self.store.apply_events(events)
+            snap = self._snapshot
+            return 0 if snap is None else await self._write_fold_ins(snap, items)
+
+    # ---- catalog ------------------------------------------------------------------------
+
+    async def upsert_items(self, items: Sequence[CatalogItem], *, first_index: int = 0) -> IngestResult:
+        valid, errors = [], []
+        for offset, item in enumerate(items):
+            try:
+                valid.append(check_item(item))
+            except InvalidArgument as exc:
+                errors.append(refusal("item", first_index + offset, exc))
+        await self.store.put_items(valid)
+        self._remember_titles({item.item_id: item.title for item in valid})
+        return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+
+    async def get_items(self, item_ids: Sequence[str]) -> tuple[list[CatalogItem], list[str]]:
+        """(found items in request order, missing ids)."""
+        if len(item_ids) > MAX_GET_ITEMS:
+            raise InvalidArgument("item_ids", f"at most {MAX_GET_ITEMS} ids, got {len(item_ids)}")
+        for j, item_id in enumerate(item_ids):
+            check_id(f"item_ids[{j}]", item_id)
+        found = await self.store.get_items(item_ids)
+        items = [item for item in found if item is not None]
+        self._remember_titles({item.item_id: item.title for item in items})
+        return items, [i for i, item in zip(item_ids, found) if item is None]
+
+    def _remember_titles(self, titles: dict[str, str]) -> None:
+        if len(self._titles) + len(titles) > self.config.title_cache_size:
+            self._titles.clear()
+        self._titles.update(titles)
+
+    async def _titles_of(self, item_ids: set[str]) -> dict[str, str]:
+        misses = [i for i in item_ids if i not in self._titles]
+        if misses:  # a second round trip, only until the cache is warm
+            found = await self.store.get_items(misses)
+            self._remember_titles({i.item_id: i.title for i in found if i is not None})
+        return {i: self._titles.get(i, "") for i in item_ids}
+
+    # ---- queries ------------------------------------------------------------------------
+
+    async def nearest_users(self, user_id: str, k: int) -> Neighbors:
+        """The k most similar users by cosine (never ``user_id`` itself), best first."""
+        check_id("user_id", user_id)
+        check_range("k", k, NEAREST_K_RANGE)
+        snap = self._snapshot
+        if snap is None or user_id not in snap.users:
+            raise UnknownUser(user_id, self._why_no_embedding(snap))
+        return Neighbors(tuple(snap.users.search(user_id, k)), snap.version)
+
+    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext:
+        """The user's newest ``max_history`` interactions and its k nearest users' (one round
+        trip to Redis for all histories)."""
+        check_id("user_id", user_id)
+        check_range("k", k, CONTEXT_K_RANGE)
+        check_range("max_history", max_history, MAX_HISTORY_RANGE)
+        snap = self._snapshot
+        embedded = snap is not None and user_id in snap.users
+        neighbors = snap.users.search(user_id, k) if embedded and k else []
+        rows = await self.store.histories([user_id] + [n for n, _ in neighbors], max_history)
+        if not rows[0] and not embedded:
+            raise UnknownUser(user_id, "no interactions were ingested for it and it has no embedding")
+        titles = await self._titles_of({item for history in rows for item, _, _ in history})
+        return UserContext(
+            user_id=user_id,
+            history=_history(rows[0], titles),
+            neighbors=tuple(
+                NeighborContext(n, score, _history(h, titles))
+                for (n, score), h in zip(neighbors, rows[1:])
+            ),
+            embedding_version=snap.version if embedded else "",
+        )
+
+    @staticmethod
+    def _why_no_embedding(snap: _Snapshot | None) -> str:
+        if snap is None:
+            return "no embedding version is loaded yet (publish a LightGCN fit: serve with --artifacts)"
+        return (f"no embedding in version {snap.version}: it is not in the fit and none of its "
+                "ingested interactions is with an item the fit knows")
+
+
+def _history(rows: list[HistoryRow], titles: dict[str, str]) -> tuple[HistoryItem, ...]:
+    return tuple(HistoryItem(item, titles.get(item, ""), rating, ts) for item, ts, rating in rows)

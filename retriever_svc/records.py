@@ -1,0 +1,111 @@
+"""Plain records the core reads and answers (no grpc), and the request validation rules.
+
+The limits are the public contract's (protos/exitrank/v1/*.proto); each check raises
+``InvalidArgument`` naming the field and saying what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from dataclasses import dataclass, field
+
+from retriever_svc.errors import InvalidArgument
+
+MAX_ID_BYTES = 128
+MAX_TITLE_CHARS = 512
+MAX_ATTRIBUTES = 32
+MAX_ATTRIBUTE_VALUE_CHARS = 1024
+NEAREST_K_RANGE = (1, 1000)
+CONTEXT_K_RANGE = (0, 100)
+MAX_HISTORY_RANGE = (1, 200)
+MAX_GET_ITEMS = 10_000
+MAX_REPORTED_ERRORS = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Interaction:
+    """One event of the interaction stream."""
+
+    user_id: str
+    item_id: str
+    rating: float = 1.0
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogItem:
+    """A catalog entry: the title shown to the LLM and free-form attributes."""
+
+    item_id: str
+    title: str
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """How many records a stream call stored and refused, and why the first few were refused."""
+
+    accepted: int = 0
+    rejected: int = 0
+    errors: tuple[str, ...] = ()
+
+    def __add__(self, other: IngestResult) -> IngestResult:
+        errors = (self.errors + other.errors)[:MAX_REPORTED_ERRORS]
+        return IngestResult(self.accepted + other.accepted, self.rejected + other.rejected, errors)
+
+
+@dataclass(frozen=True, slots=True)
+class Neighbors:
+    """Nearest users, best first, as (user_id, cosine), and the embedding version that answered."""
+
+    neighbors: tuple[tuple[str, float], ...]
+    embedding_version: str
+
+
+def check_id(field_name: str, value: object) -> str:
+    """1..128 bytes of UTF-8 without control characters."""
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(field_name, "must be a non-empty string")
+    if len(value.encode("utf-8", errors="surrogatepass")) > MAX_ID_BYTES:
+        raise InvalidArgument(field_name, f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
+    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
+        raise InvalidArgument(field_name, "must not contain control characters")
+    return value
+
+
+def check_range(field_name: str, value: int, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    if not low <= value <= high:
+        raise InvalidArgument(field_name, f"must be in {low}..{high}, got {value}")
+    return value
+
+
+def check_interaction(event: Interaction) -> Interaction:
+    check_id("user_id", event.user_id)
+    check_id("item_id", event.item_id)
+    if not math.isfinite(event.rating):
+        raise InvalidArgument("rating", f"must be finite, got {event.rating}")
+    if event.timestamp_ms < 0:
+        raise InvalidArgument("timestamp_ms", f"must be >= 0, got {event.timestamp_ms}")
+    return event
+
+
+def check_item(item: CatalogItem) -> CatalogItem:
+    check_id("item_id", item.item_id)
+    if not item.title or len(item.title) > MAX_TITLE_CHARS:
+        raise InvalidArgument("title", f"must be 1..{MAX_TITLE_CHARS} characters")
+    if len(item.attributes) > MAX_ATTRIBUTES:
+        raise InvalidArgument("attributes", f"must have at most {MAX_ATTRIBUTES} entries")
+    for key, value in item.attributes.items():
+        check_id(f"attributes[{key!r}]", key)
+        if len(value) > MAX_ATTRIBUTE_VALUE_CHARS:
+            raise InvalidArgument(
+                f"attributes[{key!r}]", f"value must be at most {MAX_ATTRIBUTE_VALUE_CHARS} chars"
+            )
+    return item
+
+
+def refusal(kind: str, index: int, error: InvalidArgument) -> str:
+    """The IngestSummary line for a refused record, e.g. "interaction 3: rating must be finite"."""
+    return f"{kind} {index}: {error.field} {error.message}"

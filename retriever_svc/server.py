@@ -1,0 +1,149 @@
+"""``retriever-svc``: builds the retriever process from its config and runs it until a signal.
+
+    retriever-svc serve --port 50051 --artifacts artifacts/
+    retriever-svc serve --port 0 --artifacts artifacts/ --data-dir /var/lib/retriever
+    retriever-svc serve --port 50051 --artifacts artifacts/ --redis-url redis://:pw@127.0.0.1:6379/0
+
+Start: Redis (an embedded redis-server under the data dir unless ``--redis-url``), the store, the
+core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
+stream consumer task; the gRPC server with health checking and reflection. Then one line,
+``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port).
+
+Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
+consumer finishes its batch, Redis is closed, the embedded redis-server is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from exitrank.redis_server import EmbeddedRedis, RedisServerError
+from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
+from retriever_svc.config import RetrieverConfig, ServerConfig
+from retriever_svc.consumer import StreamConsumer
+from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
+from retriever_svc.errors import RetrievalError
+from retriever_svc.index import Retriever
+from retriever_svc.servicer import RetrieverCore, RetrieverServicer
+from retriever_svc.store import RedisStore
+
+log = logging.getLogger("retriever_svc")
+SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
+
+
+async def start_grpc(
+    core: RetrieverCore, config: ServerConfig
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A started grpc.aio server for ``core`` with health checking and reflection; its port."""
+    server = grpc.aio.server()
+    retriever_pb2_grpc.add_RetrieverServicer_to_server(
+        RetrieverServicer(core=core, batch=config.ingest_batch), server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer
+
+
+async def publish_artifacts(retriever: Retriever, artifacts: Path) -> str:
+    """Publish ``artifacts/gcn`` when present, else restore Redis's current version."""
+    if (artifacts / GCN_DIR).is_dir():
+        emb = GCNEmbeddings.load(artifacts)
+        await retriever.load_embeddings(emb)
+        return emb.version
+    version = await retriever.restore()
+    if version is None:
+        log.warning("no embeddings in %s/%s nor in Redis: NearestUsers answers NOT_FOUND "
+                    "until a fit is published", artifacts, GCN_DIR)
+    return version or ""
+
+
+async def serve(config: RetrieverConfig, redis_url: str) -> None:
+    """Run the service on ``redis_url`` until SIGTERM/SIGINT."""
+    faiss.omp_set_num_threads(config.index.faiss_threads)
+    store = RedisStore.from_url(redis_url, prefix=config.redis.prefix, group=config.redis.group,
+                                timeout_s=config.redis.timeout_s)
+    try:
+        await store.ping()
+        retriever = Retriever(store=store, config=config.index)
+        version = await publish_artifacts(retriever, config.artifacts.dir)
+        consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
+        consumer.start()
+        try:
+            server, port, health_servicer = await start_grpc(retriever, config.server)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            log.info("embedding version %s", version or "(none)")
+            print(f"retriever listening on {config.server.host}:{port}", flush=True)
+            await stop.wait()
+            log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
+            await health_servicer.enter_graceful_shutdown()
+            await server.stop(config.server.grace_s)
+        finally:
+            await consumer.stop()
+    finally:
+        await store.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``retriever-svc`` console script; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = RetrieverConfig.from_args(argv)
+    except ValueError as exc:
+        print(f"retriever-svc: {exc}", file=sys.stderr)
+        return 2
+    embedded: EmbeddedRedis | None = None
+    temp_dir: Path | None = None
+    # until serve() installs its handlers, a signal still unwinds through the finally below
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        redis_url = config.redis.url
+        if redis_url is None:
+            data_dir = config.redis.data_dir
+            if data_dir is None:
+                data_dir = temp_dir = Path(tempfile.mkdtemp(prefix="retriever-"))
+            embedded = EmbeddedRedis(Path(data_dir) / "redis").start()
+            redis_url = embedded.url
+            log.info("embedded redis-server pid %s in %s", embedded.pid, embedded.data_dir)
+        asyncio.run(serve(config, redis_url))
+        return 0
+    except (RetrievalError, RedisServerError, RuntimeError) as exc:
+        log.error("retriever-svc failed: %s", exc)
+        return 1
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if temp_dir is not None:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(temp_dir)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""``VectorIndex``: cosine nearest neighbours of users over FAISS. No I/O; the trainer uses it offline.
+
+Cosine similarity (the paper's section 4), sim(u, v) = e_u . e_v / (|e_u| |e_v|), is the inner
+product of L2-normalised vectors, so vectors are normalised on the way in and FAISS searches by
+inner product:
+
+- ``exact``: ``IndexFlatIP`` inside an ``IndexIDMap2``; results equal a brute-force scan. An
+  update overwrites the stored row in place (a flat index has no structure to repair).
+- ``hnsw``: ``IndexHNSWFlat`` (inner-product metric) inside an ``IndexIDMap2``, for user counts
+  where a scan is too slow. HNSW cannot delete, so an update adds a new row and leaves the old
+  one as a tombstone that searches skip; the index is rebuilt when tombstones outnumber live rows.
+- ``auto`` (default): ``hnsw`` from ``hnsw_min_users`` users on, else ``exact``.
+
+FAISS labels are our row numbers; ``_labels[row]`` is the user id (None for a tombstone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Sequence
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("auto", "exact", "hnsw")
+
+
+@contextlib.contextmanager
+def _all_cores(enabled: bool) -> Iterator[None]:
+    """Bulk builds use every core even where searches run single-threaded (see server.py)."""
+    before = faiss.omp_get_max_threads()
+    if enabled:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero). (n, d) float32, C-contiguous."""
+    matrix = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return np.ascontiguousarray(matrix / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+class VectorIndex:
+    """Users' embeddings searchable by cosine similarity, updatable one user at a time.
+
+    Args:
+        ids: distinct user ids, row order of ``vectors``.
+        vectors: (n, d) embeddings (any scale; they are L2-normalised).
+        kind: ``auto`` (default), ``exact`` or ``hnsw``.
+        hnsw_min_users: ``auto`` picks HNSW from this many users on (default 200,000).
+        hnsw_m: HNSW graph degree M (default 32).
+        ef_construction: HNSW build beam (default 80).
+        ef_search: HNSW search beam (default 128; raised to k when k is larger).
+
+    Raises:
+        ValueError: ids and vectors disagree, ids repeat, or ``kind`` is unknown.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        kind: str = "auto",
+        hnsw_min_users: int = 200_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 128,
+    ) -> None:
+        if kind not in INDEX_KINDS:
+            raise ValueError(f"kind must be one of {INDEX_KINDS}, got {kind!r}")
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+            raise ValueError(f"vectors must have shape ({len(ids)}, d), got {vectors.shape}")
+        if len(set(ids)) != len(ids):
+            raise ValueError("ids must be distinct")
+        self.dim = int(vectors.shape[1])
+        if kind == "auto":
+            kind = "hnsw" if len(ids) >= hnsw_min_users else "exact"
+        self.kind = kind
+        self._hnsw = (hnsw_m, ef_construction, ef_search)
+        self._build(list(ids), l2_normalize(vectors) if len(ids) else vectors)
+
+    def _build(self, ids: list[str], unit: np.ndarray) -> None:
+        if self.kind == "hnsw":
+            m, ef_construction, ef_search = self._hnsw
+            base = faiss.IndexHNSWFlat(self.dim, m, faiss.METRIC_INNER_PRODUCT)
+            base.hnsw.efConstruction = ef_construction
+            base.hnsw.efSearch = ef_search
+        else:
+            base = faiss.IndexFlatIP(self.dim)
+        self._base = base  # the IDMap does not own it: keep it alive
+        self._index = faiss.IndexIDMap2(base)
+        self._labels: list[str | None] = list(ids)
+        self._row: dict[str, int] = {user: row for row, user in enumerate(ids)}
+        if ids:
+            with _all_cores(len(ids) >= 10_000):
+                self._index.add_with_ids(unit, np.arange(len(ids), dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._row
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._row)
+
+    def get(self, user_id: str) -> np.ndarray | None:
+        """The user's L2-normalised vector (d,), or None when absent."""
+        row = self._row.get(user_id)
+        return None if row is None else self._index.reconstruct(row)
+
+    def search(self, user_id: str, k: int) -> list[tuple[str, float]]:
+        """The k users most similar to ``user_id`` (never itself), best first, with cosines.
+
+        Raises:
+            KeyError: ``user_id`` is not in the index.
+        """
+        vector = self.get(user_id)
+        if vector is None:
+            raise KeyError(user_id)
+        return self.search_vector(vector, k, exclude=user_id)
+
+    def search_vector(
+        self, vector: np.ndarray, k: int, exclude: str | None = None
+    ) -> list[tuple[str, float]]:
+        """The k users most similar to ``vector`` (d,), best first; ``exclude`` is left out."""
+        if k <= 0 or not self._row:
+            return []
+        query = l2_normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # (1, d)
+        fetch = k + (exclude is not None)
+        while True:
+            fetch = min(fetch, len(self._labels))
+            if self.kind == "hnsw":
+                self._base.hnsw.efSearch = max(self._hnsw[2], fetch)
+            scores, rows = self._index.search(query, fetch)  # (1, fetch) each
+            found = [
+                (self._labels[row], float(score))
+                for row, score in zip(rows[0], scores[0])
+                if row >= 0 and self._labels[row] is not None and self._labels[row] != exclude
+            ]
+            if len(found) >= k or fetch >= len(self._labels):
+                return found[:k]
+            fetch *= 2  # tombstones took places: look further
+
+    def upsert(self, user_id: str, vector: np.ndarray) -> None:
+        """Add a user or replace its vector, without rebuilding the index."""
+        unit = l2_normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # (1, d)
+        if unit.shape[1] != self.dim:
+            raise ValueError(f"vector has dim {unit.shape[1]}, index has {self.dim}")
+        row = self._row.get(user_id)
+        if row is not None and self.kind == "exact":
+            stored = faiss.rev_swig_ptr(self._base.get_xb(), self._base.ntotal * self.dim)
+            stored.reshape(-1, self.dim)[row] = unit[0]  # flat: label == storage position
+            return
+        if row is not None:
+            self._labels[row] = None  # HNSW: tombstone the old node, insert a new one
+        new_row = len(self._labels)
+        self._labels.append(user_id)
+        self._row[user_id] = new_row
+        self._index.add_with_ids(unit, np.array([new_row], dtype=np.int64))
+        if len(self._labels) > 2 * len(self._row) + 1000:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Rebuild without tombstones (HNSW only; amortised over many updates)."""
+        ids = list(self._row)
+        unit = np.stack([self._index.reconstruct(self._row[u]) for u in ids])
+        self._build(ids, unit)

@@ -1,0 +1,128 @@
+"""RedisStore against a real redis-server: idempotent histories, catalog, versions, the stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retriever_svc.errors import StoreUnavailable
+from retriever_svc.records import CatalogItem, Interaction
+from retriever_svc.store import RedisStore
+
+pytestmark = pytest.mark.anyio
+
+EVENTS = [
+    Interaction("alice", "book-1", 4.0, 1_000),
+    Interaction("alice", "book-2", 5.0, 2_000),
+    Interaction("bob", "book-1", 3.0, 1_500),
+    Interaction("alice", "book-1", 2.0, 500),  # older than the first: must not win
+    Interaction("bob", "book-3", 1.0, 1_500),
+    Interaction("bob", "book-3", 2.5, 1_500),  # same time, higher rating: wins
+]
+
+
+async def _state(store: RedisStore, users: list[str]) -> dict:
+    out = {}
+    for user in users:
+        hist = await store.client.zrange(store.keys.hist(user), 0, -1, withscores=True)
+        ratings = await store.client.hgetall(store.keys.rating(user))
+        out[user] = (hist, ratings)
+    return out
+
+
+async def test_apply_is_idempotent_and_order_independent(store: RedisStore, redis_url: str):
+    touched = await store.apply_events(EVENTS)
+    assert touched == {"alice": ["book-1", "book-2"], "bob": ["book-1", "book-3"]}
+    once = await _state(store, ["alice", "bob"])
+    await store.apply_events(EVENTS)  # every event a second time
+    assert await _state(store, ["alice", "bob"]) == once
+    other = RedisStore.from_url(redis_url, prefix="reversed")
+    try:
+        await other.apply_events(EVENTS[::-1])
+        assert await _state(other, ["alice", "bob"]) == once
+    finally:
+        await other.close()
+    assert set(await store.all_users()) == {"alice", "bob"}
+
+
+async def test_histories_newest_last_with_ratings(store: RedisStore):
+    await store.apply_events(EVENTS)
+    alice, bob, nobody = await store.histories(["alice", "bob", "nobody"], max_history=5)
+    assert alice == [("book-1", 1_000, 4.0), ("book-2", 2_000, 5.0)]
+    assert bob == [("book-1", 1_500, 3.0), ("book-3", 1_500, 2.5)]
+    assert nobody == []
+    (latest,) = await store.histories(["alice"], max_history=1)
+    assert latest == [("book-2", 2_000, 5.0)]
+
+
+async def test_ids_with_braces_colons_and_unicode(store: RedisStore):
+    odd = Interaction("}{u:1}", "ít{em}:x", 1.0, 7)
+    assert await store.apply_events([odd]) == {"}{u:1}": ["ít{em}:x"]}
+    assert await store.histories(["}{u:1}"], 3) == [[("ít{em}:x", 7, 1.0)]]
+
+
+async def test_scripts_reload_after_script_flush(store: RedisStore):
+    await store.apply_events(EVENTS[:1])
+    await store.client.script_flush()
+    await store.apply_events(EVENTS[1:2])
+    assert len((await store.histories(["alice"], 10))[0]) == 2
+
+
+async def test_catalog_round_trip_is_json(store: RedisStore):
+    items = [CatalogItem("b1", "Dune — Frank Herbert", {"genre": "sf", "year": "1965"}),
+             CatalogItem("b2", "Emma", {})]
+    await store.put_items(items)
+    got = await store.get_items(["b2", "missing", "b1"])
+    assert got == [items[1], None, items[0]]
+    raw = await store.client.get(store.keys.item("b1"))
+    assert raw.startswith(b"{") and "Dune" in raw.decode()
+
+
+async def test_versions_round_trip_and_old_ones_are_dropped(store: RedisStore, clustered):
+    first, _ = clustered(seed=1)
+    await store.write_version(first)
+    assert await store.version_complete(first.version)
+    assert await store.set_current(first.version, keep=2) == []
+    loaded = await store.load_version(first.version)
+    order = [loaded.user_ids.index(u) for u in first.user_ids]
+    np.testing.assert_array_equal(loaded.user[order], first.user)
+    np.testing.assert_array_equal(loaded.item_foldin, first.item_foldin)
+    assert loaded.item_ids == first.item_ids
+    versions = [first]
+    for seed in (2, 3):
+        emb, _ = clustered(seed=seed)
+        await store.write_version(emb)
+        dropped = await store.set_current(emb.version, keep=2)
+        versions.append(emb)
+    assert dropped == [first.version]
+    assert await store.current_version() == versions[-1].version
+    assert not await store.version_complete(first.version)
+    user = first.user_ids[0]
+    assert await store.user_vector(user, first.version) is None
+    np.testing.assert_array_equal(
+        await store.user_vector(user, versions[-1].version), versions[-1].user[0])
+
+
+async def test_stream_append_read_ack(store: RedisStore):
+    await store.ensure_group()
+    await store.ensure_group()  # idempotent
+    ids = await store.append_events(EVENTS[:3])
+    assert len(ids) == 3 and await store.client.xlen(store.keys.stream) == 3
+    entries = await store.read_events("c1", count=10, block_ms=10)
+    assert [entry_id for entry_id, _ in entries] == ids
+    assert await store.pending_count() == 3
+    assert await store.ack(ids[:2]) == 2
+    assert await store.pending_count() == 1
+    assert await store.trim_acknowledged() == 2  # the pending one stays
+    assert await store.client.xlen(store.keys.stream) == 1
+
+
+async def test_unreachable_redis_is_store_unavailable(tmp_path):
+    dead = RedisStore.from_url(f"unix://{tmp_path}/no.sock", timeout_s=0.5)
+    try:
+        with pytest.raises(StoreUnavailable, match="ping"):
+            await dead.ping()
+        with pytest.raises(StoreUnavailable):
+            await dead.append_events(EVENTS[:1])
+    finally:
+        await dead.close()
