@@ -1,0 +1,210 @@
+"""The ranker artifact ``ARTIFACTS/ranker/``: save, stamp and load (safetensors only, nothing unpickled).
+
+::
+
+    ranker/config.json, model.safetensors, generation_config.json   transformers save_pretrained
+    ranker/tokenizer.json, tokenizer_config.json, ...                tokenizer save_pretrained
+    ranker/exit_heads.safetensors    "<layer>.norm.weight", "<layer>.proj.weight" per exit head
+                                     (absent until stage 2: heads then start as copies of the final head)
+    ranker/exitrank.json             {format, version, arch, num_layers, exit_layers, yes_token_id,
+                                      no_token_id, heads_trained, policy, prompt, metrics}
+
+``version`` is ``<arch>-<sha256 of the weights and policy, 12 hex>``: it changes whenever scores can.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from exitrank.types import HistoryItem, NeighborContext, UserContext
+from ranker_svc.errors import ArtifactError
+from ranker_svc.exits import ExitPolicy
+from ranker_svc.model import EarlyExitLM, ExitHead
+from ranker_svc.prompt import PromptBuilder, PromptConfig
+
+FORMAT = 1
+META_FILE = "exitrank.json"
+HEADS_FILE = "exit_heads.safetensors"
+
+
+@dataclass
+class LoadedRanker:
+    """Everything serving needs, read from one artifact directory."""
+
+    model: EarlyExitLM
+    tokenizer: PreTrainedTokenizerBase
+    prompt: PromptBuilder
+    policy: ExitPolicy
+    version: str
+    meta: dict
+
+
+def save_ranker(
+    ranker_dir: Path,
+    *,
+    causal_lm: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: PromptConfig,
+    exit_layers: list[int],
+    policy: ExitPolicy,
+    metrics: dict | None = None,
+) -> dict:
+    """Writes a backbone artifact (no trained heads yet); returns its ``exitrank.json``."""
+    ranker_dir = Path(ranker_dir)
+    ranker_dir.mkdir(parents=True, exist_ok=True)
+    causal_lm.save_pretrained(ranker_dir, safe_serialization=True)
+    tokenizer.save_pretrained(ranker_dir)
+    (ranker_dir / HEADS_FILE).unlink(missing_ok=True)
+    yes_id, no_id = check_answer_tokens(tokenizer, PromptBuilder(config=prompt))
+    meta = {
+        "format": FORMAT,
+        "arch": causal_lm.config.model_type,
+        "num_layers": causal_lm.config.num_hidden_layers,
+        "exit_layers": list(exit_layers),
+        "yes_token_id": yes_id,
+        "no_token_id": no_id,
+        "heads_trained": False,
+        "policy": policy.to_json(),
+        "prompt": prompt.to_json(),
+        "metrics": metrics or {},
+    }
+    write_meta(ranker_dir, meta)
+    return stamp_version(ranker_dir)
+
+
+def save_heads(ranker_dir: Path, model: EarlyExitLM, *, metrics: dict | None = None) -> dict:
+    """Writes ``exit_heads.safetensors`` and records the heads' layers in ``exitrank.json``."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.heads.state_dict().items()}
+    save_file(tensors, str(Path(ranker_dir) / HEADS_FILE))
+    meta = read_meta(ranker_dir)
+    meta["exit_layers"] = list(model.exit_layers)
+    meta["heads_trained"] = True
+    if metrics is not None:
+        meta.setdefault("metrics", {})["heads"] = metrics
+    write_meta(ranker_dir, meta)
+    return stamp_version(ranker_dir)
+
+
+def read_meta(ranker_dir: Path) -> dict:
+    path = Path(ranker_dir) / META_FILE
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing: train the ranker first (trainer finetune-ranker)")
+    return json.loads(path.read_text())
+
+
+def write_meta(ranker_dir: Path, meta: dict) -> None:
+    """Atomic replace, so a reader never sees half a file."""
+    path = Path(ranker_dir) / META_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def stamp_version(ranker_dir: Path) -> dict:
+    """Sets ``version`` from the weight files and the policy; returns the updated meta."""
+    ranker_dir = Path(ranker_dir)
+    meta = read_meta(ranker_dir)
+    digest = hashlib.sha256()
+    for path in sorted(ranker_dir.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    digest.update(json.dumps(meta["policy"], sort_keys=True).encode())
+    meta["version"] = f"{meta['arch']}-{digest.hexdigest()[:12]}"
+    write_meta(ranker_dir, meta)
+    return meta
+
+
+def check_answer_tokens(tokenizer: PreTrainedTokenizerBase, prompt: PromptBuilder) -> tuple[int, int]:
+    """The ids of "Yes" and "No" as the token right after a prompt; refuses anything else.
+
+    Raises:
+        ArtifactError: an answer is several tokens, merges with the prompt's end, is followed by a
+            token the tokenizer appends (EOS), or both answers are the same token.
+    """
+    probe = UserContext(
+        user_id="probe",
+        history=(HistoryItem("i1", "A probe title", 5.0),),
+        neighbors=(NeighborContext("u2", 0.9, (HistoryItem("i2", "Another title", 1.0),)),),
+    )
+    text = prompt.full_text(probe, "The target title")
+    base = tokenizer(text)["input_ids"]
+    ids = []
+    for answer in (prompt.config.answer_yes, prompt.config.answer_no):
+        full = tokenizer(text + answer)["input_ids"]
+        if len(full) != len(base) + 1 or full[: len(base)] != base:
+            raise ArtifactError(
+                f"answer {answer!r} is not a single token after the prompt (prompt ends "
+                f"{tokenizer.convert_ids_to_tokens(base[-2:])}, with answer "
+                f"{tokenizer.convert_ids_to_tokens(full[len(base) - 2:])}); add it as a token "
+                "(trainer.lm.ensure_answer_tokens) or change prompt.answer_yes/answer_no"
+            )
+        ids.append(full[-1])
+    if ids[0] == ids[1]:
+        raise ArtifactError(f"'Yes' and 'No' map to the same token id {ids[0]}")
+    return ids[0], ids[1]
+
+
+def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> LoadedRanker:
+    """Loads ``ranker_dir`` (float32 unless ``dtype``) in eval mode, checking tokens and heads.
+
+    Raises:
+        ArtifactError: files missing, answer tokens not single/distinct or not those recorded,
+            heads not matching the recorded exit layers.
+    """
+    ranker_dir = Path(ranker_dir)
+    meta = read_meta(ranker_dir)
+    prompt = PromptBuilder(config=PromptConfig.from_json(meta.get("prompt", {})))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ranker_dir, local_files_only=True)
+        causal_lm = AutoModelForCausalLM.from_pretrained(
+            ranker_dir, local_files_only=True, dtype=dtype or torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"cannot load the model/tokenizer in {ranker_dir}: {exc}") from exc
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    yes_id, no_id = check_answer_tokens(tokenizer, prompt)
+    if (yes_id, no_id) != (meta["yes_token_id"], meta["no_token_id"]):
+        raise ArtifactError(
+            f"{META_FILE} records yes/no ids {meta['yes_token_id']}/{meta['no_token_id']} but the "
+            f"tokenizer gives {yes_id}/{no_id}: the tokenizer files do not belong to this model"
+        )
+    causal_lm.eval()
+    heads = _load_heads(ranker_dir, causal_lm, meta["exit_layers"])
+    model = EarlyExitLM(
+        causal_lm=causal_lm, yes_token_id=yes_id, no_token_id=no_id, exit_layers=meta["exit_layers"], heads=heads
+    ).eval()
+    return LoadedRanker(
+        model=model,
+        tokenizer=tokenizer,
+        prompt=prompt,
+        policy=ExitPolicy.from_json(meta.get("policy", {})),
+        version=meta["version"],
+        meta=meta,
+    )
+
+
+def _load_heads(ranker_dir: Path, causal_lm: PreTrainedModel, exit_layers: list[int]) -> nn.ModuleDict:
+    heads = nn.ModuleDict({str(layer): ExitHead.from_final(causal_lm) for layer in exit_layers})
+    path = ranker_dir / HEADS_FILE
+    if not path.is_file():  # stage 1 artifact: heads are copies of the final head
+        return heads
+    state = load_file(str(path))
+    dtype = causal_lm.get_output_embeddings().weight.dtype
+    try:
+        heads.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not match exit_layers {exit_layers}: {exc}") from exc
+    return heads

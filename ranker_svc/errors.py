@@ -1,0 +1,60 @@
+"""The ranker's error hierarchy; ``servicer.py`` maps it to gRPC statuses at one point.
+
+::
+
+    RankerError                      (INTERNAL)
+    ├── InvalidArgument(field, msg)  INVALID_ARGUMENT  a request or config field is out of range
+    ├── UnknownItems(item_ids)       NOT_FOUND         candidates the catalog does not hold
+    ├── ContextUnavailable           UNAVAILABLE       the retriever cannot resolve candidate titles
+    ├── Overloaded                   RESOURCE_EXHAUSTED too many requests are already waiting
+    ├── DeadlineExceeded             DEADLINE_EXCEEDED the caller's deadline passed before scoring
+    └── ArtifactError                FAILED_PRECONDITION the ranker artifact is missing or inconsistent
+
+``InvalidArgument`` also subclasses ``ValueError`` so that config validation at start-up reads
+naturally outside gRPC. Messages always say what to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class RankerError(Exception):
+    """Base of every error the ranker raises on purpose."""
+
+
+class InvalidArgument(RankerError, ValueError):
+    """A field is out of range; ``field`` is its request (or config) name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class UnknownItems(RankerError):
+    """Candidate items that the catalog does not know."""
+
+    def __init__(self, item_ids: Sequence[str]) -> None:
+        shown = ", ".join(repr(i) for i in list(item_ids)[:20])
+        more = f" (and {len(item_ids) - 20} more)" if len(item_ids) > 20 else ""
+        super().__init__(
+            f"candidate_item_ids: unknown items {shown}{more}; upsert them into the catalog "
+            "(Retriever.UpsertItems) or remove them from the request"
+        )
+        self.item_ids = tuple(item_ids)
+
+
+class ContextUnavailable(RankerError):
+    """The context source (retriever) cannot answer at all."""
+
+
+class Overloaded(RankerError):
+    """More requests are queued than ``batching.max_pending_requests`` allows."""
+
+
+class DeadlineExceeded(RankerError):
+    """The caller's deadline passed before the work could finish."""
+
+
+class ArtifactError(RankerError):
+    """The ranker artifact is missing, incomplete or inconsistent with its tokenizer."""

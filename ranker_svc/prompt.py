@@ -1,0 +1,152 @@
+"""The ranker's prompt (paper section 4): instruction, similar users' interactions, the user's input.
+
+Layout (the shared per-user part first, so a later KV cache can reuse it across candidates)::
+
+    Instruction: Predict whether the user will click on the given item, ... Answer Yes or No.
+    Examples:
+    User A liked "Title 1"; disliked "Title 2".          <- similar users, most similar first
+    User B rated "Title 3" with 4 stars.                  (rating_style="stars")
+    Input:
+    The user liked "Title 4"; disliked "Title 5".        <- the user's own history, oldest first
+    ---------------------------------------------------- context_text ends / target_text begins
+    Target item: "Candidate title"
+    Will the user click on the target item? Answer:      <- the next token is " Yes" or " No"
+
+Titles are untrusted catalog text. :func:`sanitize_title` makes each one a single bounded line
+that cannot impersonate the answer: control and format characters become spaces, double quotes
+become single quotes (titles are quoted), whitespace collapses, long titles are cut to
+``max_title_chars`` (ending "..."), and after cutting, the standalone words "Yes"/"No" in any case
+are lower-cased: " yes"/" no" are different tokens from the answer tokens " Yes"/" No", so a
+title can neither contain an answer token nor fake an answered prompt.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+from dataclasses import asdict, dataclass
+
+from exitrank.types import HistoryItem, UserContext
+
+_ANSWER_WORDS = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+MAX_NEIGHBORS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class PromptConfig:
+    """How prompts are rendered; stored in ``exitrank.json`` so serving matches training.
+
+    Args:
+        instruction: the task directive (paper section 4, step 1).
+        rating_style: ``"binary"`` (liked/disliked) or ``"stars"`` ("rated X with 4 stars").
+        like_threshold: ratings >= this read as "liked" in binary style (1 suits implicit data).
+        max_title_chars: titles are cut to this many characters (>= 8).
+        max_history: most recent own interactions shown (>= 1).
+        neighbor_history: most recent interactions shown per similar user (>= 1).
+        num_neighbors: similar users requested when a request says 0 (the paper uses 4).
+        answer_yes / answer_no: the answer strings that follow the prompt (one token each).
+    """
+
+    instruction: str = (
+        "Predict whether the user will click on the given item, based on the items the user "
+        "interacted with and the interactions of similar users. Answer Yes or No."
+    )
+    rating_style: str = "binary"
+    like_threshold: float = 4.0
+    max_title_chars: int = 64
+    max_history: int = 10
+    neighbor_history: int = 5
+    num_neighbors: int = 4
+    answer_yes: str = " Yes"
+    answer_no: str = " No"
+
+    def __post_init__(self) -> None:
+        if self.rating_style not in ("binary", "stars"):
+            raise ValueError(f"prompt.rating_style must be 'binary' or 'stars', got {self.rating_style!r}")
+        if self.max_title_chars < 8:
+            raise ValueError(f"prompt.max_title_chars must be >= 8, got {self.max_title_chars}")
+        for name in ("max_history", "neighbor_history"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"prompt.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.num_neighbors <= MAX_NEIGHBORS:
+            raise ValueError(f"prompt.num_neighbors must be in 0..{MAX_NEIGHBORS}, got {self.num_neighbors}")
+        if self.answer_yes == self.answer_no or not self.answer_yes.strip() or not self.answer_no.strip():
+            raise ValueError("prompt.answer_yes and prompt.answer_no must be distinct, non-blank strings")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: dict) -> "PromptConfig":
+        names = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def sanitize_title(title: str, max_chars: int) -> str:
+    """One bounded line of title text that cannot contain the answer words (see module docstring)."""
+    text = unicodedata.normalize("NFKC", title)
+    text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
+    text = " ".join(text.replace('"', "'").split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 3].rstrip() + "..."
+    text = _ANSWER_WORDS.sub(lambda m: m.group(0).lower(), text)
+    return text or "(untitled)"
+
+
+class PromptBuilder:
+    """Renders :class:`UserContext` and a candidate title into the prompt text.
+
+    Args:
+        config: rendering settings (default :class:`PromptConfig`).
+    """
+
+    def __init__(self, *, config: PromptConfig | None = None) -> None:
+        self.config = config or PromptConfig()
+
+    def context_text(self, ctx: UserContext) -> str:
+        """Instruction, similar users' interactions, then the user's own history (the shared part)."""
+        cfg = self.config
+        lines = [f"Instruction: {cfg.instruction}", "Examples:"]
+        neighbors = ctx.neighbors[:MAX_NEIGHBORS]
+        if not neighbors:
+            lines.append("none")
+        for i, neighbor in enumerate(neighbors):
+            lines.append(f"User {_user_label(i)} {self._interactions(neighbor.history, cfg.neighbor_history)}.")
+        lines.append("Input:")
+        if ctx.history:
+            lines.append(f"The user {self._interactions(ctx.history, cfg.max_history)}.")
+        else:
+            lines.append("The user has no history.")
+        return "\n".join(lines)
+
+    def target_text(self, title: str) -> str:
+        """The candidate, last; the prompt ends so that the next token is the answer."""
+        shown = sanitize_title(title, self.config.max_title_chars)
+        return f'\nTarget item: "{shown}"\nWill the user click on the target item? Answer:'
+
+    def full_text(self, ctx: UserContext, title: str) -> str:
+        return self.context_text(ctx) + self.target_text(title)
+
+    def answer_text(self, label: int) -> str:
+        """The string that follows the prompt for a 0/1 label (" Yes" for 1)."""
+        return self.config.answer_yes if label else self.config.answer_no
+
+    def _interactions(self, history: tuple[HistoryItem, ...], limit: int) -> str:
+        recent = history[-limit:]
+        if not recent:
+            return "has no interactions"
+        return "; ".join(self._interaction(item) for item in recent)
+
+    def _interaction(self, item: HistoryItem) -> str:
+        title = sanitize_title(item.title or item.item_id, self.config.max_title_chars)
+        if self.config.rating_style == "stars":
+            return f'rated "{title}" with {item.rating:g} stars'
+        verb = "liked" if item.rating >= self.config.like_threshold else "disliked"
+        return f'{verb} "{title}"'
+
+
+def _user_label(index: int) -> str:
+    """A, B, ..., Z, then A2, B2, ... (user ids never reach the prompt)."""
+    letter = string.ascii_uppercase[index % 26]
+    return letter if index < 26 else f"{letter}{index // 26 + 1}"

@@ -1,0 +1,135 @@
+"""``RetrieverClient``: the ranker's :class:`~ranker_svc.ranker.ContextSource` over gRPC ``exitrank.v1.Retriever``.
+
+Failure policy: the ranker must answer even when retrieval cannot. ``get_context`` returns None for
+NOT_FOUND (unknown user) and for any transport failure (UNAVAILABLE, deadline), and the ranker then
+ranks without neighbours. Titles are required to build prompts, so ``get_titles`` serves what the
+bounded LRU cache holds and raises :class:`ContextUnavailable` only when it must ask the retriever
+and cannot reach it. Every call carries ``retriever.timeout_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import grpc
+
+from exitrank.types import HistoryItem, NeighborContext, UserContext
+from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
+from ranker_svc.config import RetrieverConfig
+from ranker_svc.errors import ContextUnavailable
+
+log = logging.getLogger(__name__)
+GET_ITEMS_CHUNK = 10_000  # the retriever's GetItems limit
+MAX_RETRIEVER_K = 100
+MAX_RETRIEVER_HISTORY = 200
+
+
+class TitleCache:
+    """A bounded LRU of item titles; entries older than ``ttl_s`` are refetched (titles can change)."""
+
+    def __init__(self, *, capacity: int, ttl_s: float) -> None:
+        self.capacity = capacity
+        self.ttl_s = ttl_s
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, item_id: str) -> str | None:
+        entry = self._entries.get(item_id)
+        if entry is None:
+            return None
+        title, stored = entry
+        if time.monotonic() - stored > self.ttl_s:
+            del self._entries[item_id]
+            return None
+        self._entries.move_to_end(item_id)
+        return title
+
+    def put(self, item_id: str, title: str) -> None:
+        if self.capacity == 0 or not title:
+            return
+        self._entries[item_id] = (title, time.monotonic())
+        self._entries.move_to_end(item_id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class RetrieverClient:
+    """Context and titles from a retriever service.
+
+    Args:
+        config: target, per-call timeout and title cache settings.
+        channel: an existing channel (tests, shared channels); default: an insecure channel to target.
+    """
+
+    def __init__(self, *, config: RetrieverConfig, channel: grpc.aio.Channel | None = None) -> None:
+        if channel is None and not config.target:
+            raise ValueError("retriever.target is empty: pass --retriever HOST:PORT")
+        self.config = config
+        self._channel = channel or grpc.aio.insecure_channel(config.target)
+        self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
+        self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext | None:
+        request = retriever_pb2.ContextRequest(
+            user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY))
+        )
+        try:
+            reply = await self._stub.GetContext(request, timeout=self.config.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("GetContext(%r) failed: %s %s", user_id, exc.code().name, exc.details())
+            return None
+        ctx = _user_context(reply)
+        for item in ctx.history + tuple(h for n in ctx.neighbors for h in n.history):
+            self.titles.put(item.item_id, item.title)
+        return ctx
+
+    async def get_titles(self, item_ids: Sequence[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        misses = []
+        for item_id in item_ids:
+            title = self.titles.get(item_id)
+            if title is None:
+                misses.append(item_id)
+            else:
+                found[item_id] = title
+        for start in range(0, len(misses), GET_ITEMS_CHUNK):
+            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK]))
+        return found
+
+    async def _fetch(self, item_ids: list[str]) -> dict[str, str]:
+        try:
+            reply = await self._stub.GetItems(
+                retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout=self.config.timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise ContextUnavailable(
+                f"retriever at {self.config.target or 'the configured channel'} could not resolve "
+                f"candidate titles: {exc.code().name} {exc.details()}"
+            ) from exc
+        out = {}
+        for item in reply.items:
+            self.titles.put(item.item_id, item.title)
+            out[item.item_id] = item.title
+        return out
+
+
+def _history(items: Sequence[common_pb2.HistoryItem]) -> tuple[HistoryItem, ...]:
+    return tuple(HistoryItem(h.item_id, h.title, float(h.rating), int(h.timestamp_ms)) for h in items)
+
+
+def _user_context(reply: retriever_pb2.UserContext) -> UserContext:
+    return UserContext(
+        user_id=reply.user_id,
+        history=_history(reply.history),
+        neighbors=tuple(NeighborContext(n.user_id, float(n.score), _history(n.history)) for n in reply.neighbors),
+        embedding_version=reply.embedding_version,
+    )

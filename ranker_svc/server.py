@@ -1,0 +1,142 @@
+"""``ranker-svc``: wiring and lifecycle of the ranker gRPC server (config -> core -> servicer -> server).
+
+    ranker-svc serve --port 50052 --retriever 127.0.0.1:50051 --artifacts artifacts
+    ranker-svc serve --port 0 --retriever 127.0.0.1:50051 --artifacts artifacts --dtype float32 \
+        --config ranker.yaml                     # YAML sections as in ranker_svc/config.py
+
+Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``). SIGTERM or
+SIGINT: health turns NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
+from ranker_svc.artifact import load_ranker
+from ranker_svc.errors import RankerError
+from ranker_svc.config import DTYPES, ENGINES, RankerConfig
+from ranker_svc.model import resolve_dtype
+from ranker_svc.ranker import ContextSource, Ranker
+from ranker_svc.retriever_client import RetrieverClient
+from ranker_svc.servicer import RankerServicer
+
+log = logging.getLogger("ranker_svc")
+SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name
+
+
+def parse_args(argv: list[str] | None = None) -> RankerConfig:
+    parser = argparse.ArgumentParser(prog="ranker-svc", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve exitrank.v1.Ranker")
+    serve.add_argument("--port", type=int, required=True, help="port to bind; 0 picks a free one")
+    serve.add_argument("--retriever", required=True, help="retriever HOST:PORT")
+    serve.add_argument("--artifacts", type=Path, required=True, help="artifacts dir holding ranker/")
+    serve.add_argument("--engine", choices=ENGINES, default="torch")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--dtype", choices=DTYPES, default="auto")
+    serve.add_argument("--config", type=Path, help="YAML file with config sections (flags win)")
+    args = parser.parse_args(argv)
+    base = RankerConfig.from_dict(yaml.safe_load(args.config.read_text()) or {}) if args.config else RankerConfig()
+    return (
+        base.with_section("model", artifacts_dir=args.artifacts, engine=args.engine, dtype=args.dtype)
+        .with_section("server", host=args.host, port=args.port)
+        .with_section("retriever", target=args.retriever)
+    )
+
+
+def build_ranker(config: RankerConfig, *, context_source: ContextSource | None = None) -> tuple[Ranker, RetrieverClient | None]:
+    """The core with its artifact and context source, the policy overridden by ``config.exits``.
+
+    ``context_source`` None: a :class:`RetrieverClient` to ``retriever.target`` (none when empty).
+    """
+    if config.model.num_threads:
+        torch.set_num_threads(config.model.num_threads)
+    loaded = load_ranker(config.model.ranker_dir, dtype=resolve_dtype(config.model.dtype))
+    overrides = config.exits.overrides()
+    if overrides:
+        loaded.policy = dataclasses.replace(loaded.policy, **overrides)
+    client = None
+    if context_source is None and config.retriever.target:
+        client = context_source = RetrieverClient(config=config.retriever)
+    return Ranker(loaded=loaded, context_source=context_source, batching=config.batching), client
+
+
+@dataclass
+class RankerServer:
+    """A started server: the bound port, its health servicer, and what to close on stop."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    ranker: Ranker
+    client: RetrieverClient | None
+
+    async def stop(self, grace: float | None) -> None:
+        """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.client is not None:
+            await self.client.close()
+
+
+async def start_server(config: RankerConfig, *, context_source: ContextSource | None = None) -> RankerServer:
+    """Builds config -> core -> servicer, adds health and reflection, binds and starts."""
+    ranker, client = build_ranker(config, context_source=context_source)
+    server = grpc.aio.server()
+    ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(core=ranker), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("model %s, %d layers, exit layers %s, policy %s", ranker.model_version, ranker.num_layers,
+             list(ranker.model.exit_layers), ranker.policy)
+    return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client)
+
+
+async def serve(config: RankerConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Serves until ``stop`` is set (default: until SIGTERM/SIGINT), then drains and closes."""
+    running = await start_server(config)
+    print(f"ranker listening on {config.server.host}:{running.port}", flush=True)
+    stop = stop or _signal_event()
+    await stop.wait()
+    await running.stop(config.server.grace_s)
+
+
+def _signal_event() -> asyncio.Event:
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(argv)
+        asyncio.run(serve(config))
+    except (RankerError, ValueError, OSError, RuntimeError) as exc:
+        print(f"ranker-svc: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

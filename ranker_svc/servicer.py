@@ -1,0 +1,125 @@
+"""``RankerServicer``: the thin grpc.aio adapter of ``exitrank.v1.Ranker`` over the core ``Ranker``.
+
+Each RPC converts the request, awaits one core call and converts the result. Errors of
+``ranker_svc.errors`` become statuses in :func:`status_of`, the one mapping point. The caller's
+deadline travels into the core (work whose deadline has already passed is refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Protocol
+
+import grpc
+
+from exitrank.types import RankResult
+from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
+from ranker_svc import errors
+from ranker_svc.exits import ExitPolicy
+
+log = logging.getLogger(__name__)
+
+_CRITERIA = {
+    ranker_pb2.EXIT_CRITERION_PROBABILITY_DELTA: "probability_delta",
+    ranker_pb2.EXIT_CRITERION_CONFIDENCE: "confidence",
+}
+_STATUS = (  # most specific first
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnknownItems, grpc.StatusCode.NOT_FOUND),
+    (errors.ContextUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (errors.ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
+)
+_CTR_MIN, _CTR_MAX = 1e-7, 0.99999994  # float32 stays strictly inside (0, 1)
+
+
+class RankerCore(Protocol):
+    """What the servicer needs from the core (``ranker_svc.ranker.Ranker``)."""
+
+    policy: ExitPolicy
+
+    async def rank(
+        self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
+        policy: ExitPolicy | None = None, timeout_s: float | None = None,
+    ) -> RankResult:
+        """Scores the candidates for the user; raises ``ranker_svc.errors`` errors."""
+
+
+def status_of(exc: errors.RankerError) -> grpc.StatusCode:
+    """The gRPC status of a ranker error (the single mapping point)."""
+    for kind, code in _STATUS:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def policy_from_proto(request: ranker_pb2.RankRequest, calibrated: ExitPolicy) -> ExitPolicy | None:
+    """The request's policy: unset (zero) fields keep the calibrated values; None without a policy."""
+    if not request.HasField("exit_policy"):
+        return None
+    p = request.exit_policy
+    changes: dict = {}
+    if p.threshold != 0.0:
+        changes["threshold"] = float(p.threshold)
+    if p.window != 0:
+        changes["window"] = p.window
+    if p.min_layer != 0:
+        changes["min_layer"] = p.min_layer
+    if p.disabled:
+        changes["disabled"] = True
+    if p.criterion != ranker_pb2.EXIT_CRITERION_UNSPECIFIED:
+        if p.criterion not in _CRITERIA:
+            raise errors.InvalidArgument("exit_policy.criterion", f"unknown criterion value {p.criterion}")
+        changes["criterion"] = _CRITERIA[p.criterion]
+    return dataclasses.replace(calibrated, **changes)
+
+
+def response_from_result(result: RankResult) -> ranker_pb2.RankResponse:
+    return ranker_pb2.RankResponse(
+        scores=[
+            ranker_pb2.ItemScore(item_id=s.item_id, ctr=min(max(s.ctr, _CTR_MIN), _CTR_MAX), exit_layer=s.exit_layer)
+            for s in result.scores
+        ],
+        model_version=result.model_version,
+        retrieval_used=result.retrieval_used,
+        embedding_version=result.embedding_version,
+    )
+
+
+class RankerServicer(ranker_pb2_grpc.RankerServicer):
+    """Translates ``exitrank.v1.Ranker`` calls to :class:`RankerCore` calls."""
+
+    def __init__(self, *, core: RankerCore) -> None:
+        self._core = core
+
+    async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
+        return await self._rank_one(request, context)
+
+    async def RankStream(
+        self, request_iterator: AsyncIterator[ranker_pb2.RankRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ranker_pb2.RankResponse]:
+        """Responses in request order; the first failing request ends the stream with its status."""
+        async for request in request_iterator:
+            yield await self._rank_one(request, context)
+
+    async def _rank_one(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise errors.DeadlineExceeded("the call's deadline had passed before work started")
+            result = await self._core.rank(
+                user_id=request.user_id,
+                candidate_item_ids=list(request.candidate_item_ids),
+                num_neighbors=request.num_neighbors,
+                policy=policy_from_proto(request, self._core.policy),
+                timeout_s=remaining,
+            )
+        except errors.RankerError as exc:
+            await context.abort(status_of(exc), str(exc))
+        except Exception:  # noqa: BLE001 - never crash the server; details go to the log
+            log.exception("Rank failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error while ranking; see the ranker's log")
+        return response_from_result(result)

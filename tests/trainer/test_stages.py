@@ -1,0 +1,164 @@
+"""Stage 1 -> 2 -> 3 (instruction tuning, exit heads, calibration) on synthetic title-driven examples."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exitrank.types import HistoryItem, NeighborContext, RankExample, UserContext
+from ranker_svc.artifact import HEADS_FILE, META_FILE, load_ranker
+from ranker_svc.exits import ExitPolicy, simulate_exits
+from ranker_svc.ranker import Ranker
+from trainer.calibrate import calibrate, choose, exit_probabilities, PolicyPoint
+from trainer.heads import fit_heads
+from trainer.tune import auc, encode_examples, instruction_tune
+
+POSITIVE = ("sunny", "golden", "bright", "happy")
+NEGATIVE = ("gloomy", "rusty", "dull", "broken")
+NOUNS = ("garden", "river", "castle", "story", "journey", "forest", "city", "song")
+
+
+def synth(n: int, seed: int, noise: float = 0.1) -> list[RankExample]:
+    """Label 1 when the target title's adjective is positive, flipped with probability ``noise``."""
+    rng = random.Random(seed)
+    items = [(f"i-{a}-{b}", f"The {a} {b}") for a in POSITIVE + NEGATIVE for b in NOUNS]
+
+    def history(k: int) -> tuple[HistoryItem, ...]:
+        return tuple(HistoryItem(i, t, float(rng.randint(1, 5)), j) for j, (i, t) in enumerate(rng.sample(items, k)))
+
+    out = []
+    for u in range(n):
+        ctx = UserContext(user_id=f"u{u}", history=history(2),
+                          neighbors=tuple(NeighborContext(f"v{u}-{j}", 0.9, history(2)) for j in range(2)))
+        item_id, title = rng.choice(items)
+        label = int(title.split()[1] in POSITIVE) ^ int(rng.random() < noise)
+        out.append(RankExample(context=ctx, item_id=item_id, title=title, label=label))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[list[RankExample], list[RankExample]]:
+    examples = synth(240, seed=0)
+    return examples[:160], examples[160:]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, data):
+    """Runs the three stages once; returns (out_dir, tune metrics, heads metrics, calibration summary)."""
+    train, valid = data
+    out = tmp_path_factory.mktemp("artifacts")
+    tuned = instruction_tune(train, out_dir=out, valid=valid, epochs=12, batch_size=16, progress=False)
+    meta_after_tune = json.loads((out / "ranker" / META_FILE).read_text())
+    heads = fit_heads(train, ranker_dir=out / "ranker", lambda0=1e-2, beta=0.1, epochs=8, progress=False)
+    summary = calibrate(valid, ranker_dir=out / "ranker", plot_path=out / "curve.png")
+    return out, tuned, meta_after_tune, heads, summary
+
+
+def test_instruction_tuning_learns_the_title_signal(pipeline):
+    _, tuned, meta, _, _ = pipeline
+    assert tuned["valid_auc"] > 0.75, tuned
+    assert tuned["epoch_losses"][-1] < tuned["epoch_losses"][0]
+    assert not tuned["lora"]
+    assert meta["policy"]["disabled"] and not meta["heads_trained"]  # no early exit before calibration
+    assert meta["exit_layers"] == [1, 2, 3, 4, 5]
+
+
+def test_heads_train_with_depth_aware_rates(pipeline):
+    out, _, _, heads, _ = pipeline
+    rates = heads["learning_rates"]
+    for layer, lr in rates.items():
+        assert lr == pytest.approx(1e-2 * math.exp(-0.1 * int(layer)))
+    for losses in heads["epoch_losses"].values():
+        assert losses[-1] < losses[0]
+    assert set(load_file(str(out / "ranker" / HEADS_FILE))) == {
+        f"{layer}.{part}.weight" for layer in range(1, 6) for part in ("norm", "proj")}
+    assert json.loads((out / "ranker" / META_FILE).read_text())["heads_trained"]
+
+
+def test_calibration_stores_a_policy_within_budget_and_plots(pipeline):
+    out, _, _, _, summary = pipeline
+    meta = json.loads((out / "ranker" / META_FILE).read_text())
+    assert meta["policy"] == summary["policy"] and meta["version"] == summary["version"]
+    assert summary["auc"] >= summary["full_auc"] - 0.003 - 1e-12
+    assert summary["mean_exit_layer"] <= 6
+    # the chosen point is the shallowest within budget among all replayed policies
+    within = [p for p in summary["curve"] if p["policy"]["disabled"] or p["auc"] >= summary["full_auc"] - 0.003]
+    assert summary["mean_exit_layer"] == min(p["mean_exit_layer"] for p in within)
+    png = Path(summary["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_serving_path_matches_the_calibration_simulation(pipeline, data):
+    out, _, _, _, summary = pipeline
+    _, valid = data
+    loaded = load_ranker(out / "ranker")
+    assert loaded.policy == ExitPolicy.from_json(summary["policy"])
+    ids, _ = encode_examples(valid, loaded.prompt, loaded.tokenizer, max_tokens=1024,
+                             answer_ids=(loaded.model.yes_token_id, loaded.model.no_token_id))
+    p_yes = exit_probabilities(loaded.model, ids, loaded.tokenizer.pad_token_id)
+    ranker = Ranker(loaded=loaded)
+    for policy in (loaded.policy, ExitPolicy(threshold=0.02, window=1), ExitPolicy(threshold=0.05, window=3),
+                   ExitPolicy(criterion="confidence", threshold=0.9, min_layer=2)):
+        sim_ctr, sim_layer = simulate_exits(p_yes, loaded.model.answer_layers, policy)
+        served = ranker.score_examples(valid, policy, batch_size=7)
+        assert [d.exit_layer for d in served] == sim_layer.tolist()
+        assert [d.ctr for d in served] == pytest.approx(sim_ctr.tolist(), abs=1e-5)
+    served = ranker.score_examples(valid)  # the stored policy
+    labels = [ex.label for ex in valid]
+    assert auc(labels, [d.ctr for d in served]) == pytest.approx(summary["auc"], abs=1e-6)
+    assert sum(d.exit_layer for d in served) / len(served) == pytest.approx(summary["mean_exit_layer"])
+
+
+def test_a_reloaded_artifact_scores_the_same(pipeline, data, tmp_path):
+    out, _, _, _, _ = pipeline
+    _, valid = data
+    copy = tmp_path / "ranker"
+    shutil.copytree(out / "ranker", copy)
+    a = Ranker(loaded=load_ranker(out / "ranker")).score_examples(valid[:20])
+    b = Ranker(loaded=load_ranker(copy)).score_examples(valid[:20])
+    assert [d.exit_layer for d in a] == [d.exit_layer for d in b]
+    assert [d.ctr for d in a] == pytest.approx([d.ctr for d in b], abs=1e-6)
+
+
+def test_choose_prefers_shallow_policies_within_budget():
+    full = PolicyPoint(ExitPolicy(disabled=True), 0.80, 6.0)
+    shallow_bad = PolicyPoint(ExitPolicy(threshold=0.5), 0.70, 3.0)
+    mid_ok = PolicyPoint(ExitPolicy(threshold=0.1), 0.798, 4.0)
+    assert choose([full, shallow_bad, mid_ok], 0.80, 0.003) is mid_ok
+    assert choose([full, shallow_bad], 0.80, 0.003) is full
+
+
+def test_lora_and_base_model_paths(pipeline, data, tmp_path):
+    out, _, _, _, _ = pipeline
+    train, valid = data
+    # fine-tune the stage-1 checkpoint as a local base model, with LoRA adapters merged on save
+    metrics = instruction_tune(train[:32], out_dir=tmp_path, valid=valid[:40], base_model=out / "ranker",
+                               lora=True, epochs=1, progress=False)
+    assert metrics["lora"] and 0.0 <= metrics["valid_auc"] <= 1.0
+    weights = load_file(str(tmp_path / "ranker" / "model.safetensors"))
+    assert not any("lora" in k for k in weights)
+    assert Ranker(loaded=load_ranker(tmp_path / "ranker")).score_examples(valid[:4])
+
+
+def test_qwen2_stage_one_writes_a_loadable_artifact(data, tmp_path):
+    train, _ = data
+    metrics = instruction_tune(train[:24], out_dir=tmp_path, arch="qwen2", epochs=1, progress=False)
+    loaded = load_ranker(tmp_path / "ranker")
+    assert loaded.meta["arch"] == "qwen2" and metrics["train_examples"] == 24
+    decisions = Ranker(loaded=loaded).score_examples(train[:3])
+    assert all(0.0 < d.ctr < 1.0 and d.exit_layer == 6 for d in decisions)

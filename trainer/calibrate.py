@@ -1,0 +1,139 @@
+r"""Stage 3: pick the exit policy (paper section 5.3) on validation data and store it in the artifact.
+
+Every head's P(yes) is computed once per validation example; each candidate policy (the paper's
+probability-delta criterion over thresholds :math:`\tau` and windows :math:`m`, and the confidence
+criterion over thresholds) is then replayed with ``ranker_svc.exits.simulate_exits``, the same
+``exit_step`` serving runs. The chosen policy has the lowest mean exit layer among those whose AUC
+is at most ``auc_budget_points`` AUC points (1 point = 0.01) below the full-depth model; the full
+model itself (exits disabled) is always a candidate. The AUC-versus-mean-depth curve goes to a PNG.
+
+    .venv/bin/python -m trainer calibrate --data data/synth --out artifacts --auc-budget 0.3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from exitrank.types import RankExample
+from ranker_svc.artifact import load_ranker, read_meta, stamp_version, write_meta
+from ranker_svc.exits import MAX_WINDOW, ExitPolicy, simulate_exits
+from ranker_svc.model import EarlyExitLM
+from trainer.heads import exit_states
+from trainer.tune import auc, encode_examples
+
+DELTA_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+CONFIDENCE_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyPoint:
+    """One replayed policy: its AUC and mean exit layer on the validation set."""
+
+    policy: ExitPolicy
+    auc: float
+    mean_exit_layer: float
+
+    def to_json(self) -> dict:
+        return {"policy": self.policy.to_json(), "auc": self.auc, "mean_exit_layer": self.mean_exit_layer}
+
+
+def exit_probabilities(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
+    """(N, E) P(yes) of every answering layer's head (bidimensional softmax), rows in input order."""
+    states = exit_states(model, ids, pad_id, batch_size=batch_size)  # (N, E, H)
+    with torch.no_grad():
+        return model.answer_logits_from_states(states).float().softmax(-1)[..., 0]
+
+
+def candidate_policies(num_exit_layers: int) -> list[ExitPolicy]:
+    """Delta over (tau, m) with m up to the discrepancies that can precede the last head, and confidence."""
+    max_window = max(1, min(MAX_WINDOW, num_exit_layers - 2))
+    delta = [ExitPolicy(criterion="probability_delta", threshold=t, window=m)
+             for t in DELTA_THRESHOLDS for m in range(1, max_window + 1)]
+    confidence = [ExitPolicy(criterion="confidence", threshold=t) for t in CONFIDENCE_THRESHOLDS]
+    return [ExitPolicy(disabled=True), *delta, *confidence]
+
+
+def sweep(p_yes: torch.Tensor, labels: list[int], answer_layers: tuple[int, ...], policies: list[ExitPolicy]) -> list[PolicyPoint]:
+    points = []
+    for policy in policies:
+        ctr, layers = simulate_exits(p_yes, answer_layers, policy)
+        points.append(PolicyPoint(policy, auc(labels, ctr.tolist()), float(layers.float().mean())))
+    return points
+
+
+def choose(points: list[PolicyPoint], full_auc: float, budget: float) -> PolicyPoint:
+    """Lowest mean depth with AUC >= full - budget (ties: higher AUC); the full model always qualifies."""
+    eligible = [p for p in points if p.policy.disabled or p.auc >= full_auc - budget - 1e-12]
+    return min(eligible, key=lambda p: (p.mean_exit_layer, -p.auc))
+
+
+def calibrate(
+    valid: list[RankExample],
+    *,
+    ranker_dir: Path,
+    auc_budget_points: float = 0.3,
+    plot_path: Path | None = None,
+    batch_size: int = 32,
+) -> dict:
+    """Sweeps policies on ``valid``, stores the chosen one in ``exitrank.json``, returns the summary."""
+    labels = [ex.label for ex in valid]
+    if len(set(labels)) != 2:
+        raise ValueError("valid must hold both labels to compute AUC")
+    loaded = load_ranker(ranker_dir)
+    model = loaded.model
+    max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
+    ids, _ = encode_examples(valid, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
+                             answer_ids=(model.yes_token_id, model.no_token_id))
+    p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size)
+    full_auc = auc(labels, p_yes[:, -1].tolist())
+    points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers)))
+    best = choose(points, full_auc, auc_budget_points / 100.0)
+    summary = {
+        "policy": best.policy.to_json(),
+        "full_auc": full_auc,
+        "auc": best.auc,
+        "mean_exit_layer": best.mean_exit_layer,
+        "num_layers": model.num_layers,
+        "layer_saving": 1.0 - best.mean_exit_layer / model.num_layers,
+        "auc_budget_points": auc_budget_points,
+        "head_auc": {str(layer): auc(labels, p_yes[:, i].tolist()) for i, layer in enumerate(model.answer_layers)},
+        "valid_examples": len(valid),
+        "curve": [p.to_json() for p in points],
+    }
+    if plot_path is not None:
+        plot_curve(points, best, full_auc, auc_budget_points / 100.0, model.num_layers, Path(plot_path))
+        summary["plot"] = str(plot_path)
+    meta = read_meta(ranker_dir)
+    meta["policy"] = best.policy.to_json()
+    meta.setdefault("metrics", {})["calibration"] = {k: v for k, v in summary.items() if k != "curve"}
+    write_meta(ranker_dir, meta)
+    summary["version"] = stamp_version(ranker_dir)["version"]
+    return summary
+
+
+def plot_curve(points: list[PolicyPoint], best: PolicyPoint, full_auc: float, budget: float, depth: int, path: Path) -> None:
+    """AUC versus mean exit layer of every replayed policy, the budget line and the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for criterion, marker in (("probability_delta", "o"), ("confidence", "^")):
+        chosen = [p for p in points if p.policy.criterion == criterion and not p.policy.disabled]
+        ax.scatter([p.mean_exit_layer for p in chosen], [p.auc for p in chosen], marker=marker, alpha=0.6,
+                   label=criterion.replace("_", " "))
+    ax.axhline(full_auc - budget, color="grey", linestyle="--", label="AUC budget")
+    ax.scatter([depth], [full_auc], color="black", marker="s", label="full model")
+    ax.scatter([best.mean_exit_layer], [best.auc], color="red", marker="*", s=200, label="chosen")
+    ax.set_xlabel("mean exit layer")
+    ax.set_ylabel("validation AUC")
+    ax.set_title("Dynamic predictive exiting: AUC vs depth")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,114 @@
+r"""Stage 2: train the exit heads on a frozen backbone (paper section 5.2).
+
+Each head :math:`\ell` minimises
+
+.. math::  L^{(\ell)}_{exit} = -\log p^{(\ell)}(y \mid x)
+
+(full-vocabulary softmax of the head at the prompt's last position), in its own AdamW param group
+with the depth-aware rate :math:`\lambda_n = \lambda_0 e^{-\beta d_n}` (``ranker_svc.exits``). The
+backbone is frozen, so each example's last-token hidden states at the exit layers are computed
+once and the heads train on that cache for every epoch (memory: N x E x H floats).
+
+    .venv/bin/python -m trainer fit-heads --data data/synth --out artifacts --lambda0 1e-3 --beta 0.1 --heads-epochs 5
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from exitrank.types import RankExample
+from ranker_svc.artifact import load_ranker, save_heads
+from ranker_svc.model import EarlyExitLM
+from ranker_svc.ranker import pad_right
+from trainer.tune import auc, batches, encode_examples
+
+
+def exit_states(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
+    """(N, E, H) last-token hidden states at every answering layer, rows in input order."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
+    out: list[torch.Tensor | None] = [None] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_right([ids[i] for i in chunk], pad_id, model.answer_ids.device)
+        states = model.exit_hidden_states(input_ids, mask)  # (b, E, H)
+        for row, i in enumerate(chunk):
+            out[i] = states[row]
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def fit_heads(
+    train: list[RankExample],
+    *,
+    ranker_dir: Path,
+    exit_layers: list[int] | None = None,
+    lambda0: float = 1e-3,
+    beta: float = 0.1,
+    epochs: int = 1,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Trains the heads of ``ranker_dir`` (or new heads at ``exit_layers``) and saves them.
+
+    Returns:
+        ``{"epoch_losses": {layer: [...]}, "train_auc": {layer: auc}, "learning_rates": {layer: lr}, ...}``
+    """
+    if not train:
+        raise ValueError("train must hold at least one example")
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    loaded = load_ranker(ranker_dir)
+    model = loaded.model
+    if exit_layers is not None and tuple(sorted(set(exit_layers))) != model.exit_layers:
+        model = EarlyExitLM(causal_lm=model.causal_lm, yes_token_id=model.yes_token_id,
+                            no_token_id=model.no_token_id, exit_layers=exit_layers)
+    model.causal_lm.requires_grad_(False)
+    model.heads.requires_grad_(True)
+    max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
+    ids, targets = encode_examples(train, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
+                                   answer_ids=(model.yes_token_id, model.no_token_id))
+    states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0)  # (N, E, H)
+    optimizer = model.configure_head_optimizer(lambda0=lambda0, beta=beta)
+    losses = _train_heads(model, optimizer, states, targets, epochs=epochs, batch_size=batch_size,
+                          seed=seed, progress=progress)
+    model.eval()
+    with torch.no_grad():
+        p_yes = model.answer_logits_from_states(states).float().softmax(-1)[..., 0]  # (N, E)
+    labels = [ex.label for ex in train]
+    metrics = {
+        "exit_layers": list(model.exit_layers),
+        "epoch_losses": {str(layer): losses[:, i].tolist() for i, layer in enumerate(model.exit_layers)},
+        "train_auc": {str(layer): auc(labels, p_yes[:, i].tolist()) for i, layer in enumerate(model.answer_layers)},
+        "learning_rates": {str(g["layer"]): g["lr"] for g in optimizer.param_groups},
+        "lambda0": lambda0, "beta": beta, "epochs": epochs, "train_examples": len(train),
+    }
+    save_heads(ranker_dir, model, metrics=metrics)
+    metrics["seconds"] = time.perf_counter() - started
+    return metrics
+
+
+def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batch_size, seed, progress) -> np.ndarray:
+    """Sum of the heads' losses per step (each head only receives its own gradient); (epochs, heads) means."""
+    rng = random.Random(seed)
+    model.heads.train()
+    history = []
+    steps = epochs * ((len(states) + batch_size - 1) // batch_size)
+    bar = tqdm(total=steps, desc="exit heads", disable=not progress)
+    for _ in range(epochs):
+        epoch = []
+        for chunk in batches(len(states), batch_size, shuffle=True, rng=rng):
+            per_head = model.exit_losses(states[chunk], targets[chunk])  # (heads,)
+            optimizer.zero_grad(set_to_none=True)
+            per_head.sum().backward()
+            optimizer.step()
+            epoch.append(per_head.detach().numpy())
+            bar.update(1)
+        history.append(np.mean(epoch, axis=0))
+    bar.close()
+    return np.stack(history)
