@@ -1,0 +1,1 @@
+"""exitrank trainer: data pipeline, GCN / instruction-tuning / early-exit head training, evaluation."""

@@ -1,0 +1,188 @@
+"""``trainer``: the command line of the exitrank trainer (a thin dispatcher; each command is one function).
+
+    # data: import a public data set, or synthesise one
+    .venv/bin/python -m trainer data import games6k ../shared/data/games6k data/games6k --max-users 2000 --seed 0
+    .venv/bin/python -m trainer data import tallrec ../shared/data/tallrec-book data/tallrec
+    .venv/bin/python -m trainer data synth data/synth --users 2000 --items 1500 --seed 0
+
+    # train every stage (fit-gcn -> tune -> fit-heads -> calibrate) and write ARTIFACTS/manifest.json
+    .venv/bin/python -m trainer fit --data data/synth --out artifacts --preset tiny --seed 0
+    .venv/bin/python -m trainer fit --data data/synth --out artifacts --preset small --arch qwen2
+    .venv/bin/python -m trainer fit --data data/synth --out artifacts --base-model ~/models/vicuna-7b --lora
+
+    # or one stage at a time (each rewrites the manifest)
+    .venv/bin/python -m trainer fit-gcn --data data/synth --out artifacts --gcn-epochs 40
+    .venv/bin/python -m trainer tune --data data/synth --out artifacts --epochs 2 --max-train 8000
+    .venv/bin/python -m trainer fit-heads --data data/synth --out artifacts --lambda0 1e-3 --beta 0.1
+    .venv/bin/python -m trainer calibrate --data data/synth --out artifacts --auc-budget 0.3
+
+    # evaluate the four configurations on the test split
+    .venv/bin/python -m trainer eval --data data/synth --artifacts artifacts --report reports/synth
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PRESET_CHOICES = ("tiny", "small")
+
+
+def _data_import(args: argparse.Namespace) -> dict:
+    from trainer.data.importers import ImportOptions, import_dataset
+
+    options = ImportOptions(max_users=args.max_users, seed=args.seed, threshold=args.threshold,
+                            targets_per_user=args.targets_per_user, negatives_per_positive=args.negatives,
+                            sample_kind=args.sample_rule)
+    return import_dataset(args.format, args.src, args.out, options)
+
+
+def _data_synth(args: argparse.Namespace) -> dict:
+    from trainer.data.synth import SynthConfig, synth
+
+    return synth(args.out, SynthConfig(users=args.users, items=args.items, groups=args.groups, seed=args.seed))
+
+
+def _fit_config(args: argparse.Namespace):
+    from trainer.pipeline import make_config
+
+    overrides = {
+        "gcn": {"layers": args.gcn_layers, "dim": args.gcn_dim, "epochs": args.gcn_epochs, "lr": args.gcn_lr},
+        "tune": {"arch": args.arch, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                 "max_train": args.max_train, "lora": args.lora or None},
+        "heads": {"exit_layers": tuple(args.exit_layers) if args.exit_layers else None, "lambda0": args.lambda0,
+                  "beta": args.beta, "epochs": args.heads_epochs, "max_train": args.max_train},
+        "calibrate": {"auc_budget_points": args.auc_budget, "max_valid": args.max_valid},
+    }
+    return make_config(args.data, args.out, preset=args.preset, base_model=args.base_model, seed=args.seed,
+                       overrides=overrides, k=args.k, progress=not args.no_progress)
+
+
+def _stages(*names: str):
+    def run(args: argparse.Namespace) -> dict:
+        from trainer.pipeline import run_stages
+
+        manifest = run_stages(_fit_config(args), names)
+        scalars = {stage: {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+                   for stage, m in manifest["metrics"].items() if stage in names}
+        return {"out": str(args.out), "version": manifest["version"], "metrics": scalars}
+
+    return run
+
+
+def _eval(args: argparse.Namespace) -> dict:
+    from trainer.eval import EvalConfig, run
+
+    cfg = EvalConfig(data=args.data, artifacts=args.artifacts, report=args.report, max_samples=args.max_samples,
+                     seed=args.seed, batch_size=args.batch_size, bootstrap=args.bootstrap, k=args.k)
+    report = run(cfg)
+    return {"report": str(Path(args.report) / "report.json"),
+            "auc": {row["name"]: round(row["auc"], 4) for row in report["configs"]}}
+
+
+def _fit_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, required=True, help="canonical data set directory")
+    p.add_argument("--out", type=Path, required=True, help="ARTIFACTS directory")
+    p.add_argument("--preset", choices=PRESET_CHOICES, default="tiny")
+    p.add_argument("--base-model", help="a local transformers checkpoint to tune instead of a fresh decoder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--k", type=int, help="retrieved neighbours per prompt (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("fit-gcn")
+    g.add_argument("--gcn-layers", type=int)
+    g.add_argument("--gcn-dim", type=int)
+    g.add_argument("--gcn-epochs", type=int)
+    g.add_argument("--gcn-lr", type=float)
+    t = p.add_argument_group("tune")
+    t.add_argument("--arch", choices=("llama", "qwen2", "mistral"))
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--max-train", type=int, help="cap on training samples (tune and fit-heads)")
+    t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    h = p.add_argument_group("fit-heads")
+    h.add_argument("--exit-layers", type=int, nargs="+")
+    h.add_argument("--lambda0", type=float, help="base learning rate of the exit heads")
+    h.add_argument("--beta", type=float, help="depth decay: lr_n = lambda0 * exp(-beta * depth)")
+    h.add_argument("--heads-epochs", type=int)
+    c = p.add_argument_group("calibrate")
+    c.add_argument("--auc-budget", type=float, help="AUC points the exit policy may lose (default 0.3)")
+    c.add_argument("--max-valid", type=int, help="cap on valid samples used for calibration")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trainer", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="import or synthesise a data set").add_subparsers(dest="data_command",
+                                                                                        required=True)
+    imp = data.add_parser("import", help="convert a public data set to the canonical layout")
+    from trainer.data.importers import FORMATS
+
+    imp.add_argument("format", choices=FORMATS)
+    imp.add_argument("src", type=Path)
+    imp.add_argument("out", type=Path)
+    imp.add_argument("--max-users", type=int, help="keep a seeded random subset of users")
+    imp.add_argument("--seed", type=int, default=0)
+    imp.add_argument("--threshold", type=float, help="explicit ratings >= this are positives")
+    imp.add_argument("--targets-per-user", type=int, default=5, help="last K interactions as targets (0: all)")
+    imp.add_argument("--negatives", type=int, default=1, help="sampled negatives per positive (implicit data)")
+    imp.add_argument("--sample-rule", choices=("chronological", "given", "none"))
+    imp.set_defaults(func=_data_import)
+    syn = data.add_parser("synth", help="a synthetic data set with taste groups")
+    syn.add_argument("out", type=Path)
+    syn.add_argument("--users", type=int, default=2000)
+    syn.add_argument("--items", type=int, default=1500)
+    syn.add_argument("--groups", type=int, default=8)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.set_defaults(func=_data_synth)
+
+    for name, stages, help_text in (
+        ("fit", ("fit-gcn", "tune", "fit-heads", "calibrate"), "every stage, then the manifest"),
+        ("fit-gcn", ("fit-gcn",), "LightGCN user/item embeddings -> ARTIFACTS/gcn"),
+        ("tune", ("tune",), "instruction-tune the decoder -> ARTIFACTS/ranker"),
+        ("fit-heads", ("fit-heads",), "train the exit heads (backbone frozen)"),
+        ("calibrate", ("calibrate",), "choose the exit policy on the valid split"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _fit_flags(p)
+        p.set_defaults(func=_stages(*stages))
+
+    ev = sub.add_parser("eval", help="AUC, requests/s and exit depth of the four configurations")
+    ev.add_argument("--data", type=Path, required=True)
+    ev.add_argument("--artifacts", type=Path, required=True)
+    ev.add_argument("--report", type=Path, required=True, help="output directory for report.json / report.md")
+    ev.add_argument("--max-samples", type=int, help="a seeded random subset of the test split")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--bootstrap", type=int, default=1000)
+    ev.add_argument("--k", type=int, default=4)
+    ev.set_defaults(func=_eval)
+    return parser
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "fix your input" (printed as one line, exit 2), not a bug (a traceback)."""
+    from exitrank.artifacts import ManifestError
+    from ranker_svc.errors import ArtifactError
+    from retriever_svc.errors import EmbeddingsError
+
+    return FileNotFoundError, ValueError, ManifestError, ArtifactError, EmbeddingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except _user_errors() as exc:
+        print(f"trainer: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, default=str))  # one line, the last of stdout: scripts parse it
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

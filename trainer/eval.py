@@ -1,0 +1,196 @@
+"""Offline evaluation on the test split: AUC with a bootstrap interval, requests/s and exit depth.
+
+Four configurations share one trained artifact (the paper's Table 2/3 rows): ``no_retrieval`` and
+``gcn_retrieval`` (the user's history alone, or plus its k=4 GCN-nearest users), each with the full
+depth (``ExitPolicy(disabled=True)``) and with the calibrated early-exit policy (``+early_exit``).
+
+- AUC: ``sklearn.metrics.roc_auc_score`` of the Yes-probability (paper eq. ``y = e^{s_a}/(e^{s_a}+e^{s_b})``)
+  against the 0/1 labels; ``auc_ci95`` is the percentile interval of ``bootstrap`` resamples of the
+  evaluated samples (seeded; resamples with one class only are skipped).
+- requests/s: one request = one test sample; the clock covers building its context (its own neighbour
+  search, no cache) and scoring it, after an untimed warm-up batch in the same configuration.
+- mean exit layer and the exit-layer histogram (1-based decoder layers).
+
+The report (``OUT/report.json``, keys as in shared/BENCH_OUTPUT.md, and ``OUT/report.md``) is written only
+from measured values.
+
+    .venv/bin/python -m trainer eval --data data/synth --artifacts artifacts --report reports/synth
+    .venv/bin/python -m trainer eval --data data/games6k --artifacts artifacts --report r --max-samples 2000
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from exitrank.types import ExitDecision, RankExample, Sample
+from trainer.context import OfflineContexts, subsample
+from trainer.data.dataset import Dataset, load_dataset
+
+CONFIGS = (  # (name, retrieval, early_exit)
+    ("no_retrieval", "none", False),
+    ("no_retrieval+early_exit", "none", True),
+    ("gcn_retrieval", "gcn", False),
+    ("gcn_retrieval+early_exit", "gcn", True),
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Flags of ``trainer eval``."""
+
+    data: Path
+    artifacts: Path
+    report: Path
+    max_samples: int | None = None  # a seeded random subset of the test split
+    seed: int = 0
+    batch_size: int = 32
+    bootstrap: int = 1000
+    k: int = 4
+    max_history: int = 15
+    split: str = "test"
+
+
+def auc_with_ci(labels: Sequence[int], scores: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+                level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """ROC AUC and its bootstrap percentile interval.
+
+    Raises:
+        ValueError: the labels hold a single class (AUC is undefined).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        raise ValueError("AUC needs both positive and negative labels in the evaluated samples")
+    auc = float(roc_auc_score(y, s))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), size=len(y))
+        if y[idx].min() != y[idx].max():
+            draws.append(roc_auc_score(y[idx], s[idx]))
+    if not draws:
+        return auc, (auc, auc)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    return auc, (float(lo), float(hi))
+
+
+def _timed_run(ranker, contexts: OfflineContexts, samples: list[Sample], *, retrieval: bool, policy,
+               batch_size: int) -> tuple[list[ExitDecision], float]:
+    """Builds contexts (a neighbour search per sample) and scores them; returns decisions and seconds."""
+    start = time.perf_counter()
+    examples: list[RankExample] = [contexts.example(s, retrieval=retrieval) for s in samples]
+    decisions = ranker.score_examples(examples, policy, batch_size=batch_size)
+    return decisions, time.perf_counter() - start
+
+
+def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name: str, retrieval: str,
+               early_exit: bool, cfg: EvalConfig) -> dict:
+    """One row of the report."""
+    from ranker_svc.exits import ExitPolicy
+
+    policy = ranker.policy if early_exit else ExitPolicy(disabled=True)
+    _timed_run(ranker, contexts, samples[: cfg.batch_size], retrieval=retrieval == "gcn", policy=policy,
+               batch_size=cfg.batch_size)  # warm-up in this config's shapes, not timed
+    decisions, seconds = _timed_run(ranker, contexts, samples, retrieval=retrieval == "gcn", policy=policy,
+                                    batch_size=cfg.batch_size)
+    auc, ci = auc_with_ci([s.label for s in samples], [d.ctr for d in decisions],
+                          resamples=cfg.bootstrap, seed=cfg.seed)
+    layers = [d.exit_layer for d in decisions]
+    return {
+        "name": name,
+        "retrieval": retrieval,
+        "early_exit": early_exit,
+        "auc": auc,
+        "auc_ci95": [ci[0], ci[1]],
+        "requests_per_s": len(samples) / seconds,
+        "mean_exit_layer": float(np.mean(layers)),
+        "exit_layer_histogram": {str(k): v for k, v in sorted(Counter(layers).items())},
+        "wall_seconds": seconds,
+        "policy": policy.to_json(),
+    }
+
+
+def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
+    """Scores the four configurations and returns the report object (see the module docstring)."""
+    from exitrank.artifacts import verify_manifest
+    from ranker_svc.artifact import load_ranker
+    from ranker_svc.ranker import Ranker
+    from retriever_svc.embeddings import GCNEmbeddings
+
+    manifest = verify_manifest(Path(cfg.artifacts))
+    dataset = dataset or load_dataset(cfg.data)
+    gcn = GCNEmbeddings.load(Path(cfg.artifacts))
+    ranker = Ranker(loaded=load_ranker(Path(cfg.artifacts) / "ranker"))
+    contexts = OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, cache=False)
+    samples = subsample(dataset.split(cfg.split), cfg.max_samples, cfg.seed)
+    if not samples:
+        raise ValueError(f"the {cfg.split!r} split of {cfg.data} is empty: nothing to evaluate")
+    rows = [run_config(ranker, contexts, samples, name=n, retrieval=r, early_exit=e, cfg=cfg)
+            for n, r, e in CONFIGS]
+    labels = Counter(s.label for s in samples)
+    return {
+        "dataset": dataset.meta.name,
+        "samples": dataset.split_counts(),
+        "seed": cfg.seed,
+        "configs": rows,
+        "evaluated": {"split": cfg.split, "samples": len(samples), "positives": labels[1], "negatives": labels[0]},
+        "model_version": ranker.model_version,
+        "embedding_version": gcn.version,
+        "artifacts_version": manifest.get("version", ""),
+        "num_layers": ranker.num_layers,
+        "exit_layers": list(ranker.model.exit_layers),
+        "k": cfg.k,
+        "batch_size": cfg.batch_size,
+        "bootstrap": cfg.bootstrap,
+        "machine": {"cores": os.cpu_count()},
+    }
+
+
+def render_markdown(report: dict) -> str:
+    """A human-readable table of the report (every number comes from ``report``)."""
+    ev = report["evaluated"]
+    lines = [
+        f"# Evaluation: {report['dataset']}",
+        "",
+        f"{ev['samples']} {ev['split']} samples ({ev['positives']} positive, {ev['negatives']} negative); "
+        f"splits {report['samples']}; seed {report['seed']}; model `{report['model_version']}` "
+        f"({report['num_layers']} layers, exits at {report['exit_layers']}), embeddings "
+        f"`{report['embedding_version']}`, k={report['k']}, batch {report['batch_size']}, "
+        f"{report['machine']['cores']} cores.",
+        "",
+        "| config | retrieval | early exit | AUC | 95% CI | requests/s | mean exit layer | exit layers |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["configs"]:
+        hist = ", ".join(f"{k}: {v}" for k, v in row["exit_layer_histogram"].items())
+        lines.append(
+            f"| {row['name']} | {row['retrieval']} | {'yes' if row['early_exit'] else 'no'} | {row['auc']:.4f} "
+            f"| [{row['auc_ci95'][0]:.4f}, {row['auc_ci95'][1]:.4f}] | {row['requests_per_s']:.1f} "
+            f"| {row['mean_exit_layer']:.2f} | {hist} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out: Path) -> tuple[Path, Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(render_markdown(report))
+    return out / "report.json", out / "report.md"
+
+
+def run(cfg: EvalConfig) -> dict:
+    """``trainer eval``: evaluate and write the report."""
+    report = evaluate(cfg)
+    write_report(report, cfg.report)
+    return report
