@@ -4,10 +4,17 @@
 
     ranker/config.json, model.safetensors, generation_config.json   transformers save_pretrained
     ranker/tokenizer.json, tokenizer_config.json, ...                tokenizer save_pretrained
-    ranker/exit_heads.safetensors    "<layer>.norm.weight", "<layer>.proj.weight" per exit head
-                                     (absent until stage 2: heads then start as copies of the final head)
+    ranker/exit_heads.safetensors    "<layer>.norm.weight" (H,), "<layer>.proj.weight" (2, H) per exit head:
+                                     the "Yes" and "No" rows only (all serving needs; older artifacts
+                                     with (V, H) heads still load). Absent until stage 2: heads then
+                                     start as copies of the final head's answer rows.
     ranker/exitrank.json             {format, version, arch, num_layers, exit_layers, yes_token_id,
-                                      no_token_id, heads_trained, policy, prompt, metrics}
+                                      no_token_id, heads_trained, head_rows, policy, policy_dtype,
+                                      prompt, metrics}
+
+``policy_dtype`` is the dtype the policy was calibrated in (``trainer calibrate --dtype``): exit
+decisions depend on small probability differences, so serving should run in that dtype, and
+``load_ranker(dtype=None)`` does.
 
 ``version`` is ``<arch>-<sha256 of the weights and policy, 12 hex>``: it changes whenever scores can.
 """
@@ -46,6 +53,7 @@ class LoadedRanker:
     policy: ExitPolicy
     version: str
     meta: dict
+    context_split_ok: bool = True  # context + suffix tokenise as the full prompt (shared-context scoring)
 
 
 def save_ranker(
@@ -82,12 +90,17 @@ def save_ranker(
 
 
 def save_heads(ranker_dir: Path, model: EarlyExitLM, *, metrics: dict | None = None) -> dict:
-    """Writes ``exit_heads.safetensors`` and records the heads' layers in ``exitrank.json``."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.heads.state_dict().items()}
+    """Writes the heads' "Yes"/"No" rows to ``exit_heads.safetensors``; records their layers in ``exitrank.json``."""
+    answer = model.answer_ids.tolist()
+    tensors = {}
+    for layer, head in model.heads.items():
+        for key, value in head.answer_rows(answer).state_dict().items():
+            tensors[f"{layer}.{key}"] = value.detach().to("cpu").contiguous()
     save_file(tensors, str(Path(ranker_dir) / HEADS_FILE))
     meta = read_meta(ranker_dir)
     meta["exit_layers"] = list(model.exit_layers)
     meta["heads_trained"] = True
+    meta["head_rows"] = "answer"
     if metrics is not None:
         meta.setdefault("metrics", {})["heads"] = metrics
     write_meta(ranker_dir, meta)
@@ -120,6 +133,8 @@ def stamp_version(ranker_dir: Path) -> dict:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     digest.update(json.dumps(meta["policy"], sort_keys=True).encode())
+    if meta.get("policy_dtype"):
+        digest.update(meta["policy_dtype"].encode())
     meta["version"] = f"{meta['arch']}-{digest.hexdigest()[:12]}"
     write_meta(ranker_dir, meta)
     return meta
@@ -155,8 +170,32 @@ def check_answer_tokens(tokenizer: PreTrainedTokenizerBase, prompt: PromptBuilde
     return ids[0], ids[1]
 
 
+def check_context_split(tokenizer: PreTrainedTokenizerBase, prompt: PromptBuilder) -> bool:
+    """Whether ``tokens(context) + tokens(suffix) == tokens(context + suffix)`` on probe prompts.
+
+    Shared-context scoring encodes the two parts separately; a tokenizer that merges across the
+    boundary (or appends EOS) would make it score a different token sequence, so the ranker then
+    scores full prompts instead.
+    """
+    contexts = [
+        UserContext(user_id="probe"),
+        UserContext(user_id="probe", history=(HistoryItem("i1", "A probe title...", 5.0),),
+                    neighbors=(NeighborContext("u2", 0.9, (HistoryItem("i2", "Another 'title' 42", 1.0),)),)),
+    ]
+    titles = ["The target title", "x", "Ünïcødé & ‘quotes’ – 1999", "   spaced   out   "]
+    for ctx in contexts:
+        context = tokenizer(prompt.context_text(ctx))["input_ids"]
+        for title in titles:
+            suffix = tokenizer(prompt.target_text(title), add_special_tokens=False)["input_ids"]
+            if context + suffix != tokenizer(prompt.full_text(ctx, title))["input_ids"]:
+                return False
+    return True
+
+
 def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> LoadedRanker:
-    """Loads ``ranker_dir`` (float32 unless ``dtype``) in eval mode, checking tokens and heads.
+    """Loads ``ranker_dir`` in eval mode, checking tokens and heads.
+
+    ``dtype`` None: the dtype the policy was calibrated in (``policy_dtype``), else float32.
 
     Raises:
         ArtifactError: files missing, answer tokens not single/distinct or not those recorded,
@@ -165,10 +204,11 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
     ranker_dir = Path(ranker_dir)
     meta = read_meta(ranker_dir)
     prompt = PromptBuilder(config=PromptConfig.from_json(meta.get("prompt", {})))
+    dtype = dtype or getattr(torch, meta.get("policy_dtype") or "float32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ranker_dir, local_files_only=True)
         causal_lm = AutoModelForCausalLM.from_pretrained(
-            ranker_dir, local_files_only=True, dtype=dtype or torch.float32
+            ranker_dir, local_files_only=True, dtype=dtype
         )
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot load the model/tokenizer in {ranker_dir}: {exc}") from exc
@@ -182,7 +222,7 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
             f"tokenizer gives {yes_id}/{no_id}: the tokenizer files do not belong to this model"
         )
     causal_lm.eval()
-    heads = _load_heads(ranker_dir, causal_lm, meta["exit_layers"])
+    heads = _load_heads(ranker_dir, causal_lm, meta["exit_layers"], (yes_id, no_id))
     model = EarlyExitLM(
         causal_lm=causal_lm, yes_token_id=yes_id, no_token_id=no_id, exit_layers=meta["exit_layers"], heads=heads
     ).eval()
@@ -193,16 +233,24 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
         policy=ExitPolicy.from_json(meta.get("policy", {})),
         version=meta["version"],
         meta=meta,
+        context_split_ok=check_context_split(tokenizer, prompt),
     )
 
 
-def _load_heads(ranker_dir: Path, causal_lm: PreTrainedModel, exit_layers: list[int]) -> nn.ModuleDict:
-    heads = nn.ModuleDict({str(layer): ExitHead.from_final(causal_lm) for layer in exit_layers})
+def _load_heads(ranker_dir: Path, causal_lm: PreTrainedModel, exit_layers: list[int],
+                answer_ids: tuple[int, int]) -> nn.ModuleDict:
+    """Answer-row heads; from ``exit_heads.safetensors`` when present (full-vocabulary files are cut to the rows)."""
+    heads = nn.ModuleDict({str(layer): ExitHead.from_final(causal_lm, rows=answer_ids) for layer in exit_layers})
     path = ranker_dir / HEADS_FILE
     if not path.is_file():  # stage 1 artifact: heads are copies of the final head
         return heads
     state = load_file(str(path))
     dtype = causal_lm.get_output_embeddings().weight.dtype
+    rows = torch.tensor(answer_ids)
+    vocab = causal_lm.get_output_embeddings().out_features
+    for key, value in state.items():
+        if key.endswith(("proj.weight", "proj.bias")) and value.shape[0] == vocab and vocab != len(answer_ids):
+            state[key] = value[rows]  # a full-vocabulary head from an older artifact
     try:
         heads.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
     except RuntimeError as exc:

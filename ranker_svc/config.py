@@ -1,35 +1,57 @@
 """``RankerConfig``: the one frozen configuration of a ranker process, in sections.
 
-Built once in ``server.py`` from an optional YAML file, then command-line flags; each core class
-receives only its section. Example ``ranker.yaml`` (``ranker-svc serve --config ranker.yaml``)::
+Built once in ``server.py`` from an optional YAML file, then environment variables, then
+command-line flags (later wins); each core class receives only its section. Example ``ranker.yaml``
+(``ranker-svc serve --config ranker.yaml``)::
 
-    model: {artifacts_dir: artifacts, dtype: auto, engine: torch, num_threads: 0}
+    model: {artifacts_dir: artifacts, dtype: auto, engine: torch, num_threads: 0, device: auto,
+            tensor_parallel: 1, onnx_dir: null}
     exits: {criterion: null}            # null fields keep the artifact's calibrated policy
-    batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64}
+    batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_wait_ms: 2.0,
+               max_batch_rows: 256, shared_context: true}
     server: {host: 127.0.0.1, port: 50052, grace_s: 5.0}
     retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000, title_ttl_s: 300}
+
+Environment variables ``EXITRANK_RANKER_<SECTION>_<KEY>`` set single keys, e.g.
+``EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5`` or ``EXITRANK_RANKER_MODEL_ENGINE=onnx``.
 """
 
 from __future__ import annotations
 
+import os
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ranker_svc.errors import InvalidArgument
 
-ENGINES = ("torch",)  # issue 4 adds "deepspeed" and "onnx"
+ENGINES = ("torch", "deepspeed", "onnx")
 DTYPES = ("auto", "bfloat16", "float32")
 MAX_CANDIDATES = 512
+ENV_PREFIX = "EXITRANK_RANKER_"
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Where the artifact is and how to run it (``num_threads`` 0: torch's default)."""
+    """Where the artifact is and how to run it.
+
+    Args:
+        dtype: ``auto`` (bfloat16 where the CPU has AMX/AVX512-BF16, or on CUDA), bfloat16, float32.
+            Serve in the dtype the policy was calibrated in (``trainer calibrate --dtype``).
+        engine: ``torch``, ``deepspeed`` (``tensor_parallel`` GPUs) or ``onnx``.
+        num_threads: torch / ONNX Runtime intra-op threads; 0: the library default.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``, ...
+        onnx_dir: where the onnx engine caches its exported graphs (None: a temporary directory).
+    """
 
     artifacts_dir: Path = Path("artifacts")
     dtype: str = "auto"
     engine: str = "torch"
     num_threads: int = 0
+    device: str = "auto"
+    tensor_parallel: int = 1
+    onnx_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -38,6 +60,10 @@ class ModelConfig:
             raise InvalidArgument("model.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads < 0:
             raise InvalidArgument("model.num_threads", f"must be >= 0, got {self.num_threads}")
+        if self.tensor_parallel < 1:
+            raise InvalidArgument("model.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.engine != "deepspeed":
+            raise InvalidArgument("model.tensor_parallel", "needs model.engine deepspeed")
 
     @property
     def ranker_dir(self) -> Path:
@@ -60,13 +86,29 @@ class ExitsConfig:
 
 @dataclass(frozen=True, slots=True)
 class BatchingConfig:
-    """Rows per forward pass, request limits, and how many requests may wait for the model."""
+    """Rows per forward pass, cross-request batching, request limits.
+
+    Args:
+        batch_size: full prompts per forward pass (offline scoring, engines without context sharing).
+        max_candidates: candidates one request may carry.
+        max_pending_requests: requests queued or running at most (more: RESOURCE_EXHAUSTED).
+        max_wait_ms: how long a request may wait for others to share its batch (0: no waiting).
+        max_batch_rows: candidate rows per batch of concurrent requests (and per suffix pass).
+        shared_context: encode each request's context once and score candidates as suffixes.
+    """
 
     batch_size: int = 32
     max_candidates: int = MAX_CANDIDATES
     max_pending_requests: int = 64
+    max_wait_ms: float = 2.0
+    max_batch_rows: int = 256
+    shared_context: bool = True
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_wait_ms <= 1000:
+            raise InvalidArgument("batching.max_wait_ms", f"must be in 0..1000, got {self.max_wait_ms}")
+        if self.max_batch_rows < 1:
+            raise InvalidArgument("batching.max_batch_rows", f"must be >= 1, got {self.max_batch_rows}")
         if self.batch_size < 1:
             raise InvalidArgument("batching.batch_size", f"must be >= 1, got {self.batch_size}")
         if not 1 <= self.max_candidates <= MAX_CANDIDATES:
@@ -129,10 +171,50 @@ class RankerConfig:
             bad = set(values) - known
             if bad:
                 raise InvalidArgument(f"{name}.{sorted(bad)[0]}", f"unknown key; known: {', '.join(sorted(known))}")
-            if name == "model" and "artifacts_dir" in values:
-                values["artifacts_dir"] = Path(values["artifacts_dir"])
+            for key in ("artifacts_dir", "onnx_dir"):
+                if name == "model" and values.get(key) is not None:
+                    values[key] = Path(values[key])
             built[name] = section_type(**values)
         return cls(**built)
 
+    def with_env(self, environ: Mapping[str, str] | None = None) -> "RankerConfig":
+        """Overrides from ``EXITRANK_RANKER_<SECTION>_<KEY>`` variables (typed like the field).
+
+        Raises:
+            InvalidArgument: an unknown section/key or a value of the wrong type, named.
+        """
+        environ = os.environ if environ is None else environ
+        config = self
+        for var, raw in sorted(environ.items()):
+            if not var.startswith(ENV_PREFIX):
+                continue
+            rest = var[len(ENV_PREFIX):].lower()
+            section = next((f.name for f in fields(self) if rest.startswith(f.name + "_")), None)
+            if section is None:
+                raise InvalidArgument(var, f"unknown config section; known: {', '.join(f.name for f in fields(self))}")
+            key = rest[len(section) + 1 :]
+            types = typing.get_type_hints(type(getattr(self, section)))
+            if key not in types:
+                raise InvalidArgument(var, f"unknown key {section}.{key}; known: {', '.join(sorted(types))}")
+            config = config.with_section(section, **{key: _parse_env(var, raw, types[key])})
+        return config
+
     def with_section(self, name: str, **changes) -> "RankerConfig":
         return replace(self, **{name: replace(getattr(self, name), **changes)})
+
+
+def _parse_env(var: str, raw: str, kind) -> object:
+    """``raw`` as the field type ``kind`` (bool, int, float, str, Path, optional of those)."""
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if args:
+        if raw.lower() in ("", "none", "null"):
+            return None
+        kind = args[0]
+    try:
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(var, f"cannot read {raw!r} as {getattr(kind, '__name__', kind)}") from exc

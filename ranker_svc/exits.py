@@ -1,9 +1,12 @@
 """Exit policies of Dynamic Predictive Exiting (paper section 5.3) and depth-aware head learning rates (5.2).
 
-One function, :func:`exit_step`, decides which rows of a batch stop at an exit layer. Serving
-(``EarlyExitLM.predict``) calls it layer by layer on a compacting batch; calibration calls it through
-:func:`simulate_exits` on probabilities computed once for every head. Both run the same code, so a
-policy calibrated offline behaves identically online.
+One function, :func:`exit_step`, decides which rows of a batch stop at an exit layer, and one driver,
+:func:`run_exits`, walks a batch through the answering layers, records each row's answer where it
+settles and drops it from the batch (per-row compaction). Every runtime plugs into the driver as an
+:class:`ExitRunner`: the torch layer loop over full prompts or over suffixes of a cached context
+(``ranker_svc.model``), the ONNX segments (``ranker_svc.onnx_engine``) and the calibration replay of
+precomputed probabilities (:func:`simulate_exits`). So a policy calibrated offline behaves
+identically online, whatever the engine.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -144,6 +148,88 @@ def _delta_step(policy: ExitPolicy, state: ExitState, p_yes: Tensor) -> tuple[Te
     return settled, ExitState(p_yes, deltas)
 
 
+class ExitRunner(Protocol):
+    """A batch being pushed through the decoder, as :func:`run_exits` drives it."""
+
+    def answer(self, layer: int) -> Tensor:
+        """Advances the live rows to 1-based ``layer`` (increasing between calls); (b,) P(yes) of its head."""
+
+    def keep(self, rows: Tensor) -> None:
+        """Drops the live rows where the (b,) bool ``rows`` is False (the batch is compacted)."""
+
+
+def needs_head(policy: ExitPolicy, layer: int) -> bool:
+    """Whether the head at ``layer`` must run: the delta criterion needs every P_l for its D's."""
+    if policy.disabled:
+        return False
+    return policy.criterion == "probability_delta" or layer >= policy.min_layer
+
+
+def run_exits(
+    runner: ExitRunner, *, batch_size: int, answer_layers: Sequence[int], policy: ExitPolicy,
+    compaction: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """CTR and exit layer of each row, asking ``runner`` for P(yes) at each answering layer.
+
+    Args:
+        runner: the batch (``batch_size`` rows at the start).
+        answer_layers: the 1-based exit layers, then the model's depth N (which answers every row left).
+        policy: the exit policy.
+        compaction: True: settled rows leave the batch at once (per-row exit). False: every row keeps
+            running until all rows of the batch have settled (whole-batch exit, the usual baseline);
+            the answers are the same, only the work differs.
+
+    Returns:
+        ``(ctr (B,) float32, exit_layer (B,) long)`` in the runner's row order.
+    """
+    depth = answer_layers[-1]
+    ctr = torch.zeros(batch_size, dtype=torch.float32)
+    exit_layer = torch.full((batch_size,), depth, dtype=torch.long)
+    rows = torch.arange(batch_size)  # original index of each live row
+    settled_before = torch.zeros(batch_size, dtype=torch.bool)  # whole-batch mode only
+    state = ExitState.initial(batch_size)
+    for layer in answer_layers[:-1]:
+        if not needs_head(policy, layer):
+            continue
+        p_yes = runner.answer(layer).float().cpu()  # (b,)
+        settled, state = exit_step(policy, state, p_yes, layer)
+        if not compaction:
+            newly = settled & ~settled_before
+            ctr[newly], exit_layer[newly] = p_yes[newly], layer
+            settled_before |= settled
+            if bool(settled_before.all()):
+                return ctr, exit_layer
+            continue
+        if bool(settled.any()):
+            ctr[rows[settled]], exit_layer[rows[settled]] = p_yes[settled], layer
+            keep = ~settled
+            rows, state = rows[keep], state.select(keep)
+            if rows.numel() == 0:
+                return ctr, exit_layer
+            runner.keep(keep)
+    p_yes = runner.answer(depth).float().cpu()
+    if compaction:
+        ctr[rows] = p_yes
+    else:
+        ctr[~settled_before] = p_yes[~settled_before]
+    return ctr, exit_layer
+
+
+class _Replay:
+    """An :class:`ExitRunner` over precomputed (N, E) probabilities (calibration, analysis)."""
+
+    def __init__(self, p_yes: Tensor, answer_layers: Sequence[int]) -> None:
+        self.p_yes = p_yes
+        self.column = {layer: i for i, layer in enumerate(answer_layers)}
+        self.rows = torch.arange(p_yes.shape[0])
+
+    def answer(self, layer: int) -> Tensor:
+        return self.p_yes[self.rows, self.column[layer]]
+
+    def keep(self, rows: Tensor) -> None:
+        self.rows = self.rows[rows]
+
+
 def simulate_exits(
     p_yes: Tensor, answer_layers: Sequence[int], policy: ExitPolicy
 ) -> tuple[Tensor, Tensor]:
@@ -156,21 +242,13 @@ def simulate_exits(
         policy: the policy to replay.
 
     Returns:
-        ``(ctr (N,), exit_layer (N,) long)``, equal to what ``EarlyExitLM.predict`` returns.
+        ``(ctr (N,), exit_layer (N,) long)``, equal to what ``EarlyExitLM.predict`` returns: both
+        run :func:`run_exits`.
     """
     n, e = p_yes.shape
     assert e == len(answer_layers), "one column per answering layer"
-    ctr = p_yes[:, -1].float().clone()
-    exit_layer = torch.full((n,), answer_layers[-1], dtype=torch.long)
-    alive = torch.ones(n, dtype=torch.bool)
-    state = ExitState.initial(n)
-    for col, layer in enumerate(answer_layers[:-1]):
-        settled, state = exit_step(policy, state, p_yes[:, col], layer)
-        newly = settled & alive
-        ctr[newly] = p_yes[newly, col].float()
-        exit_layer[newly] = layer
-        alive &= ~settled
-    return ctr, exit_layer
+    return run_exits(_Replay(p_yes.float().cpu(), answer_layers), batch_size=n, answer_layers=answer_layers,
+                     policy=policy)
 
 
 def depth_learning_rates(lambda0: float, beta: float, depths: Sequence[int]) -> list[float]:

@@ -10,7 +10,9 @@ The pieces, top-down:
     1. ``answer_logits``: a language head restricted to the "Yes"/"No" rows.
     2. ``ExitHead``: norm + linear head mounted at an exit layer (paper 5.2).
     3. ``EarlyExitLM``: drives any ``AutoModelForCausalLM`` decoder (Llama, Qwen2, Mistral families)
-       layer by layer, checks the exit heads, and removes settled rows from the batch.
+       layer by layer, checks the exit heads, and removes settled rows from the batch; over full
+       prompts, or over candidate suffixes of a context encoded once (``ranker_svc.prefix``).
+    4. Two ``ExitRunner`` s for ``ranker_svc.exits.run_exits``: full prompts and cached-context suffixes.
 
 Batches are RIGHT-padded (real tokens first). Under a causal mask a real token only attends to
 positions before it, which are all real, so the padding never reaches the answer position and the
@@ -28,7 +30,15 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from ranker_svc.exits import ExitPolicy, ExitState, depth_learning_rates, exit_step
+from ranker_svc.exits import ExitPolicy, depth_learning_rates, run_exits
+from ranker_svc.prefix import (
+    ContextKV,
+    ContextRecorder,
+    KVRecorded,
+    SuffixCache,
+    prefix_attention_enabled,
+    spans_of,
+)
 
 DEFAULT_EXIT_COUNT = 6
 
@@ -59,34 +69,86 @@ class ExitHead(nn.Module):
     norm and ``lm_head`` instead: in a pre-norm decoder every layer writes into the same residual
     stream, and the final head already reads intermediate states sensibly (the "logit lens" the paper
     cites in 5.1). A copy starts at that untrained early-exit quality instead of at chance, so the
-    V x H head converges in far fewer steps and never begins worse than the untuned baseline.
+    head converges in far fewer steps and never begins worse than the untuned baseline.
+
+    A head holds either the full vocabulary (``vocab_rows`` None: W is V x H, trained with the
+    paper's full-vocabulary loss) or only the "Yes"/"No" rows (``vocab_rows`` = the two token ids:
+    W is 2 x H). Serving needs nothing else (the bidimensional softmax reads rows a and b only), so
+    artifacts store answer-row heads: 2H numbers per head instead of VH (a 7B model: 8 K instead of
+    131 M parameters per head).
+
+    Args:
+        norm: the head's copy of the final norm.
+        lm_head: its projection, V x H or len(vocab_rows) x H.
+        vocab_rows: token ids of the projection's rows; None: row v is token v.
     """
 
-    def __init__(self, *, norm: nn.Module, lm_head: nn.Linear) -> None:
+    def __init__(self, *, norm: nn.Module, lm_head: nn.Linear, vocab_rows: Sequence[int] | None = None) -> None:
         super().__init__()
         self.norm = norm
         self.proj = lm_head
+        rows = None if vocab_rows is None else torch.tensor(list(vocab_rows), dtype=torch.long)
+        if rows is not None and rows.numel() != lm_head.out_features:
+            raise ValueError(f"vocab_rows has {rows.numel()} ids for a projection of {lm_head.out_features} rows")
+        self.register_buffer("vocab_rows", rows, persistent=False)
 
     @classmethod
-    def from_final(cls, causal_lm: PreTrainedModel) -> "ExitHead":
-        """A head initialised from the model's own final norm and language head (copies)."""
+    def from_final(cls, causal_lm: PreTrainedModel, *, rows: Sequence[int] | None = None) -> "ExitHead":
+        """A head initialised from the model's own final norm and language head (copies; only ``rows``)."""
         norm = copy.deepcopy(causal_lm.base_model.norm)
         src = causal_lm.get_output_embeddings()
-        proj = nn.Linear(src.in_features, src.out_features, bias=src.bias is not None)
+        index = slice(None) if rows is None else torch.tensor(list(rows), device=src.weight.device)
+        weight = src.weight.detach()[index]
+        proj = nn.Linear(src.in_features, weight.shape[0], bias=src.bias is not None)
         proj.to(device=src.weight.device, dtype=src.weight.dtype)
         with torch.no_grad():
-            proj.weight.copy_(src.weight)
+            proj.weight.copy_(weight)
             if src.bias is not None:
-                proj.bias.copy_(src.bias)
-        return cls(norm=norm, lm_head=proj)
+                proj.bias.copy_(src.bias.detach()[index])
+        return cls(norm=norm, lm_head=proj, vocab_rows=rows)
+
+    @property
+    def full_vocab(self) -> bool:
+        return self.vocab_rows is None
 
     def forward(self, hidden: Tensor) -> Tensor:
-        """(..., H) -> (..., V) full-vocabulary logits (training: :math:`-\\log p^{(\\ell)}(y|x)`)."""
+        """(..., H) -> (..., V) logits (or (..., k) for a k-row head)."""
         return self.proj(self.norm(hidden))
 
     def answer_logits(self, hidden: Tensor, answer_ids: Tensor) -> Tensor:
         """(B, H) -> (B, 2) "Yes"/"No" logits only (inference)."""
-        return answer_logits(self.norm, self.proj, hidden, answer_ids)
+        if self.vocab_rows is None:
+            return answer_logits(self.norm, self.proj, hidden, answer_ids)
+        return self.proj(self.norm(hidden))  # rows are exactly (yes, no): checked by EarlyExitLM
+
+    def loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        r""":math:`-\log p^{(\ell)}(y|x)`: over the vocabulary, or over the head's rows for a k-row head.
+
+        Args:
+            hidden: (B, H) last-token states at the head's layer.
+            targets: (B,) answer token ids.
+        """
+        logits = self(hidden).float()  # (B, V) or (B, k)
+        if self.vocab_rows is None:
+            return F.cross_entropy(logits, targets)
+        index = (targets[:, None] == self.vocab_rows[None].to(targets.device)).long().argmax(dim=1)  # (B,)
+        return F.cross_entropy(logits, index)
+
+    def answer_rows(self, answer_ids: Sequence[int]) -> "ExitHead":
+        """A copy holding only the rows ``answer_ids`` (what artifacts store)."""
+        answer_ids = list(answer_ids)
+        if self.vocab_rows is not None:
+            if self.vocab_rows.tolist() != answer_ids:
+                raise ValueError(f"head rows {self.vocab_rows.tolist()} are not the answer ids {answer_ids}")
+            return self
+        index = torch.tensor(answer_ids, device=self.proj.weight.device)
+        proj = nn.Linear(self.proj.in_features, len(answer_ids), bias=self.proj.bias is not None)
+        proj.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+        with torch.no_grad():
+            proj.weight.copy_(self.proj.weight[index])
+            if self.proj.bias is not None:
+                proj.bias.copy_(self.proj.bias[index])
+        return ExitHead(norm=copy.deepcopy(self.norm), lm_head=proj, vocab_rows=answer_ids)
 
 
 def default_exit_layers(num_layers: int, count: int = DEFAULT_EXIT_COUNT) -> list[int]:
@@ -100,8 +162,14 @@ class EarlyExitLM(nn.Module):
 
     For a row, the answering layers are ``exit_layers`` (each with an :class:`ExitHead`) followed by
     the last layer N, which answers with the model's own final norm and ``lm_head``. At each exit
-    layer :func:`ranker_svc.exits.exit_step` decides which rows have settled; those rows leave the
-    batch and the rest continue on a compacted batch (hidden states, lengths, criterion state).
+    layer :func:`ranker_svc.exits.run_exits` decides which rows have settled; those rows leave the
+    batch and the rest continue on a compacted batch (hidden states, lengths, positions, criterion
+    state). Two entry points:
+
+    - :meth:`predict`: right-padded full prompts.
+    - :meth:`encode_contexts` + :meth:`predict_suffixes`: each request's shared context is encoded
+      once (K/V of every layer), then its candidates run as short suffixes over that cache
+      (``ranker_svc.prefix``). The scores equal :meth:`predict` on the concatenated prompts.
 
     Args:
         causal_lm: any transformers decoder-only ``*ForCausalLM`` (Llama, Qwen2, Mistral families).
@@ -134,6 +202,9 @@ class EarlyExitLM(nn.Module):
         self.heads = heads if heads is not None else nn.ModuleDict(
             {str(layer): ExitHead.from_final(causal_lm) for layer in self.exit_layers}
         )
+        for layer, head in self.heads.items():
+            if head.vocab_rows is not None and head.vocab_rows.tolist() != [yes_token_id, no_token_id]:
+                raise ValueError(f"head {layer} holds rows {head.vocab_rows.tolist()}, not the answer ids")
         self.register_buffer("answer_ids", torch.tensor([yes_token_id, no_token_id]), persistent=False)
         self._layer_kinds = _layer_kinds(causal_lm.config, self.num_layers)
 
@@ -144,6 +215,10 @@ class EarlyExitLM(nn.Module):
     @property
     def no_token_id(self) -> int:
         return int(self.answer_ids[1])
+
+    @property
+    def device(self) -> torch.device:
+        return self.answer_ids.device
 
     # --- the layer loop -------------------------------------------------------------------------
 
@@ -165,25 +240,37 @@ class EarlyExitLM(nn.Module):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
-    def _layer(self, index: int, hidden: Tensor, masks: dict, rotary: tuple[Tensor, Tensor]) -> Tensor:
-        """Decoder layer ``index`` (0-based) on (B, T, H) -> (B, T, H)."""
-        t = hidden.shape[1]
-        cos, sin = rotary
+    def _layer(self, index: int, hidden: Tensor, *, mask: Tensor | None, positions: Tensor,
+               rotary: tuple[Tensor, Tensor], cache=None) -> Tensor:
+        """Decoder layer ``index`` (0-based) on (B, T, H) -> (B, T, H); ``cache`` records or supplies K/V."""
         out = self.decoder.layers[index](
             hidden,
-            attention_mask=masks[self._layer_kinds[index]],
-            position_ids=torch.arange(t, device=hidden.device)[None],
-            position_embeddings=(cos[:, :t], sin[:, :t]),
-            past_key_values=None,
+            attention_mask=mask,
+            position_ids=positions,
+            position_embeddings=rotary,
+            past_key_values=cache,
             use_cache=False,
         )
         return out[0] if isinstance(out, tuple) else out
+
+    def _prompt_layer(self, index: int, hidden: Tensor, masks: dict, rotary: tuple[Tensor, Tensor],
+                      cache=None) -> Tensor:
+        """Layer ``index`` over right-padded prompts at positions 0..T-1."""
+        t = hidden.shape[1]
+        cos, sin = rotary
+        return self._layer(index, hidden, mask=masks[self._layer_kinds[index]],
+                           positions=torch.arange(t, device=hidden.device)[None],
+                           rotary=(cos[:, :t], sin[:, :t]), cache=cache)
 
     def _head_logits(self, layer: int, last: Tensor) -> Tensor:
         """(B, H) last-token states at ``layer`` -> (B, 2) Yes/No logits of that layer's head."""
         if layer == self.num_layers:
             return answer_logits(self.decoder.norm, self.causal_lm.get_output_embeddings(), last, self.answer_ids)
         return self.heads[str(layer)].answer_logits(last, self.answer_ids)
+
+    def p_yes(self, layer: int, last: Tensor) -> Tensor:
+        """(B, H) -> (B,) float32 P(yes) of the head at ``layer`` (bidimensional softmax)."""
+        return self._head_logits(layer, last).float().softmax(-1)[:, 0]
 
     # --- training / calibration -------------------------------------------------------------------
 
@@ -199,7 +286,7 @@ class EarlyExitLM(nn.Module):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             states = []
             for index in range(self.num_layers):
-                hidden = self._layer(index, hidden, masks, rotary)
+                hidden = self._prompt_layer(index, hidden, masks, rotary)
                 if index + 1 in self.answer_layers:
                     states.append(hidden[rows, lengths - 1])  # (B, H)
         return torch.stack(states, dim=1)  # (B, E, H)
@@ -215,7 +302,7 @@ class EarlyExitLM(nn.Module):
         return self.answer_logits_from_states(self.exit_hidden_states(input_ids, attention_mask))
 
     def exit_losses(self, states: Tensor, targets: Tensor) -> Tensor:
-        r""":math:`L^{(\ell)}_{exit} = -\log p^{(\ell)}(y|x)` over the full vocabulary, per exit head.
+        r""":math:`L^{(\ell)}_{exit} = -\log p^{(\ell)}(y|x)` per exit head (see :meth:`ExitHead.loss`).
 
         Args:
             states: (B, E, H) from :meth:`exit_hidden_states` (the last column, layer N, is ignored).
@@ -224,10 +311,8 @@ class EarlyExitLM(nn.Module):
         Returns:
             (len(exit_layers),) mean loss of each head.
         """
-        return torch.stack(
-            [F.cross_entropy(self.heads[str(layer)](states[:, i]).float(), targets)
-             for i, layer in enumerate(self.exit_layers)]
-        )
+        return torch.stack([self.heads[str(layer)].loss(states[:, i], targets)
+                            for i, layer in enumerate(self.exit_layers)])
 
     def configure_head_optimizer(self, *, lambda0: float, beta: float) -> torch.optim.Optimizer:
         r"""AdamW with one param group per head, :math:`\lambda_n = \lambda_0 e^{-\beta d_n}` (paper 5.2)."""
@@ -241,53 +326,159 @@ class EarlyExitLM(nn.Module):
     # --- serving ----------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy) -> tuple[Tensor, Tensor]:
-        """CTR and exit layer of each row, exiting rows as soon as ``policy`` says they settled.
+    def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
+                compaction: bool = True) -> tuple[Tensor, Tensor]:
+        """CTR and exit layer of each right-padded prompt, exiting rows as soon as ``policy`` says they settled.
 
         Args:
             input_ids: (B, T) right-padded token ids.
             attention_mask: (B, T) 1 for real tokens.
             policy: the exit policy (``disabled``: every row runs all N layers).
+            compaction: False: rows keep running until the whole batch has settled (same answers).
 
         Returns:
-            ``(ctr (B,) float32 in (0, 1), exit_layer (B,) long, 1-based)``.
+            ``(ctr (B,) float32 in (0, 1), exit_layer (B,) long, 1-based)``, on the CPU.
         """
-        hidden, lengths, rotary = self._embed(input_ids, attention_mask)
-        b = hidden.shape[0]
-        ctr = torch.empty(b, dtype=torch.float32, device=hidden.device)
-        exit_layer = torch.full((b,), self.num_layers, dtype=torch.long, device=hidden.device)
-        rows = torch.arange(b, device=hidden.device)  # original index of each live row
-        state = ExitState.initial(b, hidden.device)
-        masks = self._masks(hidden)
-        for index in range(self.num_layers - 1):
-            hidden = self._layer(index, hidden, masks, rotary)
-            layer = index + 1
-            if layer not in self.exit_layers or not _needs_head(policy, layer):
-                continue
-            live = torch.arange(hidden.shape[0], device=hidden.device)
-            p_yes = self._head_logits(layer, hidden[live, lengths - 1]).float().softmax(-1)[:, 0]  # (b,)
-            settled, state = exit_step(policy, state, p_yes, layer)
-            if bool(settled.any()):
-                ctr[rows[settled]] = p_yes[settled]
-                exit_layer[rows[settled]] = layer
-                keep = ~settled
-                rows, lengths, state = rows[keep], lengths[keep], state.select(keep)
-                if rows.numel() == 0:
-                    return ctr, exit_layer
-                hidden = hidden[keep][:, : int(lengths.max())]  # (b', T', H) compacted and trimmed
-                masks = self._masks(hidden)
-        hidden = self._layer(self.num_layers - 1, hidden, masks, rotary)
-        live = torch.arange(hidden.shape[0], device=hidden.device)
-        final = self._head_logits(self.num_layers, hidden[live, lengths - 1]).float().softmax(-1)[:, 0]
-        ctr[rows] = final
-        return ctr, exit_layer
+        runner = _PromptRunner(self, input_ids, attention_mask)
+        return run_exits(runner, batch_size=input_ids.shape[0], answer_layers=self.answer_layers, policy=policy,
+                         compaction=compaction)
+
+    def context_encoder(self, contexts: Sequence[Sequence[int]]) -> "ContextEncoder":
+        """R contexts (token ids, BOS first), to be advanced through the layers as deep as needed."""
+        return ContextEncoder(self, contexts)
+
+    @torch.inference_mode()
+    def encode_contexts(self, contexts: Sequence[Sequence[int]]) -> ContextKV:
+        """Runs R contexts through all N layers once; their K/V at every layer."""
+        return self.context_encoder(contexts).advance(self.num_layers)
+
+    @torch.inference_mode()
+    def predict_suffixes(
+        self, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]], groups: Sequence[int],
+        policy: ExitPolicy, *, compaction: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """CTR and exit layer of each prompt ``context[groups[i]] + suffixes[i]``, contexts from the cache.
+
+        Args:
+            context: the R contexts, encoded (:meth:`encode_contexts`) or lazily advanced with the
+                suffixes (:meth:`context_encoder`: layer l of the contexts runs only once some row
+                reaches layer l, so a batch whose rows all exit at layer 2 encodes 2 layers).
+            suffixes: b token-id lists (no BOS), the candidates.
+            groups: (b,) nondecreasing context index of each suffix (rows of one request together).
+            policy, compaction: as :meth:`predict`.
+        """
+        runner = _SuffixRunner(self, context, suffixes, groups)
+        return run_exits(runner, batch_size=len(suffixes), answer_layers=self.answer_layers, policy=policy,
+                         compaction=compaction)
 
 
-def _needs_head(policy: ExitPolicy, layer: int) -> bool:
-    """Whether the head at ``layer`` must run: the delta criterion needs every P_l for its D's."""
-    if policy.disabled:
-        return False
-    return policy.criterion == "probability_delta" or layer >= policy.min_layer
+class ContextEncoder:
+    """The contexts of a batch of requests, advanced through the decoder on demand (one pass in total).
+
+    ``advance(l)`` runs the contexts through layers ``done..l-1`` and records their keys and values;
+    shared by every suffix chunk of the batch. The last layer only records K/V (see
+    :class:`~ranker_svc.prefix.ContextRecorder`).
+    """
+
+    def __init__(self, model: EarlyExitLM, contexts: Sequence[Sequence[int]]) -> None:
+        self.model = model
+        input_ids, mask = pad_right(contexts, 0, model.device)
+        self.hidden, lengths, self.rotary = model._embed(input_ids, mask)  # (R, C, H)
+        self.masks = model._masks(self.hidden)
+        self.recorder = ContextRecorder(model.num_layers, stop_after=model.num_layers - 1)
+        self.kv = ContextKV(keys=self.recorder.keys, values=self.recorder.values,  # type: ignore[arg-type]
+                            lengths=lengths.tolist())
+        self.done = 0
+
+    @torch.inference_mode()
+    def advance(self, layers: int) -> ContextKV:
+        """K/V of layers 0..``layers``-1 are recorded; returns the (shared, growing) :class:`ContextKV`."""
+        for index in range(self.done, layers):
+            try:
+                self.hidden = self.model._prompt_layer(index, self.hidden, self.masks, self.rotary, cache=self.recorder)
+            except KVRecorded:  # the last layer: its K/V are all the suffixes need
+                pass
+        self.done = max(self.done, layers)
+        return self.kv
+
+
+class _PromptRunner:
+    """:class:`~ranker_svc.exits.ExitRunner` over right-padded full prompts (positions 0..T-1)."""
+
+    def __init__(self, model: EarlyExitLM, input_ids: Tensor, attention_mask: Tensor) -> None:
+        self.model = model
+        self.hidden, self.lengths, self.rotary = model._embed(input_ids, attention_mask)  # (B, T, H)
+        self.masks = model._masks(self.hidden)
+        self.done = 0  # layers run so far
+
+    def answer(self, layer: int) -> Tensor:
+        for index in range(self.done, layer):
+            self.hidden = self.model._prompt_layer(index, self.hidden, self.masks, self.rotary)
+        self.done = layer
+        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
+        return self.model.p_yes(layer, self.hidden[rows, self.lengths - 1])  # (b,)
+
+    def keep(self, rows: Tensor) -> None:
+        rows = rows.to(self.hidden.device)
+        self.lengths = self.lengths[rows]
+        self.hidden = self.hidden[rows][:, : int(self.lengths.max())]  # (b', T', H) compacted and trimmed
+        self.masks = self.model._masks(self.hidden)
+
+
+class _SuffixRunner:
+    """:class:`~ranker_svc.exits.ExitRunner` over candidate suffixes of cached contexts.
+
+    Suffix token j of a row whose context has C tokens sits at position C + j: RoPE is applied there,
+    and attention covers the context's cached K/V plus the row's own earlier suffix tokens.
+    """
+
+    def __init__(self, model: EarlyExitLM, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]],
+                 groups: Sequence[int]) -> None:
+        self.model = model
+        self.encoder = context if isinstance(context, ContextEncoder) else None
+        self.context = context.kv if isinstance(context, ContextEncoder) else context
+        device = model.device
+        input_ids, mask = pad_right(suffixes, 0, device)
+        self.lengths = _right_padded_lengths(mask)  # (b,)
+        self.groups = torch.as_tensor(list(groups), dtype=torch.long)  # (b,) on the CPU: spans are Python
+        self.hidden = model.causal_lm.get_input_embeddings()(input_ids[:, : int(self.lengths.max())])  # (b, S, H)
+        offsets = torch.as_tensor(self.context.lengths, device=device)[self.groups.to(device)]  # (b,)
+        self.positions = offsets[:, None] + torch.arange(self.hidden.shape[1], device=device)[None]  # (b, S)
+        self.rotary = model.decoder.rotary_emb(self.hidden, self.positions)  # 2 x (b, S, head_dim)
+        self.done = 0
+
+    def answer(self, layer: int) -> Tensor:
+        if self.encoder is not None:
+            self.encoder.advance(layer)  # the contexts only go as deep as some row does
+        cache = SuffixCache(self.context, spans_of(self.groups, self.context.lengths))
+        with prefix_attention_enabled(self.model.causal_lm.config):
+            for index in range(self.done, layer):
+                self.hidden = self.model._layer(index, self.hidden, mask=None, positions=self.positions,
+                                                rotary=self.rotary, cache=cache)
+        self.done = layer
+        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
+        return self.model.p_yes(layer, self.hidden[rows, self.lengths - 1])  # (b,)
+
+    def keep(self, rows: Tensor) -> None:
+        self.groups = self.groups[rows.cpu()]
+        rows = rows.to(self.hidden.device)
+        self.lengths = self.lengths[rows]
+        s = int(self.lengths.max())
+        self.hidden = self.hidden[rows][:, :s]  # (b', S', H)
+        self.positions = self.positions[rows][:, :s]
+        cos, sin = self.rotary
+        self.rotary = (cos[rows][:, :s], sin[rows][:, :s])
+
+
+def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Right-padded (B, T) ids and (B, T) attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
 
 
 def _right_padded_lengths(attention_mask: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """The ranker's prompt (paper section 4): instruction, similar users' interactions, the user's input.
 
-Layout (the shared per-user part first, so a later KV cache can reuse it across candidates)::
+Layout (template 2; the shared per-user part first: the ranker encodes it once per request and
+scores every candidate as a short suffix over its KV cache, ``ranker_svc.prefix``)::
 
     Instruction: Predict whether the user will click on the given item, ... Answer Yes or No.
     Examples:
@@ -8,9 +9,17 @@ Layout (the shared per-user part first, so a later KV cache can reuse it across 
     User B rated "Title 3" with 4 stars.                  (rating_style="stars")
     Input:
     The user liked "Title 4"; disliked "Title 5".        <- the user's own history, oldest first
+    Question: Will the user click on the target item?
     ---------------------------------------------------- context_text ends / target_text begins
     Target item: "Candidate title"
-    Will the user click on the target item? Answer:      <- the next token is " Yes" or " No"
+    Answer:                                              <- the next token is " Yes" or " No"
+
+The question is the same for every candidate, so it belongs to the shared context: the per-candidate
+suffix is ~8 tokens plus the title. Template 1 (artifacts written before templates were recorded)
+asked the question after the target; ``PromptConfig.from_json`` keeps it for those artifacts.
+The context ends in a non-space character and the suffix starts with a newline, so a byte-level BPE
+tokenises ``context + suffix`` exactly as the two parts (checked per tokenizer at load time,
+``ranker_svc.artifact.check_context_split``).
 
 Titles are untrusted catalog text. :func:`sanitize_title` makes each one a single bounded line
 that cannot impersonate the answer: control and format characters become spaces, double quotes
@@ -31,6 +40,8 @@ from exitrank.types import HistoryItem, UserContext
 
 _ANSWER_WORDS = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 MAX_NEIGHBORS = 16
+TEMPLATES = (1, 2)
+QUESTION = "Will the user click on the target item?"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,7 @@ class PromptConfig:
         neighbor_history: most recent interactions shown per similar user (>= 1).
         num_neighbors: similar users requested when a request says 0 (the paper uses 4).
         answer_yes / answer_no: the answer strings that follow the prompt (one token each).
+        template: 2 (the question in the shared context) or 1 (the question after the target).
     """
 
     instruction: str = (
@@ -60,8 +72,11 @@ class PromptConfig:
     num_neighbors: int = 4
     answer_yes: str = " Yes"
     answer_no: str = " No"
+    template: int = 2
 
     def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"prompt.template must be one of {TEMPLATES}, got {self.template!r}")
         if self.rating_style not in ("binary", "stars"):
             raise ValueError(f"prompt.rating_style must be 'binary' or 'stars', got {self.rating_style!r}")
         if self.max_title_chars < 8:
@@ -79,8 +94,9 @@ class PromptConfig:
 
     @classmethod
     def from_json(cls, row: dict) -> "PromptConfig":
+        """From ``exitrank.json``; a row without ``template`` predates templates: template 1."""
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in row.items() if k in names})
+        return cls(**{"template": 1, **{k: v for k, v in row.items() if k in names}})
 
 
 def sanitize_title(title: str, max_chars: int) -> str:
@@ -118,12 +134,16 @@ class PromptBuilder:
             lines.append(f"The user {self._interactions(ctx.history, cfg.max_history)}.")
         else:
             lines.append("The user has no history.")
+        if cfg.template == 2:
+            lines.append(f"Question: {QUESTION}")
         return "\n".join(lines)
 
     def target_text(self, title: str) -> str:
         """The candidate, last; the prompt ends so that the next token is the answer."""
         shown = sanitize_title(title, self.config.max_title_chars)
-        return f'\nTarget item: "{shown}"\nWill the user click on the target item? Answer:'
+        if self.config.template == 1:
+            return f'\nTarget item: "{shown}"\n{QUESTION} Answer:'
+        return f'\nTarget item: "{shown}"\nAnswer:'
 
     def full_text(self, ctx: UserContext, title: str) -> str:
         return self.context_text(ctx) + self.target_text(title)

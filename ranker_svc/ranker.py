@@ -1,14 +1,16 @@
 """The ranker core: context -> prompts -> early-exit LLM -> CTR per candidate (no grpc here).
 
 ``Ranker.rank`` serves one request: it validates, asks a :class:`ContextSource` for the user's
-context and the candidates' titles, renders one prompt per candidate and scores them in a worker
-thread. ``Ranker.score_examples`` is the synchronous path offline evaluation uses; both end in
-``Ranker.score_texts``, so offline numbers are serving numbers. (Calibration replays the same
-``exits.exit_step`` on every head's probabilities; tests check it agrees with this path.)
+context and the candidates' titles (within the caller's deadline), and submits a :class:`ScoreJob`
+to the :class:`~ranker_svc.batching.MicroBatcher`, which scores concurrent requests together in a
+worker thread (``Ranker.score_jobs``). There, each request's shared context (instruction, similar
+users, the user's history) is encoded once and every candidate runs as a short suffix over its KV
+cache (``Engine.predict_shared``), with per-row early exits. The model runs through an
+:class:`~ranker_svc.engine.Engine` (torch, DeepSpeed or ONNX), so the core does not care which.
 
-Seams for later engines (KV-cached shared context, cross-request batching, DeepSpeed/ONNX): the
-prompt splits into ``context_text`` (shared per user) + ``target_text`` (per candidate), and all
-model work goes through ``score_texts`` -> ``EarlyExitLM.predict(input_ids, attention_mask, policy)``.
+``Ranker.score_examples``/``score_texts`` score full prompts (offline evaluation, calibration
+checks); ``score_candidates`` scores one user's candidates the serving way. All paths run the same
+``ranker_svc.exits.run_exits``, and the shared-context scores equal the full-prompt ones.
 """
 
 from __future__ import annotations
@@ -18,30 +20,47 @@ import logging
 import threading
 import time
 import unicodedata
+from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
-
-import torch
 
 from exitrank.types import ExitDecision, RankExample, RankResult, ScoredItem, UserContext
 from ranker_svc.artifact import LoadedRanker
+from ranker_svc.batching import MicroBatcher
 from ranker_svc.config import BatchingConfig
-from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, Overloaded, UnknownItems
+from ranker_svc.engine import Engine, TorchEngine, full_prompts, predict_in_batches
+from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, UnknownItems
 from ranker_svc.exits import ExitPolicy
+from ranker_svc.model import pad_right
 from ranker_svc.prompt import MAX_NEIGHBORS
 
 log = logging.getLogger(__name__)
 MAX_ID_BYTES = 128
+__all__ = ["ContextSource", "Ranker", "ScoreJob", "encode_prompt", "pad_right"]
 
 
 class ContextSource(Protocol):
     """Where the ranker gets retrieved context and catalog titles (the retriever, or an in-memory index)."""
 
-    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext | None:
-        """The user's history and its k nearest users' histories; None when unknown or unreachable."""
+    async def get_context(self, user_id: str, k: int, max_history: int, *,
+                          timeout_s: float | None = None) -> UserContext | None:
+        """The user's history and its k nearest users' histories; None when unknown or unreachable.
 
-    async def get_titles(self, item_ids: Sequence[str]) -> dict[str, str]:
+        ``timeout_s``: the caller's remaining deadline (None: the source's own timeout).
+        """
+
+    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
         """Titles of the known ids (unknown ids absent); raises ContextUnavailable when unreachable."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreJob:
+    """One request's model work: the user's context, the candidates' titles, the exit policy."""
+
+    context: UserContext
+    titles: tuple[str, ...]
+    policy: ExitPolicy
 
 
 class Ranker:
@@ -50,13 +69,14 @@ class Ranker:
     Args:
         loaded: the artifact (model, tokenizer, prompt, calibrated policy, version).
         context_source: the retriever seam; None: ``rank`` cannot resolve titles (ContextUnavailable),
-            ``score_examples``/``score_texts`` work as usual.
-        batching: batch size and request limits.
+            ``score_examples``/``score_texts``/``score_candidates`` work as usual.
+        batching: batch sizes, cross-request batching and request limits.
+        engine: the model runtime; default: :class:`~ranker_svc.engine.TorchEngine` over ``loaded.model``.
     """
 
     def __init__(
         self, *, loaded: LoadedRanker, context_source: ContextSource | None = None,
-        batching: BatchingConfig | None = None,
+        batching: BatchingConfig | None = None, engine: Engine | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -65,10 +85,19 @@ class Ranker:
         self.policy = loaded.policy
         self.context_source = context_source
         self.batching = batching or BatchingConfig()
+        self.engine: Engine = engine or TorchEngine(model=loaded.model)
+        # shared-context scoring needs context + suffix to tokenise exactly as the full prompt
+        self.shared_context = self.batching.shared_context and loaded.context_split_ok and self.engine.shares_context
+        if self.batching.shared_context and not loaded.context_split_ok:
+            log.warning("the tokenizer merges across the context/candidate boundary: scoring full prompts")
         config = self.model.causal_lm.config
         self.max_tokens = int(getattr(config, "max_position_embeddings", 2048))
+        self.pad_id = self.tokenizer.pad_token_id or 0
         self._model_lock = threading.Lock()
-        self._pending = 0
+        self.batcher: MicroBatcher[ScoreJob, list[ExitDecision]] = MicroBatcher(
+            run=self.score_jobs, max_wait_s=self.batching.max_wait_ms / 1e3, max_rows=self.batching.max_batch_rows,
+            max_pending=self.batching.max_pending_requests,
+        )
 
     @property
     def model_version(self) -> str:
@@ -76,7 +105,7 @@ class Ranker:
 
     @property
     def num_layers(self) -> int:
-        return self.model.num_layers
+        return self.engine.num_layers
 
     # --- synchronous scoring (offline eval, calibration, and the serving worker thread) -------------
 
@@ -96,21 +125,67 @@ class Ranker:
         ``deadline`` (a ``time.perf_counter()`` value): refuse if it has passed once the model is ours.
         """
         policy = self.check_policy(policy or self.policy)
+        if not texts:
+            return []
         encoded = [encode_prompt(self.tokenizer, t, self.max_tokens) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-        out: list[ExitDecision | None] = [None] * len(texts)
         with self._model_lock:
             if deadline is not None and time.perf_counter() >= deadline:
                 raise DeadlineExceeded("the deadline passed while waiting for the model")
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                input_ids, mask = pad_right(
-                    [encoded[i] for i in chunk], self.tokenizer.pad_token_id or 0, self.model.answer_ids.device
-                )
-                ctr, layer = self.model.predict(input_ids, mask, policy)
-                for row, i in enumerate(chunk):
-                    out[i] = ExitDecision(ctr=float(ctr[row]), exit_layer=int(layer[row]))
-        return out  # type: ignore[return-value]
+            ctr, layer = predict_in_batches(self.engine, encoded, policy, batch_size=batch_size, pad_id=self.pad_id)
+        return _decisions(ctr, layer)
+
+    def score_candidates(self, context: UserContext, titles: Sequence[str], policy: ExitPolicy | None = None) -> list[ExitDecision]:
+        """Scores one user's candidates the serving way (one context pass, suffixes), in order."""
+        result = self.score_jobs([ScoreJob(context, tuple(titles), self.check_policy(policy or self.policy))])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def score_jobs(self, jobs: list[ScoreJob]) -> list[list[ExitDecision] | BaseException]:
+        """Scores several requests together (the batcher's worker); one result per job, in order.
+
+        Jobs with the same policy share one engine call: their contexts are encoded in one pass and
+        all their candidates run as one batch of suffix rows (``batching.max_batch_rows`` at a time).
+        """
+        by_policy: dict[ExitPolicy, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            by_policy[job.policy].append(i)
+        out: list[list[ExitDecision] | BaseException] = [[] for _ in jobs]
+        with self._model_lock:
+            for policy, members in by_policy.items():
+                encoded = [self.encode_job(jobs[i]) for i in members]
+                contexts = [context for context, _ in encoded]
+                suffixes = [s for _, job_suffixes in encoded for s in job_suffixes]
+                groups = [g for g, (_, job_suffixes) in enumerate(encoded) for _ in job_suffixes]
+                if self.shared_context:
+                    ctr, layer = self.engine.predict_shared(contexts, suffixes, groups, policy,
+                                                            max_rows=self.batching.max_batch_rows)
+                else:
+                    ctr, layer = predict_in_batches(self.engine, full_prompts(contexts, suffixes, groups), policy,
+                                                    batch_size=self.batching.batch_size, pad_id=self.pad_id)
+                decisions = _decisions(ctr, layer)
+                start = 0
+                for i, (_, job_suffixes) in zip(members, encoded):
+                    out[i] = decisions[start : start + len(job_suffixes)]
+                    start += len(job_suffixes)
+        return out
+
+    def encode_job(self, job: ScoreJob) -> tuple[list[int], list[list[int]]]:
+        """``(context ids, suffix ids per candidate)``; without context sharing, ``([], full prompt ids)``.
+
+        A context too long for ``max_position_embeddings`` with the longest suffix keeps its first
+        token (BOS) and its end (the user's own history and the question), like :func:`encode_prompt`.
+        """
+        if not self.shared_context:
+            return [], [encode_prompt(self.tokenizer, self.prompt.full_text(job.context, t), self.max_tokens)
+                        for t in job.titles]
+        context = self.tokenizer(self.prompt.context_text(job.context))["input_ids"]
+        targets = [self.prompt.target_text(t) for t in job.titles]
+        suffixes = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        budget = self.max_tokens - max(len(s) for s in suffixes)
+        if len(context) > budget:
+            context = context[:1] + context[len(context) - budget + 1 :]
+        return context, suffixes
 
     def check_policy(self, policy: ExitPolicy) -> ExitPolicy:
         if policy.min_layer > self.num_layers:
@@ -141,7 +216,7 @@ class Ranker:
         candidates = self._validate(user_id, candidate_item_ids, num_neighbors)
         policy = self.check_policy(policy or self.policy)
         k = num_neighbors or self.prompt.config.num_neighbors
-        lookups = asyncio.gather(self._context(user_id, k), self._titles(candidates))
+        lookups = asyncio.gather(self._context(user_id, k, timeout_s), self._titles(candidates, timeout_s))
         try:
             ctx, titles = await asyncio.wait_for(lookups, None if deadline is None else deadline - started)
         except TimeoutError as exc:
@@ -152,8 +227,8 @@ class Ranker:
         retrieval_used = ctx is not None and bool(ctx.neighbors)
         ctx = ctx or UserContext(user_id=user_id)
         retrieved = time.perf_counter()
-        texts = [self.prompt.full_text(ctx, titles[i]) for i in candidates]
-        decisions = await self._score_async(texts, policy, deadline)
+        job = ScoreJob(ctx, tuple(titles[i] for i in candidates), policy)
+        decisions = await self.batcher.submit(job, rows=len(candidates), deadline=deadline)
         done = time.perf_counter()
         return RankResult(
             scores=tuple(ScoredItem(i, d.ctr, d.exit_layer) for i, d in zip(candidates, decisions)),
@@ -181,39 +256,25 @@ class Ranker:
             raise InvalidArgument("num_neighbors", f"must be in 0..{MAX_NEIGHBORS} (0: default), got {num_neighbors}")
         return list(candidates)
 
-    async def _context(self, user_id: str, k: int) -> UserContext | None:
+    async def _context(self, user_id: str, k: int, timeout_s: float | None) -> UserContext | None:
         if self.context_source is None:
             return None
         try:
-            return await self.context_source.get_context(user_id, k, self.prompt.config.max_history)
+            return await self.context_source.get_context(user_id, k, self.prompt.config.max_history,
+                                                         timeout_s=timeout_s)
         except Exception:  # noqa: BLE001 - a failing retriever must not fail ranking
             log.warning("context source failed for user %r; ranking without retrieval", user_id, exc_info=True)
             return None
 
-    async def _titles(self, item_ids: list[str]) -> dict[str, str]:
+    async def _titles(self, item_ids: list[str], timeout_s: float | None) -> dict[str, str]:
         if self.context_source is None:
             raise ContextUnavailable("no context source configured: candidate titles cannot be resolved")
         try:
-            return await self.context_source.get_titles(item_ids)
+            return await self.context_source.get_titles(item_ids, timeout_s=timeout_s)
         except ContextUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - translated at the boundary
             raise ContextUnavailable(f"catalog look-up failed: {exc}") from exc
-
-    async def _score_async(self, texts: list[str], policy: ExitPolicy, deadline: float | None) -> list[ExitDecision]:
-        """Runs scoring in a worker thread (the event loop stays free); one request at a time."""
-        if self._pending >= self.batching.max_pending_requests:
-            raise Overloaded(
-                f"{self._pending} requests are already waiting for the model "
-                f"(batching.max_pending_requests); retry with backoff"
-            )
-        self._pending += 1
-        try:
-            return await asyncio.to_thread(
-                self.score_texts, texts, policy, batch_size=self.batching.batch_size, deadline=deadline
-            )
-        finally:
-            self._pending -= 1
 
 
 def _check_id(field: str, value: str) -> None:
@@ -233,12 +294,5 @@ def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def pad_right(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (B, T) ids and (B, T) attention mask."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
+def _decisions(ctr, layer) -> list[ExitDecision]:
+    return [ExitDecision(ctr=float(c), exit_layer=int(n)) for c, n in zip(ctr.tolist(), layer.tolist())]

@@ -4,7 +4,8 @@ Failure policy: the ranker must answer even when retrieval cannot. ``get_context
 NOT_FOUND (unknown user) and for any transport failure (UNAVAILABLE, deadline), and the ranker then
 ranks without neighbours. Titles are required to build prompts, so ``get_titles`` serves what the
 bounded LRU cache holds and raises :class:`ContextUnavailable` only when it must ask the retriever
-and cannot reach it. Every call carries ``retriever.timeout_s``.
+and cannot reach it. Every call carries ``retriever.timeout_s``, or the ranker caller's remaining
+deadline when that is shorter (the gRPC deadline propagates to the retriever).
 """
 
 from __future__ import annotations
@@ -77,12 +78,16 @@ class RetrieverClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext | None:
+    def _timeout(self, timeout_s: float | None) -> float:
+        return self.config.timeout_s if timeout_s is None else max(0.0, min(self.config.timeout_s, timeout_s))
+
+    async def get_context(self, user_id: str, k: int, max_history: int, *,
+                          timeout_s: float | None = None) -> UserContext | None:
         request = retriever_pb2.ContextRequest(
             user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY))
         )
         try:
-            reply = await self._stub.GetContext(request, timeout=self.config.timeout_s)
+            reply = await self._stub.GetContext(request, timeout=self._timeout(timeout_s))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("GetContext(%r) failed: %s %s", user_id, exc.code().name, exc.details())
@@ -92,7 +97,7 @@ class RetrieverClient:
             self.titles.put(item.item_id, item.title)
         return ctx
 
-    async def get_titles(self, item_ids: Sequence[str]) -> dict[str, str]:
+    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
         found: dict[str, str] = {}
         misses = []
         for item_id in item_ids:
@@ -102,14 +107,12 @@ class RetrieverClient:
             else:
                 found[item_id] = title
         for start in range(0, len(misses), GET_ITEMS_CHUNK):
-            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK]))
+            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK], self._timeout(timeout_s)))
         return found
 
-    async def _fetch(self, item_ids: list[str]) -> dict[str, str]:
+    async def _fetch(self, item_ids: list[str], timeout_s: float) -> dict[str, str]:
         try:
-            reply = await self._stub.GetItems(
-                retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout=self.config.timeout_s
-            )
+            reply = await self._stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout=timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise ContextUnavailable(
                 f"retriever at {self.config.target or 'the configured channel'} could not resolve "

@@ -3,6 +3,8 @@
     ranker-svc serve --port 50052 --retriever 127.0.0.1:50051 --artifacts artifacts
     ranker-svc serve --port 0 --retriever 127.0.0.1:50051 --artifacts artifacts --dtype float32 \
         --config ranker.yaml                     # YAML sections as in ranker_svc/config.py
+    ranker-svc serve ... --engine onnx           # or deepspeed (--tensor-parallel N under `deepspeed --num_gpus N`)
+    EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5 ranker-svc serve ...   # env overrides (file < env < flags)
 
 Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``). SIGTERM or
 SIGINT: health turns NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
@@ -27,8 +29,9 @@ from grpc_reflection.v1alpha import reflection
 
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import load_ranker
-from ranker_svc.errors import RankerError
 from ranker_svc.config import DTYPES, ENGINES, RankerConfig
+from ranker_svc.engine import build_engine
+from ranker_svc.errors import RankerError
 from ranker_svc.model import resolve_dtype
 from ranker_svc.ranker import ContextSource, Ranker
 from ranker_svc.retriever_client import RetrieverClient
@@ -45,14 +48,22 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
     serve.add_argument("--port", type=int, required=True, help="port to bind; 0 picks a free one")
     serve.add_argument("--retriever", required=True, help="retriever HOST:PORT")
     serve.add_argument("--artifacts", type=Path, required=True, help="artifacts dir holding ranker/")
-    serve.add_argument("--engine", choices=ENGINES, default="torch")
+    serve.add_argument("--engine", choices=ENGINES, help="model runtime (default torch)")
+    serve.add_argument("--tensor-parallel", type=int, help="GPUs per model for --engine deepspeed")
+    serve.add_argument("--num-threads", type=int, help="intra-op threads; 0: the library default")
+    serve.add_argument("--max-wait-ms", type=float, help="how long a request waits to share a batch")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--dtype", choices=DTYPES, default="auto")
-    serve.add_argument("--config", type=Path, help="YAML file with config sections (flags win)")
+    serve.add_argument("--dtype", choices=DTYPES, help="default auto; serve in the calibration dtype")
+    serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
     args = parser.parse_args(argv)
     base = RankerConfig.from_dict(yaml.safe_load(args.config.read_text()) or {}) if args.config else RankerConfig()
+    base = base.with_env()
+    model = {k: v for k, v in (("engine", args.engine), ("dtype", args.dtype), ("num_threads", args.num_threads),
+                               ("tensor_parallel", args.tensor_parallel)) if v is not None}
+    batching = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
     return (
-        base.with_section("model", artifacts_dir=args.artifacts, engine=args.engine, dtype=args.dtype)
+        base.with_section("model", artifacts_dir=args.artifacts, **model)
+        .with_section("batching", **batching)
         .with_section("server", host=args.host, port=args.port)
         .with_section("retriever", target=args.retriever)
     )
@@ -63,16 +74,25 @@ def build_ranker(config: RankerConfig, *, context_source: ContextSource | None =
 
     ``context_source`` None: a :class:`RetrieverClient` to ``retriever.target`` (none when empty).
     """
-    if config.model.num_threads:
-        torch.set_num_threads(config.model.num_threads)
-    loaded = load_ranker(config.model.ranker_dir, dtype=resolve_dtype(config.model.dtype))
+    m = config.model
+    if m.num_threads:
+        torch.set_num_threads(m.num_threads)
+    dtype = resolve_dtype(m.dtype)
+    loaded = load_ranker(m.ranker_dir, dtype=dtype)
+    calibrated = loaded.meta.get("policy_dtype")
+    if calibrated and calibrated != str(dtype).removeprefix("torch."):
+        log.warning("the exit policy was calibrated in %s but the model serves in %s: exits may differ from "
+                    "calibration (set model.dtype %s)", calibrated, dtype, calibrated)
     overrides = config.exits.overrides()
     if overrides:
         loaded.policy = dataclasses.replace(loaded.policy, **overrides)
+    engine = build_engine(m.engine, loaded, tensor_parallel=m.tensor_parallel, device=m.device,
+                          onnx_dir=m.onnx_dir, num_threads=m.num_threads)
     client = None
     if context_source is None and config.retriever.target:
         client = context_source = RetrieverClient(config=config.retriever)
-    return Ranker(loaded=loaded, context_source=context_source, batching=config.batching), client
+    ranker = Ranker(loaded=loaded, context_source=context_source, batching=config.batching, engine=engine)
+    return ranker, client
 
 
 @dataclass
@@ -105,8 +125,9 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("model %s, %d layers, exit layers %s, policy %s", ranker.model_version, ranker.num_layers,
-             list(ranker.model.exit_layers), ranker.policy)
+    log.info("model %s, %d layers, exit layers %s, policy %s, engine %s, shared context %s",
+             ranker.model_version, ranker.num_layers, list(ranker.model.exit_layers), ranker.policy,
+             ranker.engine.name, ranker.shared_context)
     return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client)
 
 

@@ -2,11 +2,15 @@
 
 Each RPC converts the request, awaits one core call and converts the result. Errors of
 ``ranker_svc.errors`` become statuses in :func:`status_of`, the one mapping point. The caller's
-deadline travels into the core (work whose deadline has already passed is refused).
+deadline travels into the core: it bounds the retriever calls (as their gRPC deadline) and the wait
+for a batch, and work whose deadline has passed is refused. ``RankStream`` keeps up to
+``STREAM_WINDOW`` requests in flight, so they share batches, and answers in request order.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -34,6 +38,7 @@ _STATUS = (  # most specific first
     (errors.ArtifactError, grpc.StatusCode.FAILED_PRECONDITION),
 )
 _CTR_MIN, _CTR_MAX = 1e-7, 0.99999994  # float32 stays strictly inside (0, 1)
+STREAM_WINDOW = 8  # RankStream requests in flight at once
 
 
 class RankerCore(Protocol):
@@ -96,30 +101,56 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         self._core = core
 
     async def Rank(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
-        return await self._rank_one(request, context)
+        try:
+            result = await self._score(request, context)
+        except Exception as exc:  # noqa: BLE001 - translated in _abort
+            await _abort(context, exc)
+        return response_from_result(result)
 
     async def RankStream(
         self, request_iterator: AsyncIterator[ranker_pb2.RankRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ranker_pb2.RankResponse]:
         """Responses in request order; the first failing request ends the stream with its status."""
-        async for request in request_iterator:
-            yield await self._rank_one(request, context)
+        window: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=STREAM_WINDOW)
 
-    async def _rank_one(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> ranker_pb2.RankResponse:
+        async def read() -> None:
+            async for request in request_iterator:
+                await window.put(asyncio.ensure_future(self._score(request, context)))
+            await window.put(None)
+
+        reader = asyncio.ensure_future(read())
         try:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                raise errors.DeadlineExceeded("the call's deadline had passed before work started")
-            result = await self._core.rank(
-                user_id=request.user_id,
-                candidate_item_ids=list(request.candidate_item_ids),
-                num_neighbors=request.num_neighbors,
-                policy=policy_from_proto(request, self._core.policy),
-                timeout_s=remaining,
-            )
-        except errors.RankerError as exc:
-            await context.abort(status_of(exc), str(exc))
-        except Exception:  # noqa: BLE001 - never crash the server; details go to the log
-            log.exception("Rank failed")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error while ranking; see the ranker's log")
-        return response_from_result(result)
+            while (task := await window.get()) is not None:
+                try:
+                    result = await task
+                except Exception as exc:  # noqa: BLE001 - translated in _abort
+                    await _abort(context, exc)
+                yield response_from_result(result)
+            await reader  # surfaces a failing request stream
+        finally:
+            reader.cancel()
+            while not window.empty():
+                if (task := window.get_nowait()) is not None:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _score(self, request: ranker_pb2.RankRequest, context: grpc.aio.ServicerContext) -> RankResult:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise errors.DeadlineExceeded("the call's deadline had passed before work started")
+        return await self._core.rank(
+            user_id=request.user_id,
+            candidate_item_ids=list(request.candidate_item_ids),
+            num_neighbors=request.num_neighbors,
+            policy=policy_from_proto(request, self._core.policy),
+            timeout_s=remaining,
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Ends the call with the status of ``exc``; unexpected errors are logged, never leaked."""
+    if isinstance(exc, errors.RankerError):
+        await context.abort(status_of(exc), str(exc))
+    log.error("Rank failed", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error while ranking; see the ranker's log")

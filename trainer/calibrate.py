@@ -2,16 +2,22 @@ r"""Stage 3: pick the exit policy (paper section 5.3) on validation data and sto
 
 Every head's P(yes) is computed once per validation example; each candidate policy (the paper's
 probability-delta criterion over thresholds :math:`\tau` and windows :math:`m`, and the confidence
-criterion over thresholds) is then replayed with ``ranker_svc.exits.simulate_exits``, the same
+criterion over thresholds and minimum layers) is then replayed with ``ranker_svc.exits.simulate_exits``, the same
 ``exit_step`` serving runs. The chosen policy has the lowest mean exit layer among those whose AUC
 is at most ``auc_budget_points`` AUC points (1 point = 0.01) below the full-depth model; the full
 model itself (exits disabled) is always a candidate. The AUC-versus-mean-depth curve goes to a PNG.
+
+Calibration runs in the dtype the model will serve in (``dtype``, default ``auto`` like
+``ranker-svc``: bfloat16 on CPUs with AMX/AVX512-BF16 and on CUDA): exit decisions hinge on small
+differences between heads' probabilities, which bfloat16 shifts. The dtype is stored with the
+policy (``policy_dtype``) and ``load_ranker`` serves in it by default.
 
     .venv/bin/python -m trainer calibrate --data data/synth --out artifacts --auc-budget 0.3
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import torch
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, read_meta, stamp_version, write_meta
 from ranker_svc.exits import MAX_WINDOW, ExitPolicy, simulate_exits
-from ranker_svc.model import EarlyExitLM
+from ranker_svc.model import EarlyExitLM, resolve_dtype
 from trainer.heads import exit_states
 from trainer.tune import auc, encode_examples
 
@@ -47,12 +53,17 @@ def exit_probabilities(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *,
         return model.answer_logits_from_states(states).float().softmax(-1)[..., 0]
 
 
-def candidate_policies(num_exit_layers: int) -> list[ExitPolicy]:
-    """Delta over (tau, m) with m up to the discrepancies that can precede the last head, and confidence."""
+def candidate_policies(num_exit_layers: int, exit_layers: Sequence[int] | None = None) -> list[ExitPolicy]:
+    """Delta over (tau, m) with m up to the discrepancies that can precede the last head; confidence
+    over tau and, given ``exit_layers``, a minimum layer (no minimum, or each exit layer but the first:
+    the shallowest heads are the least reliable, and a confident but wrong head 1 would otherwise
+    decide)."""
     max_window = max(1, min(MAX_WINDOW, num_exit_layers - 2))
     delta = [ExitPolicy(criterion="probability_delta", threshold=t, window=m)
              for t in DELTA_THRESHOLDS for m in range(1, max_window + 1)]
-    confidence = [ExitPolicy(criterion="confidence", threshold=t) for t in CONFIDENCE_THRESHOLDS]
+    minimums = [0, *list(exit_layers or [])[1:]]
+    confidence = [ExitPolicy(criterion="confidence", threshold=t, min_layer=m)
+                  for t in CONFIDENCE_THRESHOLDS for m in minimums]
     return [ExitPolicy(disabled=True), *delta, *confidence]
 
 
@@ -77,19 +88,21 @@ def calibrate(
     auc_budget_points: float = 0.3,
     plot_path: Path | None = None,
     batch_size: int = 32,
+    dtype: str = "auto",
 ) -> dict:
-    """Sweeps policies on ``valid``, stores the chosen one in ``exitrank.json``, returns the summary."""
+    """Sweeps policies on ``valid`` in the serving ``dtype``; stores the chosen one in ``exitrank.json``."""
     labels = [ex.label for ex in valid]
     if len(set(labels)) != 2:
         raise ValueError("valid must hold both labels to compute AUC")
-    loaded = load_ranker(ranker_dir)
+    torch_dtype = resolve_dtype(dtype)
+    loaded = load_ranker(ranker_dir, dtype=torch_dtype)
     model = loaded.model
     max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
     ids, _ = encode_examples(valid, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
                              answer_ids=(model.yes_token_id, model.no_token_id))
     p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size)
     full_auc = auc(labels, p_yes[:, -1].tolist())
-    points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers)))
+    points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers), model.exit_layers))
     best = choose(points, full_auc, auc_budget_points / 100.0)
     summary = {
         "policy": best.policy.to_json(),
@@ -101,6 +114,7 @@ def calibrate(
         "auc_budget_points": auc_budget_points,
         "head_auc": {str(layer): auc(labels, p_yes[:, i].tolist()) for i, layer in enumerate(model.answer_layers)},
         "valid_examples": len(valid),
+        "dtype": str(torch_dtype).removeprefix("torch."),
         "curve": [p.to_json() for p in points],
     }
     if plot_path is not None:
@@ -108,6 +122,7 @@ def calibrate(
         summary["plot"] = str(plot_path)
     meta = read_meta(ranker_dir)
     meta["policy"] = best.policy.to_json()
+    meta["policy_dtype"] = summary["dtype"]
     meta.setdefault("metrics", {})["calibration"] = {k: v for k, v in summary.items() if k != "curve"}
     write_meta(ranker_dir, meta)
     summary["version"] = stamp_version(ranker_dir)["version"]

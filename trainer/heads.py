@@ -9,6 +9,11 @@ with the depth-aware rate :math:`\lambda_n = \lambda_0 e^{-\beta d_n}` (``ranker
 backbone is frozen, so each example's last-token hidden states at the exit layers are computed
 once and the heads train on that cache for every epoch (memory: N x E x H floats).
 
+Heads start as copies of the final head. Small vocabularies train full-vocabulary heads (the
+paper's loss); when ``V x H x heads`` exceeds ``FULL_VOCAB_HEAD_PARAMS`` (a 7B model: 6 x 131 M
+parameters) the heads hold only the "Yes"/"No" rows and train on the bidimensional softmax, which
+is all serving reads. Either way the artifact stores the two rows per head.
+
     .venv/bin/python -m trainer fit-heads --data data/synth --out artifacts --lambda0 1e-3 --beta 0.1 --heads-epochs 5
 """
 
@@ -22,11 +27,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from torch import nn
+
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_heads
-from ranker_svc.model import EarlyExitLM
+from ranker_svc.model import EarlyExitLM, ExitHead
 from ranker_svc.ranker import pad_right
 from trainer.tune import auc, batches, encode_examples
+
+FULL_VOCAB_HEAD_PARAMS = 50_000_000
 
 
 def exit_states(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
@@ -53,8 +62,12 @@ def fit_heads(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    full_vocab: bool | None = None,
 ) -> dict:
-    """Trains the heads of ``ranker_dir`` (or new heads at ``exit_layers``) and saves them.
+    """Trains fresh heads (copies of the final head) at the artifact's (or ``exit_layers``) layers; saves them.
+
+    Args:
+        full_vocab: full-vocabulary heads; None: when ``V x H x heads <= FULL_VOCAB_HEAD_PARAMS``.
 
     Returns:
         ``{"epoch_losses": {layer: [...]}, "train_auc": {layer: auc}, "learning_rates": {layer: lr}, ...}``
@@ -63,11 +76,8 @@ def fit_heads(
         raise ValueError("train must hold at least one example")
     torch.manual_seed(seed)
     started = time.perf_counter()
-    loaded = load_ranker(ranker_dir)
-    model = loaded.model
-    if exit_layers is not None and tuple(sorted(set(exit_layers))) != model.exit_layers:
-        model = EarlyExitLM(causal_lm=model.causal_lm, yes_token_id=model.yes_token_id,
-                            no_token_id=model.no_token_id, exit_layers=exit_layers)
+    loaded = load_ranker(ranker_dir, dtype=torch.float32)
+    model = _fresh_heads(loaded.model, exit_layers, full_vocab)
     model.causal_lm.requires_grad_(False)
     model.heads.requires_grad_(True)
     max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
@@ -87,10 +97,23 @@ def fit_heads(
         "train_auc": {str(layer): auc(labels, p_yes[:, i].tolist()) for i, layer in enumerate(model.answer_layers)},
         "learning_rates": {str(g["layer"]): g["lr"] for g in optimizer.param_groups},
         "lambda0": lambda0, "beta": beta, "epochs": epochs, "train_examples": len(train),
+        "head_vocab": "full" if model.heads[str(model.exit_layers[0])].full_vocab else "answer",
     }
     save_heads(ranker_dir, model, metrics=metrics)
     metrics["seconds"] = time.perf_counter() - started
     return metrics
+
+
+def _fresh_heads(model: EarlyExitLM, exit_layers: list[int] | None, full_vocab: bool | None) -> EarlyExitLM:
+    """The backbone with new heads, full-vocabulary or answer-row (see the module docstring)."""
+    layers = sorted(set(exit_layers)) if exit_layers is not None else list(model.exit_layers)
+    lm_head = model.causal_lm.get_output_embeddings()
+    if full_vocab is None:
+        full_vocab = lm_head.out_features * lm_head.in_features * len(layers) <= FULL_VOCAB_HEAD_PARAMS
+    rows = None if full_vocab else (model.yes_token_id, model.no_token_id)
+    heads = nn.ModuleDict({str(layer): ExitHead.from_final(model.causal_lm, rows=rows) for layer in layers})
+    return EarlyExitLM(causal_lm=model.causal_lm, yes_token_id=model.yes_token_id, no_token_id=model.no_token_id,
+                       exit_layers=layers, heads=heads)
 
 
 def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batch_size, seed, progress) -> np.ndarray:

@@ -54,18 +54,22 @@ class MemoryContextSource:
         self.titles = titles
         self.available = available
         self.context_calls: list[tuple[str, int, int]] = []
+        self.timeouts: list[float | None] = []
 
-    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext | None:
+    async def get_context(self, user_id: str, k: int, max_history: int, *,
+                          timeout_s: float | None = None) -> UserContext | None:
         self.context_calls.append((user_id, k, max_history))
+        self.timeouts.append(timeout_s)
         if not self.available or user_id not in self.contexts:
             return None
         ctx = self.contexts[user_id]
         return UserContext(user_id=ctx.user_id, history=ctx.history[-max_history:],
                            neighbors=ctx.neighbors[:k], embedding_version=ctx.embedding_version)
 
-    async def get_titles(self, item_ids: Sequence[str]) -> dict[str, str]:
+    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
         from ranker_svc.errors import ContextUnavailable
 
+        self.timeouts.append(timeout_s)
         if not self.available:
             raise ContextUnavailable("memory source switched off")
         return {i: self.titles[i] for i in item_ids if i in self.titles}
@@ -128,7 +132,8 @@ def catalog() -> dict[str, str]:
 class MemoryRetriever(retriever_pb2_grpc.RetrieverServicer):
     """A real ``exitrank.v1.Retriever`` gRPC servicer over fixed in-memory data (GetContext, GetItems).
 
-    ``delay_s`` slows every call down (deadline tests); ``get_items_calls`` counts catalog look-ups.
+    ``delay_s`` slows every call down (deadline tests); ``get_items_calls`` counts catalog look-ups;
+    ``deadlines`` records the time each call had left (the deadline the ranker propagated).
     """
 
     def __init__(self, *, contexts: dict[str, UserContext], titles: dict[str, str]) -> None:
@@ -136,8 +141,10 @@ class MemoryRetriever(retriever_pb2_grpc.RetrieverServicer):
         self.titles = titles
         self.delay_s = 0.0
         self.get_items_calls = 0
+        self.deadlines: list[float | None] = []
 
     async def GetContext(self, request, context):
+        self.deadlines.append(context.time_remaining())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         ctx = self.contexts.get(request.user_id)
@@ -153,6 +160,7 @@ class MemoryRetriever(retriever_pb2_grpc.RetrieverServicer):
         )
 
     async def GetItems(self, request, context):
+        self.deadlines.append(context.time_remaining())
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         self.get_items_calls += 1

@@ -8,10 +8,20 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
-from ranker_svc.artifact import HEADS_FILE, META_FILE, check_answer_tokens, load_ranker, save_heads, save_ranker
+from ranker_svc.artifact import (
+    HEADS_FILE,
+    META_FILE,
+    check_answer_tokens,
+    load_ranker,
+    save_heads,
+    save_ranker,
+    stamp_version,
+)
 from ranker_svc.errors import ArtifactError
 from ranker_svc.exits import ExitPolicy
+from ranker_svc.model import EarlyExitLM, ExitHead
 from ranker_svc.prompt import PromptBuilder, PromptConfig
 from ranker_svc.ranker import Ranker
 from trainer.lm import build_model, build_tokenizer
@@ -41,8 +51,13 @@ def test_round_trip_with_trained_heads_scores_the_same(tmp_path, tiny_ranker_dir
     assert meta["heads_trained"] and meta["version"] != before  # new weights, new version
     saved = load_file(str(ranker_dir / HEADS_FILE))
     assert set(saved) == {f"{layer}.{part}.weight" for layer in range(1, 6) for part in ("norm", "proj")}
+    hidden = first.model.causal_lm.config.hidden_size
+    assert saved["3.proj.weight"].shape == (2, hidden)  # only the "Yes"/"No" rows are stored
+    assert meta["head_rows"] == "answer"
     again = load_ranker(ranker_dir)
+    answer = first.model.answer_ids
     for layer in ("1", "5"):
+        assert again.model.heads[layer].vocab_rows.tolist() == answer.tolist()
         torch.testing.assert_close(again.model.heads[layer].proj.weight, first.model.heads[layer].proj.weight)
     policy = ExitPolicy(threshold=0.2, window=1)
     a = Ranker(loaded=first).score_examples(examples[:12], policy)
@@ -100,3 +115,40 @@ def test_load_refuses_heads_that_do_not_match_the_exit_layers(tmp_path, tiny_ran
 def test_missing_artifact_says_what_to_do(tmp_path):
     with pytest.raises(ArtifactError, match="train the ranker"):
         load_ranker(tmp_path / "nothing")
+
+
+def test_full_vocabulary_heads_of_older_artifacts_still_load(tmp_path, tiny_ranker_dir, examples):
+    from safetensors.torch import save_file
+
+    ranker_dir = tmp_path / "ranker"
+    shutil.copytree(tiny_ranker_dir, ranker_dir)
+    first = load_ranker(ranker_dir)
+    lm = first.model.causal_lm
+    full = nn.ModuleDict({str(layer): ExitHead.from_final(lm) for layer in first.model.exit_layers})
+    with torch.no_grad():
+        for head in full.values():
+            head.proj.weight.add_(0.5 * torch.randn_like(head.proj.weight))
+    first.model = EarlyExitLM(causal_lm=lm, yes_token_id=first.model.yes_token_id, no_token_id=first.model.no_token_id,
+                              exit_layers=first.model.exit_layers, heads=full)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(ranker_dir / HEADS_FILE))
+    assert load_file(str(ranker_dir / HEADS_FILE))["1.proj.weight"].shape[0] == len(first.tokenizer)
+    again = load_ranker(ranker_dir)
+    assert again.model.heads["1"].proj.weight.shape[0] == 2
+    policy = ExitPolicy(threshold=0.2, window=1)
+    a = Ranker(loaded=first).score_examples(examples[:8], policy)
+    b = Ranker(loaded=again).score_examples(examples[:8], policy)
+    assert [d.exit_layer for d in a] == [d.exit_layer for d in b]
+    assert [d.ctr for d in a] == pytest.approx([d.ctr for d in b], abs=1e-6)
+
+
+def test_the_calibration_dtype_is_the_default_serving_dtype(tmp_path, tiny_ranker_dir):
+    ranker_dir = tmp_path / "ranker"
+    shutil.copytree(tiny_ranker_dir, ranker_dir)
+    assert load_ranker(ranker_dir).model.causal_lm.dtype is torch.float32
+    meta = json.loads((ranker_dir / META_FILE).read_text())
+    version = meta["version"]
+    meta["policy_dtype"] = "bfloat16"
+    (ranker_dir / META_FILE).write_text(json.dumps(meta))
+    assert stamp_version(ranker_dir)["version"] != version  # the dtype is part of what scores depend on
+    assert load_ranker(ranker_dir).model.causal_lm.dtype is torch.bfloat16
+    assert load_ranker(ranker_dir, dtype=torch.float32).model.causal_lm.dtype is torch.float32

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ranker_svc.errors import InvalidArgument
-from ranker_svc.exits import ExitPolicy, ExitState, depth_learning_rates, exit_step, simulate_exits
+from ranker_svc.exits import ExitPolicy, ExitState, depth_learning_rates, exit_step, run_exits, simulate_exits
 
 LAYERS = (1, 2, 3, 4, 5, 6)  # five exit heads + the final layer
 # P(yes) per answering layer; D = .2, .1, .05, .01, .04
@@ -128,3 +128,56 @@ def test_depth_learning_rates_follow_the_exponential_decay():
         depth_learning_rates(0.0, 0.1, [1])
     with pytest.raises(InvalidArgument, match="beta"):
         depth_learning_rates(1e-3, -0.1, [1])
+
+
+class CountingRunner:
+    """A real ExitRunner over a fixed (B, E) probability table that counts the row-layers it runs."""
+
+    def __init__(self, p_yes: torch.Tensor) -> None:
+        self.p_yes = p_yes
+        self.rows = torch.arange(p_yes.shape[0])
+        self.done = 0
+        self.row_layers = 0  # rows x layers pushed through "the model"
+        self.calls: list[int] = []
+
+    def answer(self, layer: int) -> torch.Tensor:
+        self.row_layers += len(self.rows) * (layer - self.done)
+        self.done = layer
+        self.calls.append(layer)
+        return self.p_yes[self.rows, LAYERS.index(layer)]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.rows = self.rows[rows]
+
+
+def test_per_row_compaction_and_whole_batch_exit_answer_alike_but_work_differently():
+    # rows 0-2 settle at the third head (D = .1, .1), row 3 never does (D = 0, .2, 0, .25)
+    flat = [0.5, 0.6, 0.7, 0.8, 0.9, 0.9]
+    swing = [0.5, 0.5, 0.7, 0.7, 0.95, 0.95]
+    table = torch.tensor([flat, flat, flat, swing])
+    policy = ExitPolicy(threshold=0.05, window=1)
+    per_row, whole = CountingRunner(table), CountingRunner(table)
+    a = run_exits(per_row, batch_size=4, answer_layers=LAYERS, policy=policy)
+    b = run_exits(whole, batch_size=4, answer_layers=LAYERS, policy=policy, compaction=False)
+    assert a[1].tolist() == b[1].tolist() == [3, 3, 3, 6]
+    torch.testing.assert_close(a[0], b[0])
+    assert per_row.row_layers == 4 * 3 + 1 * 3  # three rows leave at layer 3
+    assert whole.row_layers == 4 * 6  # one unsettled row keeps the whole batch to the end
+    # a batch where every row settles stops early in both modes
+    done = CountingRunner(table[:3])
+    run_exits(done, batch_size=3, answer_layers=LAYERS, policy=policy, compaction=False)
+    assert done.row_layers == 3 * 3 and done.calls[-1] == 3
+
+
+def test_heads_are_only_asked_for_where_the_policy_needs_them():
+    table = torch.tensor([RISING])
+    confidence = CountingRunner(table)
+    run_exits(confidence, batch_size=1, answer_layers=LAYERS, policy=ExitPolicy(criterion="confidence", threshold=0.99,
+                                                                                min_layer=4))
+    assert confidence.calls == [4, 5, 6]  # below min_layer a confidence head cannot matter
+    disabled = CountingRunner(table)
+    run_exits(disabled, batch_size=1, answer_layers=LAYERS, policy=ExitPolicy(disabled=True))
+    assert disabled.calls == [6]
+    delta = CountingRunner(table)
+    run_exits(delta, batch_size=1, answer_layers=LAYERS, policy=ExitPolicy(threshold=0.01, min_layer=5))
+    assert delta.calls == [1, 2, 3, 4, 5, 6]  # the delta criterion needs every P_l for its D's

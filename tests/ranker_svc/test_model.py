@@ -156,3 +156,34 @@ def test_invalid_inputs_are_refused():
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("fp8")
+
+
+def test_answer_row_heads_equal_full_heads_and_train_on_the_bidimensional_softmax():
+    causal_lm = make_lm("qwen2")
+    full = ExitHead.from_final(causal_lm)
+    with torch.no_grad():
+        full.proj.weight.add_(torch.randn_like(full.proj.weight))
+    rows = full.answer_rows([YES, NO])
+    direct = ExitHead.from_final(causal_lm, rows=[YES, NO])
+    assert rows.proj.weight.shape == (2, 32) and direct.vocab_rows.tolist() == [YES, NO]
+    hidden = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(rows.answer_logits(hidden, torch.tensor([YES, NO])), full(hidden)[:, [YES, NO]])
+        torch.testing.assert_close(direct(hidden), causal_lm.lm_head(causal_lm.model.norm(hidden))[:, [YES, NO]])
+    targets = torch.tensor([YES, NO, NO, YES, YES])
+    two_way = torch.nn.functional.cross_entropy(full(hidden)[:, [YES, NO]], torch.tensor([0, 1, 1, 0, 0]))
+    torch.testing.assert_close(rows.loss(hidden, targets), two_way)
+    assert full.loss(hidden, targets).item() > two_way.item()  # the full softmax also spends mass elsewhere
+    with pytest.raises(ValueError, match="answer ids"):
+        EarlyExitLM(causal_lm=causal_lm, yes_token_id=NO, no_token_id=YES, exit_layers=[1],
+                    heads=torch.nn.ModuleDict({"1": rows}))
+
+
+def test_whole_batch_exit_gives_the_per_row_answers():
+    model = EarlyExitLM(causal_lm=make_lm("llama"), yes_token_id=YES, no_token_id=NO, exit_layers=[1, 2, 3])
+    ids, mask = right_padded_batch([14, 6, 9, 11, 3], seed=5)
+    policy = ExitPolicy(criterion="confidence", threshold=0.8)
+    per_row = model.predict(ids, mask, policy)
+    whole = model.predict(ids, mask, policy, compaction=False)
+    assert per_row[1].tolist() == whole[1].tolist() and len(set(per_row[1].tolist())) > 1
+    torch.testing.assert_close(per_row[0], whole[0], atol=1e-5, rtol=0)

@@ -26,13 +26,27 @@ def test_context_comes_first_and_the_prompt_ends_at_the_answer():
     full = builder.full_text(CTX, "Target Book")
     assert full == context + builder.target_text("Target Book")
     assert full.startswith("Instruction: Predict whether the user will click on the given item")
-    assert full.endswith('Target item: "Target Book"\nWill the user click on the target item? Answer:')
+    assert full.endswith('Target item: "Target Book"\nAnswer:')
+    # the question is shared by every candidate: it ends the context, the suffix is only the target
+    assert context.endswith("\nQuestion: Will the user click on the target item?")
+    assert builder.target_text("Target Book") == '\nTarget item: "Target Book"\nAnswer:'
     # similar users (in similarity order) come before the user's own history, the target after both
     order = [full.index(s) for s in ("Examples:", "User A", "Near First", "User B", "Near Second", "Input:",
-                                     "Own One", "Own Two", "Target Book")]
+                                     "Own One", "Own Two", "Question:", "Target Book")]
     assert order == sorted(order)
     assert "n1" not in full and "u1" not in full  # ids never reach the prompt
     assert builder.answer_text(1) == " Yes" and builder.answer_text(0) == " No"
+
+
+def test_template_one_is_kept_for_artifacts_that_predate_templates():
+    old_row = {k: v for k, v in PromptConfig().to_json().items() if k != "template"}
+    config = PromptConfig.from_json(old_row)
+    assert config.template == 1 and PromptConfig.from_json(PromptConfig().to_json()).template == 2
+    builder = PromptBuilder(config=config)
+    assert builder.full_text(CTX, "T").endswith('Target item: "T"\nWill the user click on the target item? Answer:')
+    assert "Question:" not in builder.context_text(CTX)
+    with pytest.raises(ValueError, match="prompt.template"):
+        PromptConfig(template=3)
 
 
 def test_rating_styles():

@@ -10,7 +10,7 @@ import pytest
 from ranker_svc.config import BatchingConfig
 from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, Overloaded, UnknownItems
 from ranker_svc.exits import ExitPolicy
-from ranker_svc.ranker import Ranker
+from ranker_svc.ranker import Ranker, ScoreJob
 
 pytestmark = pytest.mark.anyio
 
@@ -65,10 +65,10 @@ async def test_unknown_user_or_unreachable_context_ranks_without_retrieval(loade
     assert all(0.0 < s.ctr < 1.0 for s in result.scores)
 
     class ContextDown:  # context fails, titles still resolve (e.g. GetContext times out)
-        async def get_context(self, user_id, k, max_history):
+        async def get_context(self, user_id, k, max_history, *, timeout_s=None):
             raise TimeoutError("retriever too slow")
 
-        async def get_titles(self, item_ids):
+        async def get_titles(self, item_ids, *, timeout_s=None):
             return {i: catalog[i] for i in item_ids if i in catalog}
 
     result = await Ranker(loaded=loaded, context_source=ContextDown()).rank(
@@ -139,3 +139,77 @@ async def test_event_loop_stays_responsive_during_inference(loaded, memory_sourc
     await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog), policy=ExitPolicy(disabled=True))
     task.cancel()
     assert ticks >= 2
+
+
+def test_one_context_pass_scores_equal_full_prompts(loaded, examples, catalog):
+    ranker = Ranker(loaded=loaded)
+    assert ranker.shared_context and loaded.context_split_ok  # the trained BPE splits cleanly
+    ctx = examples[3].context
+    titles = [catalog[i] for i in sorted(catalog)[:20]]
+    context_ids, suffix_ids = ranker.encode_job(ScoreJob(ctx, tuple(titles), ranker.policy))
+    for title, suffix in zip(titles, suffix_ids):  # the boundary tokenises exactly as the full prompt
+        assert context_ids + suffix == loaded.tokenizer(loaded.prompt.full_text(ctx, title))["input_ids"]
+    for policy in (ExitPolicy(disabled=True), ExitPolicy(threshold=0.05, window=1)):
+        shared = ranker.score_candidates(ctx, titles, policy)
+        full = ranker.score_texts([loaded.prompt.full_text(ctx, t) for t in titles], policy)
+        assert [d.exit_layer for d in shared] == [d.exit_layer for d in full]
+        assert [d.ctr for d in shared] == pytest.approx([d.ctr for d in full], abs=1e-4)
+
+
+def _boundary_merging_tokenizer(texts):
+    """Byte-level BPE without the pre-tokenizer regex: merges may span the context/target boundary."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.add_tokens([AddedToken(" Yes", normalized=False), AddedToken(" No", normalized=False)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   padding_side="right")
+
+
+def test_a_tokenizer_that_merges_across_the_boundary_falls_back_to_full_prompts(tmp_path, examples, catalog):
+    from ranker_svc.artifact import check_context_split, load_ranker, save_ranker
+    from ranker_svc.prompt import PromptBuilder
+    from trainer.lm import build_model
+
+    builder = PromptBuilder()
+    tokenizer = _boundary_merging_tokenizer([builder.full_text(ex.context, ex.title) for ex in examples])
+    assert not check_context_split(tokenizer, builder)
+    save_ranker(tmp_path / "ranker", causal_lm=build_model(tokenizer), tokenizer=tokenizer, prompt=builder.config,
+                exit_layers=[2, 4], policy=ExitPolicy(disabled=True))
+    ranker = Ranker(loaded=load_ranker(tmp_path / "ranker"))
+    assert not ranker.shared_context
+    ctx, titles = examples[0].context, [catalog[i] for i in sorted(catalog)[:4]]
+    served = ranker.score_candidates(ctx, titles)
+    full = ranker.score_texts([builder.full_text(ctx, t) for t in titles])
+    assert [d.ctr for d in served] == pytest.approx([d.ctr for d in full], abs=1e-5)
+
+
+async def test_concurrent_requests_share_one_batch(loaded, examples, memory_source_factory, catalog):
+    batching = dataclasses.replace(BatchingConfig(), max_wait_ms=200.0)
+    ranker = Ranker(loaded=loaded, context_source=memory_source_factory(), batching=batching)
+    users = [ex.context.user_id for ex in examples[:4]]
+    ids = sorted(catalog)
+    together = await asyncio.gather(*(ranker.rank(user_id=u, candidate_item_ids=ids[n : n + 5])
+                                      for n, u in enumerate(users)))
+    assert ranker.batcher.stats.batches == 1 and ranker.batcher.stats.largest_batch_jobs == 4
+    for n, (user, result) in enumerate(zip(users, together)):  # the same scores as one request at a time
+        alone = ranker.score_candidates(next(ex.context for ex in examples if ex.context.user_id == user),
+                                        [catalog[i] for i in ids[n : n + 5]])
+        assert [s.exit_layer for s in result.scores] == [d.exit_layer for d in alone]
+        assert [s.ctr for s in result.scores] == pytest.approx([d.ctr for d in alone], abs=1e-4)
+
+
+async def test_the_callers_deadline_bounds_the_context_calls(loaded, memory_source_factory, catalog):
+    source = memory_source_factory()
+    ranker = Ranker(loaded=loaded, context_source=source)
+    await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog)[:2], timeout_s=3.0)
+    assert len(source.timeouts) == 2 and all(t is not None and 0 < t <= 3.0 for t in source.timeouts)
+    await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog)[:2])
+    assert source.timeouts[-2:] == [None, None]

@@ -52,7 +52,7 @@ def test_cli_builds_one_config():
 
 def test_cli_refuses_other_engines(capsys):
     with pytest.raises(SystemExit) as info:
-        parse_args(["serve", "--port", "1", "--retriever", "h:1", "--artifacts", "a", "--engine", "onnx"])
+        parse_args(["serve", "--port", "1", "--retriever", "h:1", "--artifacts", "a", "--engine", "tensorrt"])
     assert info.value.code == 2 and "--engine" in capsys.readouterr().err
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 
@@ -161,3 +162,34 @@ def test_core_never_imports_grpc():
             "ranker_svc.artifact; bad = sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+async def test_the_callers_deadline_reaches_the_retriever(stub, retriever, catalog):
+    ranker, _, _ = stub
+    servicer, _ = retriever
+    servicer.deadlines.clear()
+    await ranker.Rank(ranker_pb2.RankRequest(user_id="u3", candidate_item_ids=sorted(catalog)[-2:]), timeout=1.5)
+    # the retriever calls carry the caller's remaining time (below the configured 2 s retriever timeout)
+    assert servicer.deadlines and all(d is not None and 0 < d <= 1.6 for d in servicer.deadlines)
+
+
+async def test_concurrent_calls_are_batched_and_streams_keep_order(tiny_ranker_dir, retriever, catalog):
+    _, target = retriever
+    config = config_for(tiny_ranker_dir, target).with_section("batching", max_wait_ms=100.0)
+    running = await start_server(config)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = ranker_pb2_grpc.RankerStub(channel)
+            ids = sorted(catalog)
+            calls = [stub.Rank(ranker_pb2.RankRequest(user_id=f"u{n}", candidate_item_ids=ids[n : n + 4]), timeout=30)
+                     for n in range(6)]
+            replies = await asyncio.gather(*calls)
+            assert [[s.item_id for s in r.scores] for r in replies] == [ids[n : n + 4] for n in range(6)]
+            assert running.ranker.batcher.stats.largest_batch_jobs > 1  # calls shared a batch
+            before = running.ranker.batcher.stats.batches
+            requests = [ranker_pb2.RankRequest(user_id=f"u{n}", candidate_item_ids=ids[n : n + 2]) for n in range(6)]
+            streamed = [r async for r in stub.RankStream(iter(requests))]
+            assert [[s.item_id for s in r.scores] for r in streamed] == [ids[n : n + 2] for n in range(6)]
+            assert running.ranker.batcher.stats.batches - before < 6  # the stream's requests were in flight together
+    finally:
+        await running.stop(None)
