@@ -7,7 +7,7 @@ DATA ?= ../shared/data
 RUNS ?= runs
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install codegen test test-fast demo bench clean
+.PHONY: install codegen test demo bench bench-ranker bench-retriever bench-gcn-quality clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,18 @@ test: install
 
 demo: install
 	EXITRANK_DATA=$(DATA) $(PY) scripts/demo.py --data-root $(DATA) --workdir $(RUNS)/demo
+
+# Benchmarks print one JSON object as their last line (../shared/BENCH_OUTPUT.md).
+bench: bench-ranker bench-retriever bench-gcn-quality
+
+bench-ranker: install
+	$(PY) bench/bench_ranker.py --workdir $(RUNS)/bench-ranker
+
+bench-retriever: install
+	$(PY) -m bench.bench_retriever
+
+bench-gcn-quality: install
+	$(PY) -m bench.bench_gcn_quality --data $(DATA)/gowalla
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
