@@ -3,6 +3,9 @@
     retriever-svc serve --port 50051 --artifacts artifacts/          # embedded redis-server
     retriever-svc serve --port 0 --artifacts A --data-dir /var/lib/xr  # its AOF kept there
     retriever-svc serve --port 50051 --artifacts A --redis-url redis://:secret@127.0.0.1:6379/0
+    # a replica of a Redis Cluster deployment (give every replica its own --consumer name)
+    retriever-svc serve --port 50052 --artifacts A --consumer replica-2 \
+        --redis-url redis+cluster://:secret@10.0.0.5:7000/0 --index-cache /var/cache/xr
 
 Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
 consumer the ``redis`` section, ``server.py`` the ``server`` and ``artifacts`` sections.
@@ -25,15 +28,16 @@ class RedisConfig:
     """Where Redis is and how the stream is consumed.
 
     Args:
-        url: a redis-py URL; None starts an embedded redis-server under ``data_dir``.
+        url: a redis-py URL (``redis+cluster://...`` for a Redis Cluster); None starts an
+            embedded redis-server under ``data_dir``.
         data_dir: the embedded server's directory (AOF, socket); None means a temporary one.
         prefix: key prefix (see ``store.py``).
         group: the stream's consumer group.
-        consumer: this process's consumer name (stable across restarts of one replica).
+        consumer: this process's consumer name, distinct per replica and stable across its
+            restarts (a restart re-reads what it left pending under this name).
         read_count: entries read per batch.
         block_ms: how long one read waits for new entries.
-        claim_idle_ms: entries pending this long are taken from a (crashed) peer while running;
-            at start every pending entry is re-claimed.
+        claim_idle_ms: entries pending this long are taken from a (crashed) peer.
         timeout_s: socket timeout of Redis commands.
     """
 
@@ -67,6 +71,9 @@ class IndexConfig:
         title_cache_size: item titles cached in process before the cache is cleared.
         faiss_threads: OpenMP threads of one search. 1 (default): a single-query search gains
             nothing from more, and on a busy 2-core box their barrier waits cost 0.2 -> 7 ms.
+        version_poll_s: how often a replica checks Redis for a newly published version.
+        cache_dir: where built indexes are kept (``<prefix>-<version>.faiss/.json``), so a
+            restart or another replica on this machine skips the build; None: no cache.
     """
 
     kind: str = "auto"
@@ -77,8 +84,12 @@ class IndexConfig:
     keep_versions: int = 2
     title_cache_size: int = 2_000_000
     faiss_threads: int = 1
+    version_poll_s: float = 1.0
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if not 0 < self.version_poll_s <= 3600:
+            raise ValueError(f"index.version_poll_s must be in (0, 3600], got {self.version_poll_s}")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index.kind must be one of {INDEX_KINDS}, got {self.kind!r}")
         if self.keep_versions < 1:
@@ -137,7 +148,10 @@ class RetrieverConfig:
                 prefix=args.redis_prefix,
                 consumer=args.consumer or socket.gethostname(),
             ),
-            index=IndexConfig(kind=args.index_kind, hnsw_min_users=args.hnsw_min_users),
+            index=IndexConfig(kind=args.index_kind, hnsw_min_users=args.hnsw_min_users,
+                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
+                              ef_search=args.ef_search, cache_dir=args.index_cache,
+                              version_poll_s=args.version_poll),
             server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
             artifacts=ArtifactsConfig(dir=args.artifacts),
         )
@@ -161,5 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--consumer", default=None, help="stream consumer name (default hostname)")
     serve.add_argument("--index-kind", choices=INDEX_KINDS, default="auto")
     serve.add_argument("--hnsw-min-users", type=int, default=200_000)
+    serve.add_argument("--hnsw-m", type=int, default=IndexConfig.hnsw_m)
+    serve.add_argument("--ef-construction", type=int, default=IndexConfig.ef_construction)
+    serve.add_argument("--ef-search", type=int, default=IndexConfig.ef_search)
+    serve.add_argument("--index-cache", type=Path, default=None,
+                       help="keep built indexes here; restarts and replicas reuse them")
+    serve.add_argument("--version-poll", type=float, default=1.0,
+                       help="seconds between checks for a newly published embedding version")
     serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace seconds")
     return parser

@@ -6,10 +6,13 @@ One consumer group (``redis.group``) reads the ingest stream. For each batch the
    vectors in Redis and FAISS (``Retriever.apply_events``),
 3. only then acknowledges them (XACK).
 
-A crash anywhere before 3 leaves the entries pending; the next start re-claims every pending entry
-(XAUTOCLAIM from 0) and applies it again, which changes nothing that was already applied. While
-running, entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's) are claimed too,
-and entries every group has acknowledged are trimmed from the stream.
+A crash anywhere before 3 leaves the entries pending; the next start under the same consumer name
+re-reads its own pending entries (XREADGROUP from 0) and applies them again, which changes nothing
+that was already applied. Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's
+that did not come back) are claimed by any replica, at start and while running, and entries every
+group has acknowledged are trimmed from the stream. Replicas sharing the group never take each
+other's in-flight entries, so each event is applied by one replica (give each a distinct
+``redis.consumer``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from retriever_svc.config import RedisConfig
 from retriever_svc.errors import InvalidArgument, StoreUnavailable
 from retriever_svc.index import Retriever
 from retriever_svc.records import Interaction, check_interaction
-from retriever_svc.store import RedisStore, StreamEntry, decode_event
+from retriever_svc.store import RedisStore
+from retriever_svc.stream import StreamEntry, decode_event
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,8 @@ class StreamConsumer:
             try:
                 if not started:
                     await self.store.ensure_group()
-                    await self.reclaim(min_idle_ms=0)  # whatever a previous run left pending
+                    await self.recover()  # whatever a previous run of this consumer left pending
+                    await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
                     started = True
                 await self.step()
                 if time.monotonic() - last_claim > self.config.claim_idle_ms / 1000:
@@ -72,6 +77,7 @@ class StreamConsumer:
                 backoff = 0.1
             except StoreUnavailable as exc:
                 log.warning("stream consumer: %s; retrying in %.1fs", exc, backoff)
+                started = False  # once Redis is back, first redo the batch left pending
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
             except Exception:  # a bug must not end the loop silently; entries stay pending
@@ -84,6 +90,14 @@ class StreamConsumer:
             self.config.consumer, count=self.config.read_count, block_ms=self.config.block_ms
         )
         return await self._process(entries)
+
+    async def recover(self) -> int:
+        """Apply and acknowledge this consumer's own pending entries; returns how many."""
+        total = 0
+        while entries := await self.store.own_pending(self.config.consumer,
+                                                      count=self.config.read_count):
+            total += await self._process(entries)
+        return total
 
     async def reclaim(self, *, min_idle_ms: int) -> int:
         """Claim, apply and acknowledge entries pending at least ``min_idle_ms``; returns how many."""

@@ -2,8 +2,17 @@
 
 Embedding versions. A published version is an immutable ``_Snapshot`` (version, item rows, fold-in
 basis, user ``VectorIndex``); requests read ``self._snapshot`` once and use only that object, and
-``load_embeddings`` builds the next snapshot completely before one assignment swaps it in, so no
-request sees a mix and every answer names the version that produced it.
+the next snapshot is built completely before one assignment swaps it in, so no request sees a mix
+and every answer names the version that produced it. A version published anywhere (this
+process's ``load_embeddings``, the trainer's ``publish_gcn``) becomes Redis's ``current``, which
+every replica's follower (``replicas.py``) adopts: the index is built off the event loop, or read
+from the index cache (``index.cache_dir``) and brought up to date by replaying the fold-ins
+announced since it was written; then, under the lock, the users the fit lacks and those whose
+history changed meanwhile are folded in, and the snapshot is swapped in.
+
+Replicas. Fold-ins are written to Redis only if the user's history still has the size they were
+computed from (two replicas folding one user concurrently: the larger history wins), announced
+on the updates stream in the same round trip, and copied from Redis by the other replicas.
 
 Fold-in (how a user's embedding follows its interactions between refits). LightGCN's propagation
 gives user u at layer k >= 1, with the item layers e_i^(k-1) of the fit held fixed,
@@ -32,6 +41,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -85,13 +95,17 @@ class Retriever:
     Args:
         store: the Redis access layer.
         config: the ``index`` section of ``RetrieverConfig``.
+        replica: this process's name among replicas (its stream consumer name): fold-ins it
+            announces carry it, so it skips its own announcements.
     """
 
-    def __init__(self, *, store: RedisStore, config: IndexConfig) -> None:
+    def __init__(self, *, store: RedisStore, config: IndexConfig, replica: str = "") -> None:
         self.store = store
         self.config = config
+        self.replica = replica
         self._snapshot: _Snapshot | None = None
-        self._lock = asyncio.Lock()  # serialises publishing and fold-in writes
+        self._lock = asyncio.Lock()  # serialises fold-in writes, remote updates and swaps
+        self._touched: set[str] = set()  # users folded in since the version was last confirmed
         self._titles: dict[str, str] = {}
 
     @property
@@ -102,21 +116,97 @@ class Retriever:
     # ---- embedding versions -------------------------------------------------------------
 
     async def load_embeddings(self, emb: GCNEmbeddings) -> None:
-        """Publish a fit: store it in Redis (unless already there), index it, fold in the
-        users the fit lacks, point ``current`` at it, then swap it in atomically."""
-        async with self._lock:
-            if not await self.store.version_complete(emb.version):
-                await self.store.write_version(emb)
-            await self._publish(self._snapshot_of(emb))
+        """Publish a fit from this process: store it in Redis (unless already there), index it,
+        fold in the users it lacks, make it current (other replicas follow), swap it in."""
+        self._touched = set()  # users touched from now on are re-folded into the new version
+        after = await self.store.updates_tail()
+        if not await self.store.version_complete(emb.version):
+            await self.store.write_version(emb)
+        await self._adopt(await self._build(emb, after), make_current=True)
 
     async def restore(self) -> str | None:
         """Load the version ``current`` names in Redis (a restart without artifacts)."""
+        version = await self.store.current_version()
+        if version is None:
+            return None
+        await self._adopt_stored(version)
+        return version
+
+    async def follow_current(self) -> bool:
+        """Adopt the version Redis names current when another process published it; True when
+        this swapped versions. Called every ``index.version_poll_s`` by the replica follower."""
+        seen, self._touched = self._touched, set()
+        version = await self.store.current_version()
+        if version is None or version == self.embedding_version:
+            return False  # what was folded in until now went to the current version
+        self._touched |= seen  # folded into our old version only: redo them in the new one
+        await self._adopt_stored(version)
+        return True
+
+    async def _adopt_stored(self, version: str) -> None:
+        """Adopt a version stored in Redis: from the index cache when it is still valid (then
+        the fold-ins announced since it was written are replayed), else by indexing it."""
+        cached = await self._from_cache(version)
+        if cached is not None:
+            snap, after = cached
+            await self._adopt(snap, make_current=False, replay_after=after)
+            return
+        after = await self.store.updates_tail()  # read before the vectors: replay is idempotent
+        emb = await self.store.load_version(version)
+        await self._adopt(await self._build(emb, after), make_current=False)
+
+    async def _build(self, emb: GCNEmbeddings, after: str) -> _Snapshot:
+        """Index ``emb`` off the event loop (minutes at a million users); cache it on disk."""
+        snap = await asyncio.to_thread(self._snapshot_of, emb)
+        if self.config.cache_dir is not None:
+            await asyncio.to_thread(snap.users.save, self._cache_path(emb.version),
+                                    version=emb.version, after=after)
+        return snap
+
+    async def _from_cache(self, version: str) -> tuple[_Snapshot, str] | None:
+        path = self._cache_path(version)
+        if path is None or not path.with_suffix(".json").is_file():
+            return None
+        try:
+            users, extra = await asyncio.to_thread(VectorIndex.load, path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.warning("index cache %s unusable (%s): rebuilding", path, exc)
+            return None
+        if extra.get("version") != version or not await self.store.updates_kept_since(extra["after"]):
+            return None
+        items = await self.store.load_version(version, with_users=False)
+        item_row = {item: row for row, item in enumerate(items.item_ids)}
+        return _Snapshot(version, item_row, items.fold_in_basis(), users), extra["after"]
+
+    def _cache_path(self, version: str) -> Path | None:
+        cache = self.config.cache_dir
+        return None if cache is None else Path(cache) / f"{self.store.keys.prefix}-{version}"
+
+    async def _adopt(self, snap: _Snapshot, *, make_current: bool,
+                     replay_after: str | None = None) -> None:
+        """Under the lock: replay announcements since a cached index was written, fold in the
+        version's missing users and those touched meanwhile, then swap (one assignment)."""
         async with self._lock:
-            version = await self.store.current_version()
-            if version is None:
-                return None
-            await self._publish(self._snapshot_of(await self.store.load_version(version)))
-            return version
+            replayed = await self._replay(snap, replay_after) if replay_after else 0
+            touched, self._touched = self._touched, set()
+            folded = await self._fold_in_missing(snap, touched)
+            dropped = (await self.store.set_current(snap.version, keep=self.config.keep_versions)
+                       if make_current else [])
+            self._snapshot = snap
+        log.info("embedding version %s: %d users (%d folded in, %d replayed), dropped %s",
+                 snap.version, len(snap.users), folded, replayed, dropped or "none")
+
+    async def _replay(self, snap: _Snapshot, after: str) -> int:
+        count = 0
+        while updates := await self.store.read_updates(after, count=1000, block_ms=None):
+            users = list(dict.fromkeys(u for _, v, _, batch in updates if v == snap.version
+                                       for u in batch))
+            for user, vector in zip(users, await self.store.user_vectors(users, snap.version)):
+                if vector is not None:
+                    snap.users.upsert(user, vector)
+                    count += 1
+            after = updates[-1][0]
+        return count
 
     def _snapshot_of(self, emb: GCNEmbeddings) -> _Snapshot:
         cfg = self.config
@@ -127,29 +217,46 @@ class Retriever:
         item_row = {item: row for row, item in enumerate(emb.item_ids)}
         return _Snapshot(emb.version, item_row, emb.fold_in_basis(), users)
 
-    async def _publish(self, snap: _Snapshot) -> None:
-        folded = await self._fold_in_missing(snap)
-        dropped = await self.store.set_current(snap.version, keep=self.config.keep_versions)
-        self._snapshot = snap
-        log.info("published embedding version %s: %d users (%d folded in), dropped %s",
-                 snap.version, len(snap.users), folded, dropped or "none")
-
-    async def _fold_in_missing(self, snap: _Snapshot) -> int:
-        """Fold in users with a history but no vector in ``snap`` (e.g. new since the fit)."""
-        missing = [u for u in await self.store.all_users() if u not in snap.users]
+    async def _fold_in_missing(self, snap: _Snapshot, touched: set[str]) -> int:
+        """Fold in users with a history but no vector in ``snap`` (new since the fit; every
+        replica finds these itself), and ``touched`` users (their history changed while only
+        the old version was kept up to date; announced, as only this replica knows them)."""
+        missing = [u for u in await self.store.all_users() if u not in snap.users and u not in touched]
         count = 0
-        for start in range(0, len(missing), _FOLD_CHUNK):
-            items = await self.store.user_items(missing[start : start + _FOLD_CHUNK])
-            count += await self._write_fold_ins(snap, items)
+        for users, announce in ((missing, False), (sorted(touched), True)):
+            for start in range(0, len(users), _FOLD_CHUNK):
+                items = await self.store.user_items(users[start : start + _FOLD_CHUNK])
+                count += len(await self._write_fold_ins(snap, items, announce=announce))
         return count
 
-    async def _write_fold_ins(self, snap: _Snapshot, items: dict[str, list[str]]) -> int:
-        """Compute, store (Redis first) and index the users' fold-in vectors."""
-        vectors = [(u, v) for u, ids in items.items() if (v := snap.fold_in(ids)) is not None]
-        await self.store.put_user_vectors(snap.version, vectors)
-        for user, vector in vectors:
-            snap.users.upsert(user, vector)
-        return len(vectors)
+    async def _write_fold_ins(self, snap: _Snapshot, items: dict[str, list[str]], *,
+                              announce: bool) -> list[str]:
+        """Compute the users' fold-in vectors and store them (Redis, then FAISS); returns the
+        users written (a user whose history grew meanwhile is left to whoever grew it)."""
+        folded = [(u, v, len(ids)) for u, ids in items.items() if (v := snap.fold_in(ids)) is not None]
+        written = await self.store.put_fold_ins(
+            snap.version, folded, announce_as=self.replica if announce else None)
+        done = []
+        for (user, vector, _), ok in zip(folded, written):
+            if ok:
+                snap.users.upsert(user, vector)
+                done.append(user)
+        return done
+
+    async def apply_remote_updates(self, version: str, user_ids: Sequence[str]) -> int:
+        """Another replica folded these users into ``version``: copy their vectors from Redis
+        into this replica's index. Returns how many were updated."""
+        async with self._lock:  # ordered with our own fold-ins of the same users
+            snap = self._snapshot
+            if snap is None or snap.version != version or not user_ids:
+                return 0
+            vectors = await self.store.user_vectors(user_ids, version)
+            count = 0
+            for user, vector in zip(user_ids, vectors):
+                if vector is not None and vector.shape[0] == snap.users.dim:
+                    snap.users.upsert(user, vector)
+                    count += 1
+            return count
 
     # ---- the stream ---------------------------------------------------------------------
 
@@ -166,11 +273,13 @@ class Retriever:
 
     async def apply_events(self, events: Sequence[Interaction]) -> int:
         """The consumer's step: histories first, then the touched users' fold-in vectors
-        (Redis, then FAISS). Returns how many vectors were refreshed; idempotent."""
+        (Redis, announced to the other replicas, then FAISS). Returns how many vectors were
+        refreshed; idempotent."""
         async with self._lock:
             items = await self.store.apply_events(events)
+            self._touched.update(items)
             snap = self._snapshot
-            return 0 if snap is None else await self._write_fold_ins(snap, items)
+            return 0 if snap is None else len(await self._write_fold_ins(snap, items, announce=True))
 
     # ---- catalog ------------------------------------------------------------------------
 

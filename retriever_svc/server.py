@@ -6,7 +6,8 @@
 
 Start: Redis (an embedded redis-server under the data dir unless ``--redis-url``), the store, the
 core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
-stream consumer task; the gRPC server with health checking and reflection. Then one line,
+stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
+gRPC server with health checking and reflection. Then one line,
 ``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port).
 
 Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
@@ -37,6 +38,7 @@ from retriever_svc.consumer import StreamConsumer
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
 from retriever_svc.errors import RetrievalError
 from retriever_svc.index import Retriever
+from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.servicer import RetrieverCore, RetrieverServicer
 from retriever_svc.store import RedisStore
 
@@ -65,11 +67,13 @@ async def start_grpc(
 
 
 async def publish_artifacts(retriever: Retriever, artifacts: Path) -> str:
-    """Publish ``artifacts/gcn`` when present, else restore Redis's current version."""
+    """Publish ``artifacts/gcn`` when Redis does not hold that version yet, else restore Redis's
+    current version (with its fold-ins; possibly newer, published by the trainer or a peer)."""
     if (artifacts / GCN_DIR).is_dir():
         emb = GCNEmbeddings.load(artifacts)
-        await retriever.load_embeddings(emb)
-        return emb.version
+        if not await retriever.store.version_complete(emb.version):
+            await retriever.load_embeddings(emb)
+            return emb.version
     version = await retriever.restore()
     if version is None:
         log.warning("no embeddings in %s/%s nor in Redis: NearestUsers answers NOT_FOUND "
@@ -84,10 +88,13 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
                                 timeout_s=config.redis.timeout_s)
     try:
         await store.ping()
-        retriever = Retriever(store=store, config=config.index)
+        retriever = Retriever(store=store, config=config.index, replica=config.redis.consumer)
         version = await publish_artifacts(retriever, config.artifacts.dir)
         consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
+        follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis,
+                                   index=config.index)
         consumer.start()
+        follower.start()
         try:
             server, port, health_servicer = await start_grpc(retriever, config.server)
             stop = asyncio.Event()
@@ -102,6 +109,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
             await server.stop(config.server.grace_s)
         finally:
             await consumer.stop()
+            await follower.stop()
     finally:
         await store.close()
 

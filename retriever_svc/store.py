@@ -5,6 +5,7 @@ tag: every key of one user shares ``{u:<user_id>}`` and so one slot, which lets 
 touch a user's history atomically; ``u:``/``i:`` keep the tag non-empty whatever the id is::
 
     P:{stream}:events          STREAM  the ingest log: fields u, i, r (rating), t (timestamp_ms)
+    P:{updates}:stream         STREAM  replicas' fold-ins: fields v (version), o (origin), u (ids)
     P:{users}:all              SET     every user id with a history
     P:{u:<user_id>}:hist       ZSET    item_id -> timestamp_ms of the user's latest interaction
     P:{u:<user_id>}:rating     HASH    item_id -> rating of that interaction
@@ -20,24 +21,26 @@ History is idempotent and order-independent: per (user, item) the interaction wi
 (timestamp_ms, rating) wins, so applying an event twice, or replaying the stream in any order,
 leaves the same state. Nothing is pickled: ids are UTF-8, vectors raw float32, the rest JSON.
 
-Every redis-py error becomes ``StoreUnavailable`` here, the one place third-party errors convert.
+Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the stream half
+of the store), the one place third-party errors convert. A ``redis+cluster://`` URL addresses a
+Redis Cluster (``redis_io.connect``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
-import redis.asyncio as aioredis
 from redis import exceptions as rexc
 
 from retriever_svc.embeddings import GCNEmbeddings
-from retriever_svc.errors import EmbeddingsError, StoreUnavailable
+from retriever_svc.errors import EmbeddingsError
 from retriever_svc.records import CatalogItem, Interaction
+from retriever_svc.redis_io import Client, connect, guarded, text
+from retriever_svc.stream import StreamOps
 
 # (user, item): keep the event with the larger (timestamp_ms, rating). KEYS: hist, rating.
 _APPLY_LUA = """
@@ -55,39 +58,33 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# The newest ARGV[1] interactions, oldest first, flattened (item, ts, rating, ...). KEYS: hist, rating.
+# The newest ARGV[1] interactions, oldest first, as ONE JSON string [[items], [ts], [ratings]]:
+# one reply element instead of 3 per interaction (redis-py parses replies in Python: 225
+# elements for GetContext's 5 x 15 cost more than the rest of the call). KEYS: hist, rating.
 _READ_LUA = """
 local entries = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1, 'WITHSCORES')
-if #entries == 0 then return {} end
-local ids = {}
-for j = 1, #entries, 2 do ids[#ids + 1] = entries[j] end
-local ratings = redis.call('HMGET', KEYS[2], unpack(ids))
-local out = {}
-for j = 1, #ids do
-  out[#out + 1] = ids[j]
-  out[#out + 1] = entries[2 * j]
-  out[#out + 1] = ratings[j] or '1'
+if #entries == 0 then return '[[],[],[]]' end
+local ids, times = {}, {}
+for j = 1, #entries, 2 do
+  ids[#ids + 1] = entries[j]
+  times[#times + 1] = entries[j + 1]
 end
-return out
+local ratings = redis.call('HMGET', KEYS[2], unpack(ids))
+for j = 1, #ids do ratings[j] = ratings[j] or '1' end
+return cjson.encode({ids, times, ratings})
+"""
+
+# A fold-in vector computed from a history of ARGV[3] distinct items is written only while the
+# history still has that many (histories only grow), so of two replicas folding in one user
+# concurrently the one that saw the larger history wins. KEYS: emb, hist. ARGV: version, vector, n.
+_PUT_VECTOR_LUA = """
+if redis.call('ZCARD', KEYS[2]) ~= tonumber(ARGV[3]) then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
 """
 
 HistoryRow = tuple[str, int, float]  # (item_id, timestamp_ms, rating)
-StreamEntry = tuple[str, dict[bytes, bytes]]
 _CHUNK = 2000
-T = TypeVar("T")
-
-
-def _guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Convert redis-py (and socket) errors of ``method`` into ``StoreUnavailable``."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except (rexc.RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {method.__name__} failed: {exc}") from exc
-
-    return wrapper
 
 
 class Keys:
@@ -96,6 +93,7 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.stream = f"{prefix}:{{stream}}:events"
+        self.updates = f"{prefix}:{{updates}}:stream"
         self.users = f"{prefix}:{{users}}:all"
         self.current = f"{prefix}:{{emb}}:current"
         self.versions = f"{prefix}:{{emb}}:versions"
@@ -119,40 +117,42 @@ class Keys:
         return f"{self.prefix}:{{emb}}:v:{version}:users"
 
 
-class RedisStore:
-    """Histories, catalog, embedding versions and the ingest stream in one Redis.
+class RedisStore(StreamOps):
+    """Histories, catalog, embedding versions and the streams (``stream.py``) in one Redis.
 
     Args:
-        client: a redis-py asyncio client created with ``decode_responses=False``.
+        client: a redis-py asyncio client (or cluster client) with ``decode_responses=False``.
         prefix: key prefix (default ``xr``).
         group: the stream's consumer group (default ``retriever``).
+
+    ``round_trips`` counts pipelines sent (each is one round trip to each node it touches).
     """
 
-    def __init__(self, *, client: aioredis.Redis, prefix: str = "xr", group: str = "retriever"):
+    def __init__(self, *, client: Client, prefix: str = "xr", group: str = "retriever"):
         self.client = client
         self.keys = Keys(prefix)
         self.group = group
-        self._apply_sha = self._read_sha = ""
+        self.round_trips = 0
+        self._apply_sha = self._read_sha = self._put_vector_sha = ""
 
     @classmethod
     def from_url(
         cls, url: str, *, prefix: str = "xr", group: str = "retriever", timeout_s: float = 5.0
     ) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            url, decode_responses=False, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
-        )
-        return cls(client=client, prefix=prefix, group=group)
+        """A store on ``url``; ``redis+cluster://`` URLs give a Redis Cluster client."""
+        return cls(client=connect(url, timeout_s=timeout_s), prefix=prefix, group=group)
 
     async def close(self) -> None:
         await self.client.aclose()
 
-    @_guarded
+    @guarded
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
     async def _load_scripts(self) -> None:
         self._apply_sha = await self.client.script_load(_APPLY_LUA)
         self._read_sha = await self.client.script_load(_READ_LUA)
+        self._put_vector_sha = await self.client.script_load(_PUT_VECTOR_LUA)
 
     async def _execute(self, build: Callable[[Any], None]) -> list[Any]:
         """Run one pipeline (one round trip); reload scripts and retry once after NOSCRIPT."""
@@ -161,6 +161,7 @@ class RedisStore:
         for attempt in (0, 1):
             pipe = self.client.pipeline(transaction=False)
             build(pipe)
+            self.round_trips += 1
             try:
                 return await pipe.execute()
             except rexc.NoScriptError:
@@ -169,96 +170,9 @@ class RedisStore:
                 await self._load_scripts()  # Redis restarted or SCRIPT FLUSH
         raise AssertionError("unreachable")
 
-    # ---- ingest stream ------------------------------------------------------------------
-
-    @_guarded
-    async def append_events(self, events: Sequence[Interaction]) -> list[str]:
-        """XADD each event; returns the stream ids once Redis acknowledged every write."""
-
-        def build(pipe: Any) -> None:
-            for e in events:
-                fields = {"u": e.user_id, "i": e.item_id, "r": repr(float(e.rating)),
-                          "t": str(int(e.timestamp_ms))}
-                pipe.xadd(self.keys.stream, fields)
-
-        return [_text(entry_id) for entry_id in await self._execute(build)] if events else []
-
-    @_guarded
-    async def ensure_group(self) -> None:
-        """Create the consumer group (reading from the stream's start) unless it exists."""
-        try:
-            await self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
-        except rexc.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-
-    @_guarded
-    async def read_events(self, consumer: str, *, count: int, block_ms: int) -> list[StreamEntry]:
-        """New entries for ``consumer`` (they stay pending until :meth:`ack`)."""
-        reply = await self.client.xreadgroup(
-            self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
-        )
-        return [(_text(i), f) for _, entries in _stream_items(reply) for i, f in entries]
-
-    @_guarded
-    async def claim_pending(self, consumer: str, *, min_idle_ms: int, count: int) -> list[StreamEntry]:
-        """Take over entries pending longer than ``min_idle_ms`` (a crashed reader's), oldest first.
-
-        Entries trimmed from the stream while pending are acknowledged and dropped.
-        """
-        claimed: list[StreamEntry] = []
-        start = "0-0"
-        while True:
-            reply = await self.client.xautoclaim(
-                self.keys.stream, self.group, consumer, min_idle_ms, start_id=start, count=count
-            )
-            start = _text(reply[0])
-            vanished = []
-            for entry in reply[1]:
-                if entry is None:
-                    continue
-                entry_id, fields = entry
-                if fields is None:  # trimmed while pending (Redis 6.2 answers nil fields)
-                    vanished.append(entry_id)
-                else:
-                    claimed.append((_text(entry_id), fields))
-            if vanished:
-                await self.client.xack(self.keys.stream, self.group, *vanished)
-            if start == "0-0" or len(claimed) >= count:
-                return claimed
-
-    @_guarded
-    async def ack(self, entry_ids: Sequence[str]) -> int:
-        if not entry_ids:
-            return 0
-        return int(await self.client.xack(self.keys.stream, self.group, *entry_ids))
-
-    @_guarded
-    async def pending_count(self) -> int:
-        summary = await self.client.xpending(self.keys.stream, self.group)
-        return int(summary["pending"])
-
-    @_guarded
-    async def trim_acknowledged(self) -> int:
-        """Drop stream entries every group has read and acknowledged; returns how many."""
-        groups = await self.client.xinfo_groups(self.keys.stream)
-        bounds: list[tuple[int, int]] = []
-        for g in groups:
-            pending = await self.client.xpending(self.keys.stream, g["name"])
-            if pending["pending"]:
-                bounds.append(_stream_id(pending["min"]))
-            else:
-                last = _stream_id(g["last-delivered-id"])
-                bounds.append((last[0], last[1] + 1))  # everything read was acknowledged
-        if not bounds:
-            return 0
-        low = min(bounds)
-        return int(await self.client.xtrim(self.keys.stream, minid=f"{low[0]}-{low[1]}",
-                                             approximate=False))
-
     # ---- histories ----------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def apply_events(self, events: Sequence[Interaction]) -> dict[str, list[str]]:
         """Apply events to histories (idempotently); returns each touched user's item ids.
 
@@ -269,8 +183,8 @@ class RedisStore:
         def build(pipe: Any) -> None:
             for e in events:
                 keys = (self.keys.hist(e.user_id), self.keys.rating(e.user_id))
-                pipe.evalsha(self._apply_sha, 2, *keys, e.item_id, repr(float(e.rating)),
-                             str(int(e.timestamp_ms)))
+                _evalsha(pipe, self._apply_sha, keys, e.item_id, repr(float(e.rating)),
+                         str(int(e.timestamp_ms)))
             if users:
                 pipe.sadd(self.keys.users, *users)
             for user in users:
@@ -280,9 +194,36 @@ class RedisStore:
             return {}
         replies = await self._execute(build)
         lists = replies[len(events) + 1 :]
-        return {user: [_text(i) for i in items] for user, items in zip(users, lists)}
+        return {user: [text(i) for i in items] for user, items in zip(users, lists)}
 
-    @_guarded
+    @guarded
+    async def import_histories(self, histories: Iterable[tuple[str, Sequence[HistoryRow]]]) -> int:
+        """Bulk-load histories (a migration or a benchmark; live events go through the stream):
+        ZADD/HSET per user, pipelined in chunks; an interaction already stored with a later
+        timestamp is overwritten, unlike the stream's idempotent rule. Returns the user count."""
+        count, chunk = 0, []
+        for user, rows in histories:
+            chunk.append((user, rows))
+            if len(chunk) >= _CHUNK:
+                count += await self._import_chunk(chunk)
+                chunk = []
+        return count + (await self._import_chunk(chunk) if chunk else 0)
+
+    async def _import_chunk(self, chunk: list[tuple[str, Sequence[HistoryRow]]]) -> int:
+        def build(pipe: Any) -> None:
+            for user, rows in chunk:
+                if rows:
+                    pipe.zadd(self.keys.hist(user), {item: ts for item, ts, _ in rows})
+                    pipe.hset(self.keys.rating(user),
+                              mapping={item: repr(float(r)) for item, _, r in rows})
+            users = [user for user, rows in chunk if rows]
+            if users:
+                pipe.sadd(self.keys.users, *users)
+
+        await self._execute(build)
+        return len(chunk)
+
+    @guarded
     async def user_items(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         """Every item id in each user's history (one round trip)."""
 
@@ -291,31 +232,30 @@ class RedisStore:
                 pipe.zrange(self.keys.hist(user), 0, -1)
 
         replies = await self._execute(build) if user_ids else []
-        return {user: [_text(i) for i in items] for user, items in zip(user_ids, replies)}
+        return {user: [text(i) for i in items] for user, items in zip(user_ids, replies)}
 
-    @_guarded
+    @guarded
     async def histories(self, user_ids: Sequence[str], max_history: int) -> list[list[HistoryRow]]:
         """The newest ``max_history`` interactions of each user, oldest first (one round trip)."""
 
         def build(pipe: Any) -> None:
             for user in user_ids:
                 keys = (self.keys.hist(user), self.keys.rating(user))
-                pipe.evalsha(self._read_sha, 2, *keys, max_history)
+                _evalsha(pipe, self._read_sha, keys, max_history)
 
         replies = await self._execute(build) if user_ids else []
         return [
-            [(_text(flat[j]), int(float(flat[j + 1])), float(flat[j + 2]))
-             for j in range(0, len(flat), 3)]
-            for flat in replies
+            [(item, int(float(ts)), float(rating)) for item, ts, rating in zip(*json.loads(raw))]
+            for raw in replies
         ]
 
-    @_guarded
+    @guarded
     async def all_users(self) -> list[str]:
-        return [_text(u) async for u in self.client.sscan_iter(self.keys.users, count=1000)]
+        return [text(u) async for u in self.client.sscan_iter(self.keys.users, count=1000)]
 
     # ---- catalog ------------------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def put_items(self, items: Sequence[CatalogItem]) -> None:
         def build(pipe: Any) -> None:
             for item in items:
@@ -325,7 +265,7 @@ class RedisStore:
         if items:
             await self._execute(build)
 
-    @_guarded
+    @guarded
     async def get_items(self, item_ids: Sequence[str]) -> list[CatalogItem | None]:
         """Catalog entries in request order, None for unknown ids (one round trip)."""
 
@@ -345,16 +285,16 @@ class RedisStore:
 
     # ---- embedding versions -------------------------------------------------------------
 
-    @_guarded
+    @guarded
     async def current_version(self) -> str | None:
         raw = await self.client.get(self.keys.current)
-        return None if raw is None else _text(raw)
+        return None if raw is None else text(raw)
 
-    @_guarded
+    @guarded
     async def version_complete(self, version: str) -> bool:
         return await self.client.hget(self.keys.version(version), "complete") == b"1"
 
-    @_guarded
+    @guarded
     async def write_version(self, emb: GCNEmbeddings) -> None:
         """Store a fit's users and items under ``emb.version``; ``complete`` is written last."""
         meta_key = self.keys.version(emb.version)
@@ -370,7 +310,7 @@ class RedisStore:
         await self.client.hset(meta_key, mapping=fields)
         await self.client.hset(meta_key, "complete", "1")
 
-    @_guarded
+    @guarded
     async def put_user_vectors(self, version: str, vectors: Iterable[tuple[str, np.ndarray]]) -> None:
         """HSET each user's float32 vector under ``version`` (pipelined in chunks)."""
         batch: list[tuple[str, np.ndarray]] = []
@@ -390,16 +330,17 @@ class RedisStore:
 
         await self._execute(build)
 
-    @_guarded
-    async def load_version(self, version: str) -> GCNEmbeddings:
-        """A stored version: its items, fold-in basis and every user vector written under it."""
+    @guarded
+    async def load_version(self, version: str, *, with_users: bool = True) -> GCNEmbeddings:
+        """A stored version: its items, fold-in basis and every user vector written under it
+        (none with ``with_users=False``, when the users come from an index cache)."""
         fields = await self.client.hgetall(self.keys.version(version))
         if fields.get(b"complete") != b"1":
             raise EmbeddingsError(f"embedding version {version!r} is not completely stored")
         dim = int(fields[b"dim"])
         item_ids = json.loads(fields[b"item_ids"])
-        users = [_text(u) async for u in self.client.sscan_iter(
-            self.keys.version_users(version), count=1000)]
+        users = [text(u) async for u in self.client.sscan_iter(
+            self.keys.version_users(version), count=1000)] if with_users else []
         vectors: list[np.ndarray] = []
         kept: list[str] = []
         for start in range(0, len(users), _CHUNK):
@@ -421,24 +362,59 @@ class RedisStore:
             meta=json.loads(fields.get(b"meta", b"{}")),
         )
 
-    @_guarded
+    @guarded
     async def user_vector(self, user_id: str, version: str) -> np.ndarray | None:
         raw = await self.client.hget(self.keys.emb(user_id), version)
         return None if raw is None else np.frombuffer(raw, dtype=np.float32)
 
-    @_guarded
+    @guarded
+    async def put_fold_ins(self, version: str, folded: Sequence[tuple[str, np.ndarray, int]],
+                           *, announce_as: str | None = None) -> list[bool]:
+        """Write (user, vector, history size) fold-ins unless the history grew meanwhile, and
+        when ``announce_as`` is set tell the other replicas (``stream.py``); one round trip.
+        True where written."""
+
+        def build(pipe: Any) -> None:
+            for user, vector, size in folded:
+                _evalsha(pipe, self._put_vector_sha, (self.keys.emb(user), self.keys.hist(user)),
+                         version, np.asarray(vector, np.float32).tobytes(), size)
+            pipe.sadd(self.keys.version_users(version), *(user for user, _, _ in folded))
+            if announce_as is not None:
+                self.announce_in(pipe, version, [user for user, _, _ in folded], announce_as)
+
+        replies = await self._execute(build) if folded else []
+        return [bool(r) for r in replies[: len(folded)]]
+
+    @guarded
+    async def user_vectors(self, user_ids: Sequence[str], version: str) -> list[np.ndarray | None]:
+        """Each user's vector of ``version`` (None where absent), one round trip."""
+
+        def build(pipe: Any) -> None:
+            for user in user_ids:
+                pipe.hget(self.keys.emb(user), version)
+
+        replies = await self._execute(build) if user_ids else []
+        return [None if raw is None else np.frombuffer(raw, dtype=np.float32) for raw in replies]
+
+    async def publish_version(self, emb: GCNEmbeddings, *, keep: int) -> list[str]:
+        """Store ``emb`` (unless already complete) and make it current; replicas follow it."""
+        if not await self.version_complete(emb.version):
+            await self.write_version(emb)
+        return await self.set_current(emb.version, keep=keep)
+
+    @guarded
     async def set_current(self, version: str, *, keep: int) -> list[str]:
         """Point readers at ``version``; drop all but the newest ``keep`` versions (returned)."""
         await self.client.zadd(self.keys.versions, {version: time.time() * 1000})
         await self.client.set(self.keys.current, version)
         stale = await self.client.zrevrange(self.keys.versions, keep, -1)
-        dropped = [_text(v) for v in stale if _text(v) != version]
+        dropped = [text(v) for v in stale if text(v) != version]
         for old in dropped:
             await self._drop_version(old)
         return dropped
 
     async def _drop_version(self, version: str) -> None:
-        users = [_text(u) async for u in self.client.sscan_iter(
+        users = [text(u) async for u in self.client.sscan_iter(
             self.keys.version_users(version), count=1000)]
         for start in range(0, len(users), _CHUNK):
             chunk = users[start : start + _CHUNK]
@@ -447,33 +423,7 @@ class RedisStore:
         await self.client.zrem(self.keys.versions, version)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else value
-
-
-def _stream_id(value: bytes | str) -> tuple[int, int]:
-    ms, _, seq = _text(value).partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _stream_items(reply: Any) -> list[tuple[Any, list[tuple[Any, dict[bytes, bytes]]]]]:
-    """XREADGROUP's reply as [(stream, entries)] under RESP2 (list) or RESP3 (dict)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return [(name, entries[0] if entries and isinstance(entries[0], list) else entries)
-                for name, entries in reply.items()]
-    return [(name, entries) for name, entries in reply]
-
-
-def decode_event(fields: dict[bytes, bytes]) -> Interaction | None:
-    """A stream entry's fields as an ``Interaction``, or None when malformed."""
-    try:
-        return Interaction(
-            user_id=fields[b"u"].decode("utf-8"),
-            item_id=fields[b"i"].decode("utf-8"),
-            rating=float(fields[b"r"]),
-            timestamp_ms=int(fields[b"t"]),
-        )
-    except (KeyError, ValueError, UnicodeDecodeError):
-        return None
+def _evalsha(pipe: Any, sha: str, keys: Sequence[str], *args: Any) -> None:
+    """Queue EVALSHA (raw: redis-py blocks the named method in cluster pipelines, though the
+    command routes by its keys like any other)."""
+    pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)

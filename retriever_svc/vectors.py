@@ -12,13 +12,18 @@ inner product:
 - ``auto`` (default): ``hnsw`` from ``hnsw_min_users`` users on, else ``exact``.
 
 FAISS labels are our row numbers; ``_labels[row]`` is the user id (None for a tombstone).
+:meth:`VectorIndex.save` / :meth:`VectorIndex.load` keep an index on disk (FAISS's own format plus
+the labels as JSON; nothing pickled), so a restarting replica skips a minutes-long HNSW build.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -101,6 +106,52 @@ class VectorIndex:
         if ids:
             with _all_cores(len(ids) >= 10_000):
                 self._index.add_with_ids(unit, np.arange(len(ids), dtype=np.int64))
+
+    def save(self, path: Path, **extra: Any) -> None:
+        """Write ``path.faiss`` and ``path.json`` (labels, settings, ``extra``), each atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".faiss.tmp")
+        faiss.write_index(self._index, str(tmp))
+        os.replace(tmp, path.with_suffix(".faiss"))
+        meta = {"kind": self.kind, "dim": self.dim, "hnsw": list(self._hnsw),
+                "labels": self._labels, **extra}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, path.with_suffix(".json"))
+
+    @classmethod
+    def load(cls, path: Path) -> tuple[VectorIndex, dict[str, Any]]:
+        """An index written by :meth:`save`, and the ``extra`` it was saved with.
+
+        Raises:
+            FileNotFoundError: no such index; ValueError: the two files disagree.
+        """
+        path = Path(path)
+        meta = json.loads(path.with_suffix(".json").read_text())
+        index = faiss.read_index(str(path.with_suffix(".faiss")))
+        labels = meta.pop("labels")
+        if index.ntotal != len(labels) or index.d != meta["dim"]:
+            raise ValueError(f"{path}: the FAISS file and its labels disagree")
+        self = cls.__new__(cls)
+        self.dim, self.kind = int(meta.pop("dim")), meta.pop("kind")
+        self._hnsw = tuple(meta.pop("hnsw"))
+        self._index = index  # read_index gives the IndexIDMap2, owning its base
+        self._base = faiss.downcast_index(self._index.index)
+        self._labels = labels
+        self._row = {user: row for row, user in enumerate(labels) if user is not None}
+        return self, meta
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW's search beam (raised to the number of results fetched when that is larger)."""
+        return self._hnsw[2]
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"ef_search must be >= 1, got {value}")
+        self._hnsw = (*self._hnsw[:2], int(value))
 
     def __len__(self) -> int:
         return len(self._row)

@@ -52,12 +52,12 @@ async def test_step_writes_history_and_embedding_then_acks(store, clustered):
 async def test_crash_between_read_and_ack_is_reclaimed(store, clustered):
     retriever, emb = await _published(store, clustered)
     await store.append_events(NEW)
-    crashed = await store.read_events("crashed", count=10, block_ms=10)  # read, never acked
+    crashed = await store.read_events(CONFIG.consumer, count=10, block_ms=10)  # never acked
     assert len(crashed) == 3 and await store.pending_count() == 3
     # the crashed reader had applied the first event before dying: applying again changes nothing
     await retriever.apply_events(NEW[:1])
     consumer = StreamConsumer(retriever=retriever, store=store, config=CONFIG)
-    task = consumer.start()  # re-claims everything pending at start
+    task = consumer.start()  # restarted under its name: re-reads its own pending entries
     for _ in range(100):
         if await store.pending_count() == 0:
             break
@@ -70,6 +70,25 @@ async def test_crash_between_read_and_ack_is_reclaimed(store, clustered):
     after = await _user_state(store, "newbie", emb.version)
     assert after[:2] == state[:2]
     np.testing.assert_array_equal(after[2], state[2])
+
+
+async def test_peers_in_flight_entries_are_left_until_idle(store, clustered):
+    retriever, _ = await _published(store, clustered)
+    await store.append_events(NEW)
+    assert len(await store.read_events("peer", count=10, block_ms=10)) == 3  # a live peer's
+    patient = StreamConsumer(retriever=retriever, store=store, config=CONFIG)
+    assert await patient.recover() == 0 and await patient.reclaim(min_idle_ms=60_000) == 0
+    assert await store.pending_count() == 3  # not taken: the peer may still be applying them
+    await asyncio.sleep(0.06)
+    eager = StreamConsumer(retriever=retriever, store=store,
+                           config=RedisConfig(consumer="c-other", block_ms=50, claim_idle_ms=50))
+    task = eager.start()  # at start it claims entries idle longer than claim_idle_ms
+    for _ in range(100):
+        if await store.pending_count() == 0:
+            break
+        await asyncio.sleep(0.02)
+    await eager.stop()
+    assert task.done() and eager.applied == 3 and await store.pending_count() == 0
 
 
 async def test_malformed_entries_are_acked_and_dropped(store, clustered):

@@ -115,3 +115,28 @@ async def test_validation_names_the_field_and_stores_nothing(published, store):
     items = await retriever.upsert_items([CatalogItem("z", "")], first_index=4)
     assert items.rejected == 1 and items.errors[0].startswith("item 4: title")
     assert (await retriever.get_items(["z"])) == ([], ["z"])
+
+
+async def test_get_context_is_one_round_trip_once_titles_are_cached(published, store):
+    retriever, emb, _ = published
+    await retriever.get_context("c0u1", k=4, max_history=15)  # fills the title cache
+    before = store.round_trips
+    ctx = await retriever.get_context("c2u2", k=4, max_history=15)
+    assert store.round_trips - before == 1 and len(ctx.neighbors) == 4
+
+
+async def test_index_cache_is_reused_and_replays_later_fold_ins(store, clustered, tmp_path):
+    config = IndexConfig(kind="hnsw", cache_dir=tmp_path, hnsw_m=8, ef_construction=20)
+    first = Retriever(store=store, config=config, replica="a")
+    emb, _ = clustered()
+    await first.load_embeddings(emb)
+    cached = tmp_path / f"xr-{emb.version}.faiss"
+    written = cached.stat().st_mtime_ns
+    await first.apply_events([Interaction("c0u0", "c2i0", 1.0, 5),  # moves c0u0 towards c2
+                              Interaction("c0u0", "c2i1", 1.0, 6)])
+    moved = first._snapshot.users.get("c0u0")
+    second = Retriever(store=store, config=config, replica="b")
+    assert await second.restore() == emb.version
+    assert cached.stat().st_mtime_ns == written  # loaded, not rebuilt
+    np.testing.assert_allclose(second._snapshot.users.get("c0u0"), moved, atol=1e-6)  # replayed
+    assert await second.nearest_users("c0u0", 3) == await first.nearest_users("c0u0", 3)

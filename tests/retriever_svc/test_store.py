@@ -126,3 +126,26 @@ async def test_unreachable_redis_is_store_unavailable(tmp_path):
             await dead.append_events(EVENTS[:1])
     finally:
         await dead.close()
+
+
+async def test_import_histories_and_updates_stream(store: RedisStore):
+    rows = [("carol", [("book-1", 10, 5.0), ("book-2", 20, 1.0)]), ("dave", []),
+            ("erin", [("book-3", 5, 2.0)])]
+    assert await store.import_histories(iter(rows)) == 3
+    carol, dave, erin = await store.histories(["carol", "dave", "erin"], max_history=10)
+    assert carol == [("book-1", 10, 5.0), ("book-2", 20, 1.0)] and dave == []
+    assert erin == [("book-3", 5, 2.0)] and set(await store.all_users()) == {"carol", "erin"}
+    start = await store.updates_tail()  # nothing announced yet: Redis's clock less a margin
+    assert start.endswith("-0") and int(start[:-2]) > 1e12 and await store.updates_kept_since(start)
+    vectors = [("carol", np.ones(4, np.float32), 2), ("erin", np.zeros(4, np.float32), 7)]
+    written = await store.put_fold_ins("v1", vectors, announce_as="replica-a")
+    assert written == [True, False]  # erin's history has 1 item, not 7: not written
+    (entry_id, version, origin, users), = await store.read_updates(start, count=10, block_ms=None)
+    assert (version, origin, users) == ("v1", "replica-a", ["carol", "erin"])
+    assert await store.updates_tail() == entry_id
+    assert await store.read_updates(entry_id, count=10, block_ms=None) == []
+    got = await store.user_vectors(["carol", "erin"], "v1")
+    np.testing.assert_array_equal(got[0], np.ones(4))
+    assert got[1] is None
+    assert await store.updates_kept_since(entry_id)
+    assert not await store.updates_kept_since("0-0")  # older than the retention: maybe trimmed

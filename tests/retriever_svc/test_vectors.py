@@ -89,3 +89,22 @@ def test_invalid_construction():
     assert empty.search_vector(np.ones(4), 3)[0][0] == "a"
     with pytest.raises(KeyError):
         empty.search("zzz", 1)
+
+
+@pytest.mark.parametrize("kind", ["exact", "hnsw"])
+def test_save_and_load_keep_answers_and_tombstones(users, tmp_path, kind):
+    ids, vectors = users
+    index = VectorIndex(ids, vectors, kind=kind, hnsw_m=8, ef_construction=20, ef_search=32)
+    index.upsert("u3", vectors[4])  # HNSW: a tombstone for the old u3
+    index.upsert("late", vectors[5])
+    index.save(tmp_path / "idx", version="v9", after="12-0")
+    loaded, extra = VectorIndex.load(tmp_path / "idx")
+    assert extra == {"version": "v9", "after": "12-0"}
+    assert loaded.kind == kind and len(loaded) == len(index) == 301 and "late" in loaded
+    for query in ("u0", "u3", "late"):
+        assert loaded.search(query, 8) == index.search(query, 8)
+    loaded.upsert("u0", vectors[9])  # a loaded index stays updatable
+    assert loaded.search("u9", 1)[0] == ("u0", pytest.approx(1.0, abs=1e-5))
+    (tmp_path / "idx.faiss").write_bytes(b"not faiss")
+    with pytest.raises(RuntimeError):
+        VectorIndex.load(tmp_path / "idx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -78,3 +79,31 @@ def test_fit_gcn_is_deterministic_per_seed():
     assert a.version == b.version != c.version
     with pytest.raises(ValueError, match="at least one"):
         fit_gcn([], progress=False)
+
+
+def test_fit_gcn_time_budget_stops_early_and_evaluates_every_combination():
+    train, held_out = _clustered_pairs(seed=2)
+    emb = fit_gcn(train, dim=8, epochs=10_000, lr=0.05, time_budget_s=0.5, progress=False,
+                  eval_pairs=held_out, eval_every=0)
+    assert 1 <= emb.meta["epochs"] < 10_000 and emb.meta["time_budget_s"] == 0.5
+    assert set(emb.meta["by_layer_combination"]) == {"mean_1_to_K", "mean_0_to_K", "last"}
+    assert emb.meta["metrics"]["recall@20"] == emb.meta["by_layer_combination"]["mean_1_to_K"]["recall@20"]
+
+
+def test_bench_gcn_quality_quick_on_a_tiny_graph(tmp_path, capsys):
+    from bench.bench_gcn_quality import main
+
+    train, held_out = _clustered_pairs(seed=4)
+    for name, pairs in (("train.txt", train), ("test.txt", held_out)):
+        by_user: dict[str, list[str]] = {}
+        for user, item in pairs:
+            by_user.setdefault(user, []).append(item)
+        (tmp_path / name).write_text("".join(f"{u} {' '.join(i)}\n" for u, i in by_user.items()))
+    result = main(["--data", str(tmp_path), "--quick", "--threads", "1", "--dim", "8"])
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last_line) == json.loads(json.dumps(result))
+    assert result["dataset"] == tmp_path.name and result["layer_combination"] == "mean_0_to_K"
+    assert [row["epoch"] for row in result["curve"]] == [1, 2, 3] and result["epochs"] == 3
+    assert set(result["by_layer_combination"]) == {"mean_1_to_K", "mean_0_to_K", "last"}
+    assert result["recall@20"] == result["by_layer_combination"]["mean_0_to_K"]["recall@20"]
+    assert 0 < result["recall@20"] <= 1 and result["met_target"] in (True, False)

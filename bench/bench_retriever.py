@@ -1,0 +1,573 @@
+"""The retriever at a million users: gRPC NearestUsers latency and throughput, FAISS in process,
+HNSW recall, GetContext in one Redis round trip, Ingest-to-searchable freshness, and the paper's
+Figure 2 (an LLM retriever against the GCN retriever, per request).
+
+    make bench-retriever             # = the line below
+    .venv/bin/python -m bench.bench_retriever --users 1000000
+    .venv/bin/python -m bench.bench_retriever --quick          # 20k users, short phases
+
+Data: synthetic users shaped like real LightGCN users. A short LightGCN fit of gowalla gives the
+item fold-in basis; each synthetic user's history is 10 items of one real gowalla user and 5 of
+another, and its embedding is the fold-in of that history (the service's own rule). Needs
+../shared/data/gowalla (``EXITRANK_DATA``); titles are games6k's when present.
+
+Setup: an embedded redis-server (AOF fsync always, the service default) holds the catalog, the
+histories (bulk import) and the published version; this process builds the HNSW index once and
+caches it; ``--servers`` ``retriever-svc`` replicas (one consumer group, separate ports, the
+client balancing round robin, one channel per client) load the cache. The load generator is a
+separate process (``--load-client``) whose CPU is measured and reported. Timings are noisy on a
+shared machine; ratios are measured side by side in one run. The JSON result is the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import cpu_seconds, emit, first_line, latency_summary, machine, stage
+
+K, CONTEXT_K, MAX_HISTORY = 10, 4, 15
+DATA = Path(os.environ.get("EXITRANK_DATA", "../shared/data"))
+GOWALLA, GAMES = DATA / "gowalla", DATA / "games6k" / "Games-6k.item"
+
+
+def titles(count: int) -> list[str]:
+    """Realistic item titles (games6k's, reused cyclically); "Item j" without that file."""
+    if not GAMES.is_file():
+        return [f"Item {j}" for j in range(count)]
+    lines = GAMES.read_text(encoding="utf-8").splitlines()[1:]
+    names = [line.split("\t", 1)[1].strip()[:200] or "Untitled" for line in lines if "\t" in line]
+    return [names[j % len(names)] for j in range(count)]
+
+
+@dataclass
+class Synthetic:
+    user_ids: list[str]
+    vectors: np.ndarray  # (U, d) fold-in embeddings
+    history: np.ndarray  # (U, 15) item rows, oldest first
+    distinct: np.ndarray  # (U, 15) bool: first occurrence of the item in the row
+    item_ids: list[str]
+    basis: np.ndarray  # (I, d) item fold-in basis
+    source: str
+    titles: list[str]
+
+    def items_of(self, user: int) -> list[str]:
+        return [self.item_ids[i] for i in self.history[user][self.distinct[user]]]
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+def gowalla_basis(dim: int, epochs: int) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
+    """Fold-in basis of a short LightGCN fit of gowalla, its users' item rows, its item ids."""
+    import torch  # noqa: PLC0415 - only for this step
+
+    from trainer.gcn import fit_gcn, read_user_lines  # noqa: PLC0415
+
+    torch.set_num_threads(2)
+    pairs = read_user_lines(GOWALLA / "train.txt")
+    emb = fit_gcn(pairs, dim=dim, epochs=epochs, progress=False)
+    row = {item: r for r, item in enumerate(emb.item_ids)}
+    by_user: dict[str, list[int]] = {}
+    for user, item in pairs:
+        by_user.setdefault(user, []).append(row[item])
+    return emb.item_foldin, [np.array(v) for v in by_user.values()], emb.item_ids
+
+
+def synthesize(n: int, dim: int, seed: int, fit_epochs: int) -> Synthetic:
+    """``n`` users: 10 items of one real user and 5 of another, embedded by fold-in."""
+    if not (GOWALLA / "train.txt").is_file():
+        raise SystemExit(f"bench_retriever needs {GOWALLA}/train.txt (set EXITRANK_DATA to the "
+                         "shared data folder): its users shape the synthetic ones")
+    basis, real, item_ids = gowalla_basis(dim, fit_epochs)
+    source = f"gowalla fold-in basis ({fit_epochs}-epoch LightGCN fit), gowalla histories"
+    rng = np.random.default_rng(seed)
+    lengths = np.array([len(r) for r in real])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = np.concatenate(real)
+    history = np.empty((n, 15), np.int32)
+    distinct = np.empty((n, 15), bool)
+    vectors = np.empty((n, dim), np.float32)
+    for begin in range(0, n, 100_000):
+        size = min(100_000, n - begin)
+        picks = []
+        for count in (10, 5):  # positions inside a random real user's item list
+            user = rng.integers(0, len(real), size)[:, None]
+            picks.append(offsets[user] + (rng.random((size, count)) * lengths[user]).astype(int))
+        rows = flat[np.concatenate(picks, 1)]  # (size, 15)
+        order = np.argsort(rows, axis=1, kind="stable")
+        ordered = np.take_along_axis(rows, order, 1)
+        first = np.ones_like(ordered, bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        keep = np.empty_like(first)
+        np.put_along_axis(keep, order, first, 1)
+        history[begin : begin + size], distinct[begin : begin + size] = rows, keep
+        summed = (basis[rows] * keep[:, :, None]).sum(1)  # (size, d)
+        vectors[begin : begin + size] = summed / np.sqrt(keep.sum(1, keepdims=True))
+    return Synthetic([f"u{j}" for j in range(n)], vectors, history, distinct, list(item_ids),
+                     np.ascontiguousarray(basis, np.float32), source, titles(len(item_ids)))
+
+
+# ------------------------------------------------------------------------------------- servers
+
+
+def start_servers(count: int, redis_url: str, workdir: Path, hnsw: dict) -> list[tuple[subprocess.Popen, str]]:
+    """``count`` retriever-svc replicas restoring the published version from the index cache."""
+    cli = Path(sys.executable).with_name("retriever-svc")
+    servers = []
+    for n in range(count):
+        log = open(workdir / f"server{n}.log", "w")  # noqa: SIM115 - lives with the process
+        proc = subprocess.Popen(
+            [str(cli), "serve", "--port", "0", "--artifacts", str(workdir / "none"),
+             "--redis-url", redis_url, "--consumer", f"bench-{n}", "--index-cache",
+             str(workdir / "cache"), "--hnsw-m", str(hnsw["m"]), "--ef-construction",
+             str(hnsw["ef_construction"]), "--ef-search", str(hnsw["ef_search"])],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+        line = first_line(proc, timeout=600)
+        if not line.startswith("retriever listening on "):
+            proc.kill()
+            raise RuntimeError(f"retriever-svc {n} did not start; see {workdir}/server{n}.log")
+        servers.append((proc, line.split()[-1]))
+    return servers
+
+
+# ------------------------------------------------------------------------------- load client
+
+
+async def client_load(addresses: list[str], rpc: str, concurrency: int, duration: float,
+                      users: int, seed: int, rate: float = 0.0) -> dict:
+    """``concurrency`` clients (one channel each, round robin over servers) calling ``rpc``:
+    closed loop (each sends its next request when the last answered: the saturation rate), or
+    with ``rate`` open loop (requests start on a fixed schedule, ``rate`` per second over the
+    channels, and latency counts from the scheduled start: queueing included)."""
+    import grpc  # noqa: PLC0415
+
+    from exitrank.v1 import retriever_pb2, retriever_pb2_grpc  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    channels = [grpc.aio.insecure_channel(addresses[c % len(addresses)]) for c in range(concurrency)]
+    stubs = [retriever_pb2_grpc.RetrieverStub(ch) for ch in channels]
+
+    def request(stub):
+        user = f"u{rng.randrange(users)}"
+        if rpc == "NearestUsers":
+            return stub.NearestUsers(retriever_pb2.NearestUsersRequest(user_id=user, k=K))
+        return stub.GetContext(retriever_pb2.ContextRequest(user_id=user, k=CONTEXT_K,
+                                                            max_history=MAX_HISTORY))
+
+    for stub in stubs:  # connect and warm up
+        await request(stub)
+    latencies: list[float] = []
+    errors = 0
+    stop = time.perf_counter() + duration
+
+    async def worker(stub) -> None:
+        nonlocal errors
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            try:
+                await request(stub)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    async def scheduled(stub, due: float) -> None:
+        nonlocal errors
+        try:
+            await request(stub)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - due)
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if rate:  # one timer at a time; each request its own task, due at j / rate
+        tasks = []
+        for j in range(int(rate * duration)):
+            due = wall0 + j / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(scheduled(stubs[j % concurrency], due)))
+        await asyncio.gather(*tasks)
+    else:
+        await asyncio.gather(*(worker(s) for s in stubs))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    for ch in channels:
+        await ch.close()
+    return {"rpc": rpc, "concurrency": concurrency, "mode": "open" if rate else "closed",
+            **({"offered_per_s": rate} if rate else {}), **latency_summary(latencies),
+            "requests_per_s": round(len(latencies) / wall, 1), "requests": len(latencies),
+            "errors": errors, "client_cpu_ms_per_request": round(cpu / max(len(latencies), 1) * 1e3, 3),
+            "client_cpu_cores": round(cpu / wall, 2), "wall_s": round(wall, 2)}
+
+
+def run_client(addresses: list[str], rpc: str, concurrency: int, duration: float, users: int,
+               servers: list[subprocess.Popen], seed: int = 0, rate: float = 0.0) -> dict:
+    """The load generator in its own process; adds the servers' CPU per request."""
+    before = [cpu_seconds(p.pid) for p in servers]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.bench_retriever", "--load-client", json.dumps(
+            {"addresses": addresses, "rpc": rpc, "concurrency": concurrency,
+             "duration": duration, "users": users, "seed": seed, "rate": rate})],
+        capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    spent = sum(cpu_seconds(p.pid) for p in servers) - sum(before)
+    result["server_cpu_ms_per_request"] = round(spent / max(result["requests"], 1) * 1e3, 3)
+    return result
+
+
+# ------------------------------------------------------------------------------ measurements
+
+
+def faiss_in_process(index, users: int, queries: int, seed: int) -> dict:
+    """``VectorIndex.search`` (what NearestUsers runs), one query at a time, one thread."""
+    rng = random.Random(seed)
+    times = []
+    for _ in range(queries):
+        user = f"u{rng.randrange(users)}"
+        start = time.perf_counter()
+        index.search(user, K)
+        times.append(time.perf_counter() - start)
+    return latency_summary(times)
+
+
+def hnsw_recall(index, vectors: np.ndarray, queries: int, seed: int,
+                ef_search: Sequence[int]) -> dict[int, float]:
+    """recall@10 of the index against an exact scan, averaged over ``queries`` users, at each
+    ``ef_search`` (the index is left at the last one)."""
+    import faiss  # noqa: PLC0415
+
+    from retriever_svc.vectors import l2_normalize  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(vectors), queries, replace=False)
+    unit = l2_normalize(vectors)
+    exact = faiss.IndexFlatIP(unit.shape[1])
+    exact.add(unit)
+    faiss.omp_set_num_threads(2)
+    _, truth = exact.search(unit[picks], K + 1)
+    faiss.omp_set_num_threads(1)
+    out = {}
+    for ef in ef_search:
+        index.ef_search = ef
+        hits = 0.0
+        for row, user in enumerate(picks):
+            want = {f"u{j}" for j in truth[row] if j != user}
+            got = {u for u, _ in index.search(f"u{user}", K)}
+            hits += len(want & got) / min(K, len(want))
+        out[ef] = round(hits / queries, 4)
+    return out
+
+
+async def warm_titles(addresses: list[str], item_ids: list[str]) -> None:
+    """Steady state: every replica has seen every item once (GetItems fills its title cache),
+    after which GetContext is one Redis round trip."""
+    import grpc  # noqa: PLC0415
+
+    from exitrank.v1 import retriever_pb2, retriever_pb2_grpc  # noqa: PLC0415
+
+    for address in addresses:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = retriever_pb2_grpc.RetrieverStub(channel)
+            for begin in range(0, len(item_ids), 10_000):
+                await stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=item_ids[begin : begin + 10_000]))
+
+
+async def get_context_in_process(retriever, users: int, queries: int, seed: int,
+                                 item_ids: list[str]) -> dict:
+    """Retriever.get_context (k=4, 15 items): latency and Redis round trips per call, in the
+    steady state (titles cached)."""
+    rng = random.Random(seed)
+    for begin in range(0, len(item_ids), 10_000):
+        await retriever.get_items(item_ids[begin : begin + 10_000])
+    times, trips = [], []
+    for _ in range(queries):
+        user = f"u{rng.randrange(users)}"
+        before = retriever.store.round_trips
+        start = time.perf_counter()
+        ctx = await retriever.get_context(user, CONTEXT_K, MAX_HISTORY)
+        times.append(time.perf_counter() - start)
+        trips.append(retriever.store.round_trips - before)
+        assert len(ctx.neighbors) == CONTEXT_K
+    return {**latency_summary(times, "in_process_"), "redis_round_trips": max(trips),
+            "mean_redis_round_trips": round(sum(trips) / len(trips), 3)}
+
+
+async def freshness(addresses: list[str], syn: Synthetic, trials: int, seed: int) -> dict:
+    """Ingest a new user's 5 interactions; time from the acknowledgement until NearestUsers
+    answers for it on every replica (polled every 2 ms)."""
+    import grpc  # noqa: PLC0415
+
+    from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc  # noqa: PLC0415
+
+    rng = random.Random(seed)
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    stubs = [retriever_pb2_grpc.RetrieverStub(ch) for ch in channels]
+    delays = []
+    for trial in range(trials):
+        user = f"fresh-{seed}-{trial}"
+        items = syn.items_of(rng.randrange(len(syn.user_ids)))[:5]
+        summary = await stubs[0].Ingest(iter(
+            common_pb2.Interaction(user_id=user, item_id=i, timestamp_ms=t + 1)
+            for t, i in enumerate(items)))
+        acked = time.perf_counter()
+        assert summary.accepted == len(items)
+        pending = set(range(len(stubs)))
+        while pending:
+            for n in list(pending):
+                try:
+                    await stubs[n].NearestUsers(retriever_pb2.NearestUsersRequest(user_id=user, k=K))
+                    pending.discard(n)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.NOT_FOUND:
+                        raise
+            if pending:
+                if time.perf_counter() - acked > 30:
+                    raise RuntimeError(f"{user} not searchable after 30 s")
+                await asyncio.sleep(0.002)
+        delays.append(time.perf_counter() - acked)
+    for ch in channels:
+        await ch.close()
+    return {"p50_s": round(float(np.percentile(delays, 50)), 4),
+            "p99_s": round(float(np.percentile(delays, 99)), 4),
+            "max_s": round(max(delays), 4), "trials": trials, "replicas": len(addresses)}
+
+
+def llm_vs_gcn(retriever, syn: Synthetic, queries: int, seed: int, presets: Sequence[str]) -> dict:
+    """The paper's Figure 2: similar users by an LLM (the user's history prompt through a
+    decoder, hidden states mean-pooled, then the same cosine search) against the GCN retriever
+    (the user's fold-in embedding is already indexed: only the search), per request."""
+    import torch  # noqa: PLC0415
+
+    from trainer.lm import build_model, build_tokenizer  # noqa: PLC0415
+
+    torch.set_num_threads(1)  # as the service's search: one core per request
+    rng = random.Random(seed)
+    users = [rng.randrange(len(syn.user_ids)) for _ in range(queries)]
+    title = dict(zip(syn.item_ids, syn.titles))
+    prompts = {u: "The user interacted with: " + "; ".join(title[i] for i in syn.items_of(u)) + "."
+               for u in users}
+    tokenizer = build_tokenizer(list(prompts.values()), vocab_size=2048)
+    snap = retriever._snapshot
+    gcn = []
+    for u in users:
+        start = time.perf_counter()
+        snap.users.search(syn.user_ids[u], K)
+        gcn.append(time.perf_counter() - start)
+    out = {"gcn": latency_summary(gcn), "queries": queries}
+    for preset in presets:
+        model = build_model(tokenizer, preset=preset, arch="llama").eval()
+        times, tokens = [], []
+        with torch.inference_mode():
+            for u in users:
+                start = time.perf_counter()
+                ids = tokenizer(prompts[u], return_tensors="pt")
+                hidden = model.model(**ids).last_hidden_state  # (1, T, h)
+                query = hidden.mean(1)[0].float().numpy()  # mean pooling
+                if query.shape[0] == snap.users.dim:  # same width: search the same index
+                    snap.users.search_vector(query, K)
+                else:  # a wider decoder: search cost taken as the 64-d one (a lower bound)
+                    snap.users.search(syn.user_ids[u], K)
+                times.append(time.perf_counter() - start)
+                tokens.append(ids["input_ids"].shape[1])
+        params = sum(p.numel() for p in model.parameters())
+        out[f"llm_{preset}"] = {**latency_summary(times), "parameters": params,
+                                "hidden_size": model.config.hidden_size,
+                                "layers": model.config.num_hidden_layers,
+                                "prompt_tokens_mean": round(sum(tokens) / len(tokens), 1)}
+        # medians: robust to the scheduling outliers of a shared machine
+        out[f"speedup_{preset}"] = round(out[f"llm_{preset}"]["p50_ms"] / out["gcn"]["p50_ms"], 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------ the run
+
+
+async def publish(redis_url: str, syn: Synthetic, workdir: Path, hnsw: dict):
+    """Catalog, histories and the version into Redis; the HNSW index built and cached."""
+    from retriever_svc.config import IndexConfig  # noqa: PLC0415
+    from retriever_svc.embeddings import GCNEmbeddings  # noqa: PLC0415
+    from retriever_svc.index import Retriever  # noqa: PLC0415
+    from retriever_svc.records import CatalogItem  # noqa: PLC0415
+    from retriever_svc.store import RedisStore  # noqa: PLC0415
+
+    store = RedisStore.from_url(redis_url, timeout_s=30)
+    config = IndexConfig(kind="hnsw", hnsw_m=hnsw["m"], ef_construction=hnsw["ef_construction"],
+                         ef_search=hnsw["ef_search"], cache_dir=workdir / "cache")
+    retriever = Retriever(store=store, config=config, replica="bench")
+    with stage("catalog and histories into Redis"):
+        await store.put_items([CatalogItem(i, t) for i, t in zip(syn.item_ids, syn.titles)])
+        await store.import_histories(
+            (user, [(syn.item_ids[i], t + 1, 1.0) for t, i in
+                    enumerate(syn.history[row][syn.distinct[row]])])
+            for row, user in enumerate(syn.user_ids))
+    emb = GCNEmbeddings(user_ids=syn.user_ids, item_ids=syn.item_ids, user=syn.vectors,
+                        item=syn.basis, item_foldin=syn.basis, version=f"bench-{len(syn.user_ids)}")
+    with stage("publish: version into Redis, HNSW build, cache") as took:
+        await retriever.load_embeddings(emb)
+    return retriever, took["seconds"]
+
+
+async def measure(args: argparse.Namespace, syn: Synthetic, redis_url: str, workdir: Path) -> dict:
+    import faiss  # noqa: PLC0415
+
+    faiss.omp_set_num_threads(1)  # as the service: one thread per search
+    hnsw = {"m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
+    retriever, publish_s = await publish(redis_url, syn, workdir, hnsw)
+    index = retriever._snapshot.users
+    users = len(syn.user_ids)
+    result: dict = {"users": users, "dim": syn.vectors.shape[1], "index": index.kind,
+                    "hnsw": hnsw, "publish_seconds": publish_s, "data": syn.source}
+    with stage("FAISS in process"):
+        result["faiss_in_process"] = faiss_in_process(index, users, args.queries, args.seed)
+    with stage("HNSW recall@10 against an exact scan"):
+        beams = sorted({64, 256, args.ef_search})
+        by_ef = hnsw_recall(index, syn.vectors, args.recall_queries, args.seed,
+                            [*(b for b in beams if b != args.ef_search), args.ef_search])
+        result["hnsw_recall@10"] = by_ef[args.ef_search]
+        result["hnsw_recall@10_by_ef_search"] = {str(b): by_ef[b] for b in beams}
+    with stage("GetContext in process"):
+        context = await get_context_in_process(retriever, users, args.queries, args.seed,
+                                               syn.item_ids)
+    with stage(f"{args.servers} retriever-svc replicas start from the index cache") as took:
+        servers = await asyncio.to_thread(start_servers, args.servers, redis_url, workdir, hnsw)
+    result["replica_start_seconds"] = took["seconds"]
+    procs, addresses = [p for p, _ in servers], [a for _, a in servers]
+    try:
+        await warm_titles(addresses, syn.item_ids)
+        with stage(f"NearestUsers over gRPC, {args.concurrency} clients, closed loop"):
+            saturated = await asyncio.to_thread(run_client, addresses, "NearestUsers",
+                                                args.concurrency, args.duration, users, procs)
+        sweep = {}
+        for rate in sorted({*args.sweep, args.rate}):
+            with stage(f"NearestUsers over gRPC, {rate}/s offered over {args.concurrency} clients"):
+                sweep[rate] = await asyncio.to_thread(run_client, addresses, "NearestUsers",
+                                                      args.concurrency, args.duration, users,
+                                                      procs, 0, rate)
+        paced = sweep[args.rate]
+        # closed loop: mean latency = clients / throughput (Little's law), so 16 clients at
+        # 1,500/s wait >= 10.7 ms on average by construction; the latency target is read at a
+        # paced 1,500/s (open loop), the throughput target from the closed loop
+        result["nearest_users"] = {"k": K, "concurrency": args.concurrency,
+                                   "p50_ms": paced["p50_ms"], "p99_ms": paced["p99_ms"],
+                                   "requests_per_s": saturated["requests_per_s"],
+                                   "open_loop": paced, "closed_loop": saturated,
+                                   "open_loop_p99_ms_by_rate": {
+                                       str(r): sweep[r]["p99_ms"] for r in sorted(sweep)}}
+        with stage(f"GetContext over gRPC, {args.context_rate}/s offered"):
+            grpc_context = await asyncio.to_thread(
+                run_client, addresses, "GetContext", args.context_concurrency, args.duration,
+                users, procs, 0, args.context_rate)
+        result["get_context"] = {"k": CONTEXT_K, "max_history": MAX_HISTORY, **grpc_context,
+                                 **context}
+        with stage(f"freshness under {args.background} background NearestUsers clients"):
+            background = asyncio.create_task(asyncio.to_thread(
+                run_client, addresses, "NearestUsers", args.background,
+                args.duration + args.trials * 0.05 + 5, users, procs, 1))
+            await asyncio.sleep(1.0)
+            result["freshness"] = await freshness(addresses, syn, args.trials, args.seed)
+            result["freshness"]["background"] = await background
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=60)
+    with stage("LLM retriever against GCN retriever (Figure 2)"):
+        result["figure2"] = llm_vs_gcn(retriever, syn, args.llm_queries, args.seed, args.presets)
+    # the headline: the largest decoder measured (the paper's LLM retriever is a 7B model)
+    result["gcn_over_llm_retrieval_speedup"] = result["figure2"][f"speedup_{args.presets[-1]}"]
+    await retriever.store.close()
+    return result
+
+
+def targets(result: dict) -> dict:
+    """Each of the issue's targets and whether this run met it."""
+    nearest, context = result["nearest_users"], result["get_context"]
+    checks = {
+        "nearest_users_p99_ms<=5": nearest["p99_ms"] <= 5,
+        "nearest_users_requests_per_s>=1500": nearest["requests_per_s"] >= 1500,
+        "hnsw_recall@10>=0.95": result["hnsw_recall@10"] >= 0.95,
+        "get_context_p99_ms<=5": context["p99_ms"] <= 5,
+        "get_context_redis_round_trips==1": context["redis_round_trips"] == 1,
+        "freshness_p99_s<=1": result["freshness"]["p99_s"] <= 1,
+    }
+    return {name: bool(ok) for name, ok in checks.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_retriever",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="20k users, short phases")
+    parser.add_argument("--servers", type=int, default=2, help="retriever-svc replicas")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rate", type=float, default=1500.0,
+                        help="offered NearestUsers rate for the latency measurement")
+    parser.add_argument("--sweep", type=float, nargs="*", default=[500.0, 1000.0],
+                        help="further offered rates, for latency against load")
+    parser.add_argument("--context-concurrency", type=int, default=4)
+    parser.add_argument("--context-rate", type=float, default=300.0,
+                        help="offered GetContext rate for its latency measurement")
+    parser.add_argument("--background", type=int, default=4,
+                        help="NearestUsers clients running during the freshness trials")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds per load phase")
+    parser.add_argument("--trials", type=int, default=200, help="freshness trials")
+    parser.add_argument("--queries", type=int, default=2000, help="in-process timing queries")
+    parser.add_argument("--recall-queries", type=int, default=1000)
+    parser.add_argument("--llm-queries", type=int, default=100)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small"],
+                        help="trainer.lm decoder presets for the LLM retriever (last: headline)")
+    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument("--ef-construction", type=int, default=64)
+    parser.add_argument("--ef-search", type=int, default=64)
+    parser.add_argument("--fit-epochs", type=int, default=40,
+                        help="epochs of the gowalla fit giving the item basis")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--load-client", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    args = build_parser().parse_args(argv)
+    if args.load_client:  # the load generator's own process
+        print(json.dumps(asyncio.run(client_load(**json.loads(args.load_client)))))
+        return None
+    if args.quick:
+        args.users, args.duration, args.trials = min(args.users, 20_000), 3.0, 20
+        args.queries, args.recall_queries, args.llm_queries, args.fit_epochs = 300, 200, 10, 3
+    from exitrank.redis_server import EmbeddedRedis  # noqa: PLC0415
+
+    start = time.perf_counter()
+    with stage(f"synthesize {args.users} users"):
+        syn = synthesize(args.users, args.dim, args.seed, args.fit_epochs)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-retriever-"))
+    server = EmbeddedRedis(workdir / "redis").start()
+    try:
+        result = asyncio.run(measure(args, syn, server.url, workdir))
+    finally:
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["targets"] = targets(result)
+    result["wall_seconds"] = round(time.perf_counter() - start, 1)
+    result["machine"] = machine()
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
