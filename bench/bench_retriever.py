@@ -196,8 +196,8 @@ async def client_load(addresses: list[str], rpc: str, concurrency: int, duration
         latencies.append(time.perf_counter() - due)
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    if rate:  # one timer at a time; each request its own task, due at j / rate
-        tasks = []
+    if rate:  # a request every 1 / rate seconds, each its own task (a slow answer delays
+        tasks = []  # no later request), over the clients' channels in turn
         for j in range(int(rate * duration)):
             due = wall0 + j / rate
             await asyncio.sleep(max(0.0, due - time.perf_counter()))

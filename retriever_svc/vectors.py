@@ -174,30 +174,33 @@ class VectorIndex:
         Raises:
             KeyError: ``user_id`` is not in the index.
         """
-        vector = self.get(user_id)
-        if vector is None:
+        row = self._row.get(user_id)
+        if row is None:
             raise KeyError(user_id)
-        return self.search_vector(vector, k, exclude=user_id)
+        unit = self._index.reconstruct(row).reshape(1, -1)  # stored normalised: (1, d)
+        return self._search_unit(unit, k, user_id)
 
     def search_vector(
         self, vector: np.ndarray, k: int, exclude: str | None = None
     ) -> list[tuple[str, float]]:
         """The k users most similar to ``vector`` (d,), best first; ``exclude`` is left out."""
+        query = l2_normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # (1, d)
+        return self._search_unit(query, k, exclude)
+
+    def _search_unit(self, query: np.ndarray, k: int, exclude: str | None
+                     ) -> list[tuple[str, float]]:
         if k <= 0 or not self._row:
             return []
-        query = l2_normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # (1, d)
+        labels = self._labels
         fetch = k + (exclude is not None)
         while True:
-            fetch = min(fetch, len(self._labels))
+            fetch = min(fetch, len(labels))
             if self.kind == "hnsw":
                 self._base.hnsw.efSearch = max(self._hnsw[2], fetch)
             scores, rows = self._index.search(query, fetch)  # (1, fetch) each
-            found = [
-                (self._labels[row], float(score))
-                for row, score in zip(rows[0], scores[0])
-                if row >= 0 and self._labels[row] is not None and self._labels[row] != exclude
-            ]
-            if len(found) >= k or fetch >= len(self._labels):
+            found = [(labels[row], score) for row, score in zip(rows[0].tolist(), scores[0].tolist())
+                     if row >= 0 and labels[row] is not None and labels[row] != exclude]
+            if len(found) >= k or fetch >= len(labels):
                 return found[:k]
             fetch *= 2  # tombstones took places: look further
 
