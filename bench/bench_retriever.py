@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import shutil
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import cpu_seconds, emit, first_line, latency_summary, machine, stage
+from bench.common import emit, first_line, latency_summary, machine, run_load, stage
 
 K, CONTEXT_K, MAX_HISTORY = 10, 4, 15
 DATA = Path(os.environ.get("EXITRANK_DATA", "../shared/data"))
@@ -148,86 +147,25 @@ def start_servers(count: int, redis_url: str, workdir: Path, hnsw: dict) -> list
 # ------------------------------------------------------------------------------- load client
 
 
-async def client_load(addresses: list[str], rpc: str, concurrency: int, duration: float,
-                      users: int, seed: int, rate: float = 0.0) -> dict:
-    """``concurrency`` clients (one channel each, round robin over servers) calling ``rpc``:
-    closed loop (each sends its next request when the last answered: the saturation rate), or
-    with ``rate`` open loop (requests start on a fixed schedule, ``rate`` per second over the
-    channels, and latency counts from the scheduled start: queueing included)."""
-    import grpc  # noqa: PLC0415
-
+def retriever_caller(channel, *, rpc: str, users: int):
+    """For ``bench.common.run_load``: one channel's request maker (a random known user each)."""
     from exitrank.v1 import retriever_pb2, retriever_pb2_grpc  # noqa: PLC0415
 
-    rng = random.Random(seed)
-    channels = [grpc.aio.insecure_channel(addresses[c % len(addresses)]) for c in range(concurrency)]
-    stubs = [retriever_pb2_grpc.RetrieverStub(ch) for ch in channels]
-
-    def request(stub):
-        user = f"u{rng.randrange(users)}"
-        if rpc == "NearestUsers":
-            return stub.NearestUsers(retriever_pb2.NearestUsersRequest(user_id=user, k=K))
-        return stub.GetContext(retriever_pb2.ContextRequest(user_id=user, k=CONTEXT_K,
-                                                            max_history=MAX_HISTORY))
-
-    for stub in stubs:  # connect and warm up
-        await request(stub)
-    latencies: list[float] = []
-    errors = 0
-    stop = time.perf_counter() + duration
-
-    async def worker(stub) -> None:
-        nonlocal errors
-        while time.perf_counter() < stop:
-            start = time.perf_counter()
-            try:
-                await request(stub)
-            except grpc.aio.AioRpcError:
-                errors += 1
-                continue
-            latencies.append(time.perf_counter() - start)
-
-    async def scheduled(stub, due: float) -> None:
-        nonlocal errors
-        try:
-            await request(stub)
-        except grpc.aio.AioRpcError:
-            errors += 1
-            return
-        latencies.append(time.perf_counter() - due)
-
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    if rate:  # a request every 1 / rate seconds, each its own task (a slow answer delays
-        tasks = []  # no later request), over the clients' channels in turn
-        for j in range(int(rate * duration)):
-            due = wall0 + j / rate
-            await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            tasks.append(asyncio.create_task(scheduled(stubs[j % concurrency], due)))
-        await asyncio.gather(*tasks)
-    else:
-        await asyncio.gather(*(worker(s) for s in stubs))
-    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    for ch in channels:
-        await ch.close()
-    return {"rpc": rpc, "concurrency": concurrency, "mode": "open" if rate else "closed",
-            **({"offered_per_s": rate} if rate else {}), **latency_summary(latencies),
-            "requests_per_s": round(len(latencies) / wall, 1), "requests": len(latencies),
-            "errors": errors, "client_cpu_ms_per_request": round(cpu / max(len(latencies), 1) * 1e3, 3),
-            "client_cpu_cores": round(cpu / wall, 2), "wall_s": round(wall, 2)}
+    stub = retriever_pb2_grpc.RetrieverStub(channel)
+    if rpc == "NearestUsers":
+        return lambda rng: stub.NearestUsers(
+            retriever_pb2.NearestUsersRequest(user_id=f"u{rng.randrange(users)}", k=K))
+    return lambda rng: stub.GetContext(retriever_pb2.ContextRequest(
+        user_id=f"u{rng.randrange(users)}", k=CONTEXT_K, max_history=MAX_HISTORY))
 
 
 def run_client(addresses: list[str], rpc: str, concurrency: int, duration: float, users: int,
                servers: list[subprocess.Popen], seed: int = 0, rate: float = 0.0) -> dict:
-    """The load generator in its own process; adds the servers' CPU per request."""
-    before = [cpu_seconds(p.pid) for p in servers]
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench_retriever", "--load-client", json.dumps(
-            {"addresses": addresses, "rpc": rpc, "concurrency": concurrency,
-             "duration": duration, "users": users, "seed": seed, "rate": rate})],
-        capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    spent = sum(cpu_seconds(p.pid) for p in servers) - sum(before)
-    result["server_cpu_ms_per_request"] = round(spent / max(result["requests"], 1) * 1e3, 3)
-    return result
+    """``rpc`` from a separate load-generator process (``bench.common.run_load``)."""
+    result = run_load(addresses, "bench.bench_retriever:retriever_caller",
+                      {"rpc": rpc, "users": users}, concurrency=concurrency, duration=duration,
+                      servers=[p.pid for p in servers], seed=seed, rate=rate)
+    return {"rpc": rpc, **result}
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -490,6 +428,8 @@ async def measure(args: argparse.Namespace, syn: Synthetic, redis_url: str, work
         result["figure2"] = llm_vs_gcn(retriever, syn, args.llm_queries, args.seed, args.presets)
     # the headline: the largest decoder measured (the paper's LLM retriever is a 7B model)
     result["gcn_over_llm_retrieval_speedup"] = result["figure2"][f"speedup_{args.presets[-1]}"]
+    memory = await retriever.store.client.info("memory")
+    result["redis_used_memory_mb"] = round(memory["used_memory"] / 2**20, 1)
     await retriever.store.close()
     return result
 
@@ -538,15 +478,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fit-epochs", type=int, default=40,
                         help="epochs of the gowalla fit giving the item basis")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--load-client", default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict | None:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.load_client:  # the load generator's own process
-        print(json.dumps(asyncio.run(client_load(**json.loads(args.load_client)))))
-        return None
     if args.quick:
         args.users, args.duration, args.trials = min(args.users, 20_000), 3.0, 20
         args.queries, args.recall_queries, args.llm_queries, args.fit_epochs = 300, 200, 10, 3

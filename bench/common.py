@@ -2,19 +2,27 @@
 
 Every benchmark prints human-readable progress to stderr and, as the LAST line of stdout, one
 JSON object (the keys documented in shared/BENCH_OUTPUT.md), via :func:`emit`.
+
+:func:`run_load` drives a gRPC service from a separate process (``python -m bench.common``), so
+the load generator's CPU is its own and measured, closed loop (saturation) or open loop (a fixed
+offered rate, latency counted from each request's scheduled start).
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import importlib
 import json
 import math
 import os
 import platform
+import random
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -92,3 +100,83 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):  # numpy / torch scalars
         return value.item()
     return str(value)
+
+
+# ------------------------------------------------------------------------- gRPC load generator
+
+
+def run_load(addresses: list[str], caller: str, caller_args: dict[str, Any], *, concurrency: int,
+             duration: float, servers: Sequence[int] = (), seed: int = 0, rate: float = 0.0
+             ) -> dict[str, Any]:
+    """Run :func:`load` in its own process; add the CPU the ``servers`` (pids) spent per request.
+
+    ``caller`` is ``"module:function"``; ``function(channel, **caller_args)`` returns a request
+    maker ``rng -> awaitable call`` for one channel.
+    """
+    before = sum(cpu_seconds(pid) for pid in servers)
+    spec = {"addresses": addresses, "caller": caller, "caller_args": caller_args,
+            "concurrency": concurrency, "duration": duration, "seed": seed, "rate": rate}
+    proc = subprocess.run([sys.executable, "-m", "bench.common", "--load", json.dumps(spec)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    spent = sum(cpu_seconds(pid) for pid in servers) - before
+    result["server_cpu_ms_per_request"] = round(spent / max(result["requests"], 1) * 1e3, 3)
+    return result
+
+
+async def load(addresses: list[str], caller: str, caller_args: dict[str, Any], concurrency: int,
+               duration: float, seed: int, rate: float = 0.0) -> dict[str, Any]:
+    """``concurrency`` clients, one channel each, over ``addresses`` in turn: closed loop (each
+    sends its next request when its last one is answered), or with ``rate`` open loop (a request
+    every 1 / rate seconds, each its own task, over the channels in turn)."""
+    import grpc  # noqa: PLC0415
+
+    module, _, name = caller.partition(":")
+    make: Callable[..., Any] = getattr(importlib.import_module(module), name)
+    rng = random.Random(seed)
+    channels = [grpc.aio.insecure_channel(addresses[c % len(addresses)]) for c in range(concurrency)]
+    calls = [make(ch, **caller_args) for ch in channels]
+    for call in calls:  # connect and warm up
+        await call(rng)
+    latencies: list[float] = []
+    errors = 0
+
+    async def once(call: Callable[[random.Random], Any], due: float) -> None:
+        nonlocal errors
+        try:
+            await call(rng)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        latencies.append(time.perf_counter() - due)
+
+    async def closed(call: Callable[[random.Random], Any]) -> None:
+        while time.perf_counter() < stop:
+            await once(call, time.perf_counter())
+
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    stop = wall0 + duration
+    if rate:
+        tasks = []
+        for j in range(int(rate * duration)):
+            due = wall0 + j / rate
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            tasks.append(asyncio.create_task(once(calls[j % concurrency], due)))
+        await asyncio.gather(*tasks)
+    else:
+        await asyncio.gather(*(closed(call) for call in calls))
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    for ch in channels:
+        await ch.close()
+    done = max(len(latencies), 1)
+    return {"concurrency": concurrency, "mode": "open" if rate else "closed",
+            **({"offered_per_s": rate} if rate else {}), **latency_summary(latencies),
+            "requests_per_s": round(len(latencies) / wall, 1), "requests": len(latencies),
+            "errors": errors, "client_cpu_ms_per_request": round(cpu / done * 1e3, 3),
+            "client_cpu_cores": round(cpu / wall, 2), "wall_s": round(wall, 2)}
+
+
+if __name__ == "__main__":  # the load generator's own process (see run_load)
+    parser = argparse.ArgumentParser(prog="python -m bench.common")
+    parser.add_argument("--load", required=True, help="JSON arguments of load()")
+    print(json.dumps(asyncio.run(load(**json.loads(parser.parse_args().load)))))
