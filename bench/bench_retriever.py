@@ -15,8 +15,10 @@ Setup: an embedded redis-server (AOF fsync always, the service default) holds th
 histories (bulk import) and the published version; this process builds the HNSW index once and
 caches it; ``--servers`` ``retriever-svc`` replicas (one consumer group, separate ports, the
 client balancing round robin, one channel per client) load the cache. The load generator is a
-separate process (``--load-client``) whose CPU is measured and reported. Timings are noisy on a
-shared machine; ratios are measured side by side in one run. The JSON result is the last line.
+separate process (``bench.common.run_load``) whose CPU is measured and reported. Beside the real
+replicas, the same NearestUsers load runs against as many canned servers (``bench.grpc_floor``):
+the latency floor of a Python gRPC service on this machine, so the retriever's own share shows.
+Timings are noisy on a shared machine; ratios are measured side by side in one run. The JSON result is the last line.
 """
 
 from __future__ import annotations
@@ -166,6 +168,24 @@ def run_client(addresses: list[str], rpc: str, concurrency: int, duration: float
                       {"rpc": rpc, "users": users}, concurrency=concurrency, duration=duration,
                       servers=[p.pid for p in servers], seed=seed, rate=rate)
     return {"rpc": rpc, **result}
+
+
+def grpc_floor(args: argparse.Namespace, users: int) -> dict:
+    """The same open-loop NearestUsers load against ``args.servers`` canned servers
+    (``bench.grpc_floor``): what grpcio and the machine cost before the retriever does anything."""
+    procs, addresses = [], []
+    try:
+        for _ in range(args.servers):
+            proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor"],
+                                    stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            addresses.append(first_line(proc, timeout=60).split()[-1])
+        return run_client(addresses, "NearestUsers", args.concurrency, args.duration, users,
+                          procs, 0, args.rate)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -390,6 +410,8 @@ async def measure(args: argparse.Namespace, syn: Synthetic, redis_url: str, work
         with stage(f"NearestUsers over gRPC, {args.concurrency} clients, closed loop"):
             saturated = await asyncio.to_thread(run_client, addresses, "NearestUsers",
                                                 args.concurrency, args.duration, users, procs)
+        with stage(f"gRPC floor: canned NearestUsers, {args.rate}/s offered"):
+            floor = await asyncio.to_thread(grpc_floor, args, users)
         sweep = {}
         for rate in sorted({*args.sweep, args.rate}):
             with stage(f"NearestUsers over gRPC, {rate}/s offered over {args.concurrency} clients"):
@@ -404,6 +426,7 @@ async def measure(args: argparse.Namespace, syn: Synthetic, redis_url: str, work
                                    "p50_ms": paced["p50_ms"], "p99_ms": paced["p99_ms"],
                                    "requests_per_s": saturated["requests_per_s"],
                                    "open_loop": paced, "closed_loop": saturated,
+                                   "grpc_floor_open_loop": floor,
                                    "open_loop_p99_ms_by_rate": {
                                        str(r): sweep[r]["p99_ms"] for r in sorted(sweep)}}
         with stage(f"GetContext over gRPC, {args.context_rate}/s offered"):
