@@ -54,7 +54,8 @@ def _fit_config(args: argparse.Namespace):
                  "max_train": args.max_train, "lora": args.lora or None},
         "heads": {"exit_layers": tuple(args.exit_layers) if args.exit_layers else None, "lambda0": args.lambda0,
                   "beta": args.beta, "epochs": args.heads_epochs, "max_train": args.max_train},
-        "calibrate": {"auc_budget_points": args.auc_budget, "max_valid": args.max_valid},
+        "calibrate": {"auc_budget_points": args.auc_budget, "margin_sigmas": args.auc_margin_sigmas,
+                      "max_valid": args.max_valid},
     }
     return make_config(args.data, args.out, preset=args.preset, base_model=args.base_model, seed=args.seed,
                        overrides=overrides, k=args.k, progress=not args.no_progress)
@@ -109,6 +110,8 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
     h.add_argument("--heads-epochs", type=int)
     c = p.add_argument_group("calibrate")
     c.add_argument("--auc-budget", type=float, help="AUC points the exit policy may lose (default 0.3)")
+    c.add_argument("--auc-margin-sigmas", type=float,
+                   help="standard errors of the validation loss that must fit in the budget too (default 1)")
     c.add_argument("--max-valid", type=int, help="cap on valid samples used for calibration")
 
 

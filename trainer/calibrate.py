@@ -7,6 +7,15 @@ criterion over thresholds and minimum layers) is then replayed with ``ranker_svc
 is at most ``auc_budget_points`` AUC points (1 point = 0.01) below the full-depth model; the full
 model itself (exits disabled) is always a candidate. The AUC-versus-mean-depth curve goes to a PNG.
 
+The budget must hold on data calibration never saw, and the validation AUC of the best of a
+hundred policies flatters it (the winner's curse). So a policy qualifies only when its loss plus
+``margin_sigmas`` standard errors stays within the budget,
+
+.. math::  (\mathrm{AUC}_{full} - \mathrm{AUC}_\pi) + z \cdot \mathrm{se}(\mathrm{AUC}_{full} - \mathrm{AUC}_\pi) \le b
+
+with the standard error of the paired difference by DeLong's method (``trainer.stats``): policies
+that agree with the full model on most rows have a small one, so the margin costs little depth.
+
 Calibration runs in the dtype the model will serve in (``dtype``, default ``auto`` like
 ``ranker-svc``: bfloat16 on CPUs with AMX/AVX512-BF16 and on CUDA): exit decisions hinge on small
 differences between heads' probabilities, which bfloat16 shifts. The dtype is stored with the
@@ -28,6 +37,7 @@ from ranker_svc.artifact import load_ranker, read_meta, stamp_version, write_met
 from ranker_svc.exits import MAX_WINDOW, ExitPolicy, simulate_exits
 from ranker_svc.model import EarlyExitLM, resolve_dtype
 from trainer.heads import exit_states
+from trainer.stats import paired_auc_difference
 from trainer.tune import auc, encode_examples
 
 DELTA_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -36,14 +46,17 @@ CONFIDENCE_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.99
 
 @dataclass(frozen=True, slots=True)
 class PolicyPoint:
-    """One replayed policy: its AUC and mean exit layer on the validation set."""
+    """One replayed policy: its AUC, mean exit layer and the standard error of its AUC loss
+    against the full model (paired, same validation set)."""
 
     policy: ExitPolicy
     auc: float
     mean_exit_layer: float
+    loss_se: float = 0.0
 
     def to_json(self) -> dict:
-        return {"policy": self.policy.to_json(), "auc": self.auc, "mean_exit_layer": self.mean_exit_layer}
+        return {"policy": self.policy.to_json(), "auc": self.auc, "mean_exit_layer": self.mean_exit_layer,
+                "loss_se": self.loss_se}
 
 
 def exit_probabilities(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
@@ -68,16 +81,21 @@ def candidate_policies(num_exit_layers: int, exit_layers: Sequence[int] | None =
 
 
 def sweep(p_yes: torch.Tensor, labels: list[int], answer_layers: tuple[int, ...], policies: list[ExitPolicy]) -> list[PolicyPoint]:
+    """Replay each policy on the (N, E) head probabilities: AUC, mean depth, loss standard error."""
+    full = p_yes[:, -1].double().numpy()
     points = []
     for policy in policies:
         ctr, layers = simulate_exits(p_yes, answer_layers, policy)
-        points.append(PolicyPoint(policy, auc(labels, ctr.tolist()), float(layers.float().mean())))
+        _, se = paired_auc_difference(labels, full, ctr.double().numpy())
+        points.append(PolicyPoint(policy, auc(labels, ctr.tolist()), float(layers.float().mean()), se))
     return points
 
 
-def choose(points: list[PolicyPoint], full_auc: float, budget: float) -> PolicyPoint:
-    """Lowest mean depth with AUC >= full - budget (ties: higher AUC); the full model always qualifies."""
-    eligible = [p for p in points if p.policy.disabled or p.auc >= full_auc - budget - 1e-12]
+def choose(points: list[PolicyPoint], full_auc: float, budget: float, margin_sigmas: float = 0.0) -> PolicyPoint:
+    """Lowest mean depth whose loss + ``margin_sigmas`` standard errors is within ``budget`` (ties:
+    higher AUC); the full model always qualifies."""
+    eligible = [p for p in points
+                if p.policy.disabled or full_auc - p.auc + margin_sigmas * p.loss_se <= budget + 1e-12]
     return min(eligible, key=lambda p: (p.mean_exit_layer, -p.auc))
 
 
@@ -86,11 +104,16 @@ def calibrate(
     *,
     ranker_dir: Path,
     auc_budget_points: float = 0.3,
+    margin_sigmas: float = 1.0,
     plot_path: Path | None = None,
     batch_size: int = 32,
     dtype: str = "auto",
 ) -> dict:
-    """Sweeps policies on ``valid`` in the serving ``dtype``; stores the chosen one in ``exitrank.json``."""
+    """Sweeps policies on ``valid`` in the serving ``dtype``; stores the chosen one in ``exitrank.json``.
+
+    ``margin_sigmas``: standard errors of the AUC loss that must fit in the budget beside the loss
+    itself (0: the validation loss alone decides).
+    """
     labels = [ex.label for ex in valid]
     if len(set(labels)) != 2:
         raise ValueError("valid must hold both labels to compute AUC")
@@ -103,7 +126,7 @@ def calibrate(
     p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size)
     full_auc = auc(labels, p_yes[:, -1].tolist())
     points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers), model.exit_layers))
-    best = choose(points, full_auc, auc_budget_points / 100.0)
+    best = choose(points, full_auc, auc_budget_points / 100.0, margin_sigmas)
     summary = {
         "policy": best.policy.to_json(),
         "full_auc": full_auc,
@@ -112,6 +135,8 @@ def calibrate(
         "num_layers": model.num_layers,
         "layer_saving": 1.0 - best.mean_exit_layer / model.num_layers,
         "auc_budget_points": auc_budget_points,
+        "margin_sigmas": margin_sigmas,
+        "loss_se_points": 100 * best.loss_se,
         "head_auc": {str(layer): auc(labels, p_yes[:, i].tolist()) for i, layer in enumerate(model.answer_layers)},
         "valid_examples": len(valid),
         "dtype": str(torch_dtype).removeprefix("torch."),

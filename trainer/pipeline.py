@@ -70,6 +70,7 @@ class HeadsSection:
 @dataclass(frozen=True)
 class CalibrateSection:
     auc_budget_points: float = 0.3
+    margin_sigmas: float = 1.0  # standard errors of the loss that must fit in the budget too
     max_valid: int | None = 500
 
 
@@ -185,7 +186,7 @@ def stage_calibrate(cfg: FitConfig, dataset: Dataset) -> dict:
     if not valid:
         raise ValueError(f"the valid split of {cfg.data} is empty: calibration needs samples")
     return calibrate(valid, ranker_dir=Path(cfg.out) / "ranker", auc_budget_points=cfg.calibrate.auc_budget_points,
-                     plot_path=Path(cfg.out) / "calibration.png")
+                     margin_sigmas=cfg.calibrate.margin_sigmas, plot_path=Path(cfg.out) / "calibration.png")
 
 
 STAGE_FUNCTIONS = {"fit-gcn": stage_fit_gcn, "tune": stage_tune, "fit-heads": stage_fit_heads,

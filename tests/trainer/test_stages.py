@@ -146,6 +146,15 @@ def test_choose_prefers_shallow_policies_within_budget():
     assert choose([full, shallow_bad], 0.80, 0.003) is full
 
 
+def test_choose_keeps_a_margin_of_standard_errors():
+    full = PolicyPoint(ExitPolicy(disabled=True), 0.80, 6.0)
+    shaky = PolicyPoint(ExitPolicy(threshold=0.2), 0.798, 3.0, loss_se=0.002)  # 0.2 + 0.2 > 0.3
+    steady = PolicyPoint(ExitPolicy(threshold=0.1), 0.798, 4.0, loss_se=0.0005)  # 0.2 + 0.05
+    assert choose([full, shaky, steady], 0.80, 0.003) is shaky  # no margin: the loss alone
+    assert choose([full, shaky, steady], 0.80, 0.003, margin_sigmas=1.0) is steady
+    assert choose([full, shaky], 0.80, 0.003, margin_sigmas=1.0) is full
+
+
 def test_lora_and_base_model_paths(pipeline, data, tmp_path):
     out, _, _, _, _ = pipeline
     train, valid = data
