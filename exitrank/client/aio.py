@@ -31,7 +31,7 @@ from exitrank.v1 import ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 T = TypeVar("T")
 
 
-class _AsyncClient:
+class AsyncServiceClient:
     """The aio channel and the retry loop; see ``sync._Client`` for the arguments."""
 
     service = ""
@@ -77,7 +77,7 @@ class _AsyncClient:
             await asyncio.sleep(delay)
 
 
-class AsyncRankerClient(_AsyncClient):
+class AsyncRankerClient(AsyncServiceClient):
     """``exitrank.v1.Ranker`` over asyncio; see :class:`exitrank.client.RankerClient`."""
 
     service = RANKER
@@ -94,7 +94,7 @@ class AsyncRankerClient(_AsyncClient):
         return models.rank_result(reply)
 
 
-class AsyncRetrieverClient(_AsyncClient):
+class AsyncRetrieverClient(AsyncServiceClient):
     """``exitrank.v1.Retriever`` over asyncio; see :class:`exitrank.client.RetrieverClient`."""
 
     service = RETRIEVER

@@ -37,8 +37,12 @@ DEFAULT_TIMEOUT_S = 5.0
 INGEST_BATCH = 1000  # messages per client stream: a failed stream is resent whole (see ingest)
 
 
-class _Client:
-    """The channel, the retry loop and health checks; subclasses add one method per RPC."""
+class ServiceClient:
+    """Any exitrank gRPC server: the channel, the retry loop and health checks.
+
+    ``RankerClient`` and ``RetrieverClient`` add one method per RPC; used alone it serves probes
+    (``python -m exitrank.client health``). Arguments as in :class:`RankerClient`.
+    """
 
     service = ""
 
@@ -104,7 +108,7 @@ class _Client:
             time.sleep(delay)
 
 
-class RankerClient(_Client):
+class RankerClient(ServiceClient):
     """``exitrank.v1.Ranker``: CTR scores of a user's candidate items.
 
     Args:
@@ -139,7 +143,7 @@ class RankerClient(_Client):
         return models.rank_result(reply)
 
 
-class RetrieverClient(_Client):
+class RetrieverClient(ServiceClient):
     """``exitrank.v1.Retriever``: the interaction stream, the catalog, similar users and contexts.
 
     Takes the same arguments as :class:`RankerClient`, with the retriever's ``HOST:PORT``.

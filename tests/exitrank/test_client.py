@@ -7,7 +7,10 @@ that only starts after the client's first attempts have failed.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent import futures
@@ -199,3 +202,19 @@ def test_retry_policy_only_retries_unavailable():
         RetryPolicy(initial_backoff_s=3, max_backoff_s=1)
     with pytest.raises(ValueError, match="timeout"):
         RankerClient("127.0.0.1:1", timeout=0)
+
+
+def test_shell_front_end_probes_and_ranks(live_stack):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "exitrank.client", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    serving = run("health", live_stack.retriever, "--service", "exitrank.v1.Retriever")
+    assert serving.returncode == 0 and serving.stdout.strip() == "SERVING"
+    assert run("health", live_stack.ranker, "--service", "no.such.Service").returncode == 1
+    down = run("health", f"127.0.0.1:{_free_port()}", "--timeout", "0.5")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+    ranked = run("rank", live_stack.ranker, "--user", "g1u0", "--items", "golden-river,dull-story,sunny-castle")
+    assert ranked.returncode == 0, ranked.stderr
+    ctrs = [s["ctr"] for s in json.loads(ranked.stdout)["scores"]]
+    assert len(ctrs) == 3 and ctrs == sorted(ctrs, reverse=True)
