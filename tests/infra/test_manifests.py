@@ -1,0 +1,173 @@
+"""``infra/k8s``: every manifest against the Kubernetes JSON schemas (kubernetes-validate, strict: no
+unknown fields), and the wiring between them checked against the services' real CLIs and contracts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from exitrank.v1 import ranker_pb2, retriever_pb2
+
+K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+# grpc probes are GA from 1.27; check an older supported release and the newest the package knows
+VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
+SERVICES = {"retriever": retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name,
+            "ranker": ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _resources() -> dict[tuple[str, str], dict]:
+    """(kind, name) -> manifest, of everything the base kustomization applies."""
+    listed = yaml.safe_load((K8S / "kustomization.yaml").read_text())["resources"]
+    return {(d["kind"], d["metadata"]["name"]): d for name in listed for d in _docs(K8S / name)}
+
+
+def _container(kind: str, name: str) -> dict:
+    spec = _resources()[(kind, name)]["spec"]
+    if kind == "CronJob":
+        spec = spec["jobTemplate"]["spec"]
+    (container,) = spec["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifest_validates_against_the_kubernetes_schema(path, version):
+    docs = _docs(path)
+    assert docs, f"{path} holds no resource"
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "exitrank"
+
+
+def test_the_validator_catches_mistakes():
+    service = _docs(K8S / "retriever.yaml")[1]
+    broken = yaml.safe_load(yaml.safe_dump(service))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"  # must be int
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {"grpcc": {"port": 1}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+def test_kustomizations_list_every_manifest_and_patch_real_resources():
+    base = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    top_level = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "secret.example.yaml"}
+    assert set(base["resources"]) == top_level  # the Secret stays out of git on purpose
+    overlay = yaml.safe_load((K8S / "external-redis-cluster" / "kustomization.yaml").read_text())
+    assert overlay["resources"] == [".."]
+    resources = _resources()
+    for entry in overlay["patches"]:
+        patch = yaml.safe_load(entry["patch"])
+        assert (patch["kind"], patch["metadata"]["name"]) in resources, patch["metadata"]
+        assert patch["metadata"]["namespace"] == base["namespace"]
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_deployments_probe_grpc_health_of_their_service(name):
+    resources = _resources()
+    container = _container("Deployment", name)
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
+    assert container["readinessProbe"]["grpc"] == {"port": port, "service": SERVICES[name]}
+    assert container["livenessProbe"]["grpc"] == {"port": port}
+    assert container["startupProbe"]["grpc"]["port"] == port
+    assert "--port" in container["args"] and container["args"][container["args"].index("--port") + 1] == str(port)
+    service = resources[("Service", name)]
+    assert service["spec"]["selector"] == resources[("Deployment", name)]["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == port and service["spec"]["ports"][0]["targetPort"] == "grpc"
+    grace = resources[("Deployment", name)]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > 20  # longer than the services' drain time in the ConfigMaps
+
+
+def test_ranker_runs_on_gpu_nodes_with_its_configmap(check_ranker_argv):
+    resources = _resources()
+    pod = resources[("Deployment", "ranker")]["spec"]["template"]["spec"]
+    container = _container("Deployment", "ranker")
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    settings = resources[("ConfigMap", "exitrank-ranker")]["data"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "exitrank-ranker"}}]
+    config = check_ranker_argv(container["command"][1:] + container["args"], settings)  # unknown keys raise
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpus == int(container["resources"]["requests"]["nvidia.com/gpu"]) == config.model.tensor_parallel
+    assert config.model.device == "cuda" and config.server.port == 50052
+    host, port = config.retriever.target.split(":")
+    assert (host, int(port)) == ("retriever", resources[("Service", "retriever")]["spec"]["ports"][0]["port"])
+    assert container["image"] == "exitrank:cuda"
+
+
+def _environment(container: dict, resources: dict, expand, **fields: str) -> dict[str, str]:
+    """The environment the kubelet gives ``container``: envFrom ConfigMaps, then ``env`` in order, each
+    ``$(VAR)`` expanded from the variables before it; a Secret key reads as ``secret-<key>``."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(resources[("ConfigMap", source["configMapRef"]["name"])]["data"])
+    for var in container.get("env", []):
+        ref = var.get("valueFrom", {})
+        if "secretKeyRef" in ref:
+            assert ref["secretKeyRef"] == {"name": "exitrank-redis", "key": "password"}
+            env[var["name"]] = f"secret-{ref['secretKeyRef']['key']}"
+        elif "fieldRef" in ref:
+            env[var["name"]] = fields[ref["fieldRef"]["fieldPath"]]
+        else:
+            env[var["name"]] = expand(var["value"], env)
+    return env
+
+
+def test_retriever_args_and_redis_url_reach_the_real_cli(check_retriever_argv, expand):
+    resources = _resources()
+    container = _container("Deployment", "retriever")
+    env = _environment(container, resources, expand, **{"metadata.name": "retriever-7d9f-abc"})
+    assert env["EXITRANK_REDIS_URL"] == "redis://:secret-password@redis:6379/0"
+    redis_service = resources[("Service", "redis")]["spec"]
+    assert redis_service["ports"][0]["port"] == 6379 and resources[("StatefulSet", "redis")]
+    argv = [expand(a, env) for a in container["args"]]
+    config = check_retriever_argv(argv, {"EXITRANK_REDIS_URL": env["EXITRANK_REDIS_URL"]})
+    assert config.redis.url == env["EXITRANK_REDIS_URL"] and config.redis.consumer == "retriever-7d9f-abc"
+    assert config.server.port == 50051 and config.server.host == "0.0.0.0"
+    assert config.server.grace_s < resources[("Deployment", "retriever")]["spec"]["template"]["spec"][
+        "terminationGracePeriodSeconds"]
+    assert str(config.artifacts.dir) in {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def test_external_redis_cluster_overlay_gives_a_cluster_url(expand):
+    from retriever_svc.redis_io import is_cluster_url
+
+    overlay = yaml.safe_load((K8S / "external-redis-cluster" / "kustomization.yaml").read_text())
+    (values,) = [yaml.safe_load(p["patch"])["data"] for p in overlay["patches"] if "ConfigMap" in p["patch"]]
+    template = next(v["value"] for v in _container("Deployment", "retriever")["env"] if v["name"] == "EXITRANK_REDIS_URL")
+    url = expand(template, {**values, "REDIS_PASSWORD": "pw"})
+    assert is_cluster_url(url) and url.startswith("redis+cluster://:pw@")
+    assert not is_cluster_url(expand(template, {**_resources()[("ConfigMap", "exitrank-redis")]["data"],
+                                                "REDIS_PASSWORD": "pw"}))
+
+
+def test_refit_cronjob_runs_the_trainer_with_the_redis_secret(console_scripts, trainer_commands, expand):
+    resources = _resources()
+    cron = resources[("CronJob", "refit")]["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"  # two refits never publish over each other
+    container = _container("CronJob", "refit")
+    assert container["command"] == ["trainer"] and "trainer" in console_scripts
+    assert container["args"][:1] == ["refit"] and "--data" in container["args"] and "--once" in container["args"]
+    if "refit" in trainer_commands:  # the refit CLI lands separately; once it does, its flags must parse
+        trainer_commands["refit"].parse_args(container["args"][1:])
+    env = _environment(container, resources, expand)
+    assert env["EXITRANK_REDIS_URL"] == "redis://:secret-password@redis:6379/0"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["data"]["mountPath"] == "/data" and not mounts["artifacts"].get("readOnly", False)
+
+
+def test_secret_example_defines_the_key_every_pod_reads():
+    (secret,) = _docs(K8S / "secret.example.yaml")
+    assert secret["kind"] == "Secret" and secret["metadata"]["name"] == "exitrank-redis"
+    assert set(secret["stringData"]) == {"password"}
+    redis = _container("StatefulSet", "redis")
+    assert "$(REDIS_PASSWORD)" in redis["args"] and redis["env"][0]["name"] == "REDIS_PASSWORD"
