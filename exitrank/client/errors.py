@@ -5,10 +5,10 @@
     ExitrankError(code, message, method, attempts)
     ├── InvalidRequest       INVALID_ARGUMENT, OUT_OF_RANGE   fix the request; never retried
     ├── NotFound             NOT_FOUND                        unknown user or items
-    ├── Unavailable          UNAVAILABLE                      retried with backoff; raised when retries ran out
+    ├── Unavailable          UNAVAILABLE                      retried with backoff; raised once retries ran out
     ├── DeadlineExceeded     DEADLINE_EXCEEDED                the call's deadline passed (retries included)
     ├── Overloaded           RESOURCE_EXHAUSTED               the server sheds load or rate-limits this caller
-    ├── FailedPrecondition   FAILED_PRECONDITION              the server is not set up (no artifact, no embeddings)
+    ├── FailedPrecondition   FAILED_PRECONDITION              not set up yet (no artifact, no embeddings)
     ├── AccessDenied         UNAUTHENTICATED, PERMISSION_DENIED
     └── ServerError          INTERNAL, UNKNOWN and every other code
 

@@ -66,7 +66,8 @@ def test_client_errors_become_http_statuses(feed_url):
 
 def test_click_goes_into_the_retriever_stream_and_sigterm_stops(feed_url, live_stack):
     url, proc = feed_url
-    request = urllib.request.Request(f"{url}/click", data=json.dumps({"user": "clicker", "item": "dull-castle"}).encode(),
+    click = json.dumps({"user": "clicker", "item": "dull-castle"}).encode()
+    request = urllib.request.Request(f"{url}/click", data=click,
                                      method="POST", headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as reply:
         assert reply.status == 200 and json.loads(reply.read())["accepted"] == 1

@@ -143,7 +143,8 @@ def test_external_redis_cluster_overlay_gives_a_cluster_url(expand):
 
     overlay = yaml.safe_load((K8S / "external-redis-cluster" / "kustomization.yaml").read_text())
     (values,) = [yaml.safe_load(p["patch"])["data"] for p in overlay["patches"] if "ConfigMap" in p["patch"]]
-    template = next(v["value"] for v in _container("Deployment", "retriever")["env"] if v["name"] == "EXITRANK_REDIS_URL")
+    env = _container("Deployment", "retriever")["env"]
+    template = next(v["value"] for v in env if v["name"] == "EXITRANK_REDIS_URL")
     url = expand(template, {**values, "REDIS_PASSWORD": "pw"})
     assert is_cluster_url(url) and url.startswith("redis+cluster://:pw@")
     assert not is_cluster_url(expand(template, {**_resources()[("ConfigMap", "exitrank-redis")]["data"],
