@@ -24,9 +24,13 @@ tokenises ``context + suffix`` exactly as the two parts (checked per tokenizer a
 Titles are untrusted catalog text. :func:`sanitize_title` makes each one a single bounded line
 that cannot impersonate the answer: control and format characters become spaces, double quotes
 become single quotes (titles are quoted), whitespace collapses, long titles are cut to
-``max_title_chars`` (ending "..."), and after cutting, the standalone words "Yes"/"No" in any case
-are lower-cased: " yes"/" no" are different tokens from the answer tokens " Yes"/" No", so a
-title can neither contain an answer token nor fake an answered prompt.
+``max_title_chars`` (ending "..."), and after cutting, every word that starts with an answer word
+("Yes"/"No", or ``answer_yes``/``answer_no``) in any case is lower-cased. Whole words, not only
+standalone ones: a BPE tokenizer splits " Nothing" or " Nope" into " No" + rest, so leaving them
+would put the answer token itself into the title. After this no title holds the substring " Yes"
+or " No"; a byte-level BPE or SentencePiece token is a substring of the text, so a title can
+neither contain an answer token nor fake an answered prompt (``tests/ranker_svc/test_prompt.py``
+and ``test_prompt_injection.py`` check this token by token on generated titles).
 """
 
 from __future__ import annotations
@@ -38,7 +42,14 @@ from dataclasses import asdict, dataclass
 
 from exitrank.types import HistoryItem, UserContext
 
-_ANSWER_WORDS = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+def answer_pattern(answers: tuple[str, ...]) -> re.Pattern:
+    """Words starting with any of ``answers`` (stripped), in any case."""
+    return re.compile(r"\b(?:" + "|".join(re.escape(a.strip()) for a in answers) + r")\w*", re.IGNORECASE)
+
+
+_ANSWER_WORDS = answer_pattern(("Yes", "No"))
 MAX_NEIGHBORS = 16
 TEMPLATES = (1, 2)
 QUESTION = "Will the user click on the target item?"
@@ -88,6 +99,9 @@ class PromptConfig:
             raise ValueError(f"prompt.num_neighbors must be in 0..{MAX_NEIGHBORS}, got {self.num_neighbors}")
         if self.answer_yes == self.answer_no or not self.answer_yes.strip() or not self.answer_no.strip():
             raise ValueError("prompt.answer_yes and prompt.answer_no must be distinct, non-blank strings")
+        if self.answer_yes.islower() or self.answer_no.islower():
+            # titles are neutralised by lower-casing words that start with an answer (sanitize_title)
+            raise ValueError("prompt.answer_yes and prompt.answer_no must contain an upper-case letter")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -99,14 +113,15 @@ class PromptConfig:
         return cls(**{"template": 1, **{k: v for k, v in row.items() if k in names}})
 
 
-def sanitize_title(title: str, max_chars: int) -> str:
-    """One bounded line of title text that cannot contain the answer words (see module docstring)."""
+def sanitize_title(title: str, max_chars: int, answers: re.Pattern = _ANSWER_WORDS) -> str:
+    """One bounded line of title text that cannot contain the answer words (see module docstring);
+    ``answers``: :func:`answer_pattern` of the configured answers (default Yes/No)."""
     text = unicodedata.normalize("NFKC", title)
     text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
     text = " ".join(text.replace('"', "'").split())
     if len(text) > max_chars:
         text = text[: max_chars - 3].rstrip() + "..."
-    text = _ANSWER_WORDS.sub(lambda m: m.group(0).lower(), text)
+    text = answers.sub(lambda m: m.group(0).lower(), text)
     return text or "(untitled)"
 
 
@@ -119,6 +134,7 @@ class PromptBuilder:
 
     def __init__(self, *, config: PromptConfig | None = None) -> None:
         self.config = config or PromptConfig()
+        self._answers = answer_pattern((self.config.answer_yes, self.config.answer_no))
 
     def context_text(self, ctx: UserContext) -> str:
         """Instruction, similar users' interactions, then the user's own history (the shared part)."""
@@ -140,7 +156,7 @@ class PromptBuilder:
 
     def target_text(self, title: str) -> str:
         """The candidate, last; the prompt ends so that the next token is the answer."""
-        shown = sanitize_title(title, self.config.max_title_chars)
+        shown = sanitize_title(title, self.config.max_title_chars, self._answers)
         if self.config.template == 1:
             return f'\nTarget item: "{shown}"\n{QUESTION} Answer:'
         return f'\nTarget item: "{shown}"\nAnswer:'
@@ -159,7 +175,7 @@ class PromptBuilder:
         return "; ".join(self._interaction(item) for item in recent)
 
     def _interaction(self, item: HistoryItem) -> str:
-        title = sanitize_title(item.title or item.item_id, self.config.max_title_chars)
+        title = sanitize_title(item.title or item.item_id, self.config.max_title_chars, self._answers)
         if self.config.rating_style == "stars":
             return f'rated "{title}" with {item.rating:g} stars'
         verb = "liked" if item.rating >= self.config.like_threshold else "disliked"
