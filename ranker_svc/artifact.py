@@ -207,8 +207,9 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
     dtype = dtype or getattr(torch, meta.get("policy_dtype") or "float32")
     try:
         tokenizer = AutoTokenizer.from_pretrained(ranker_dir, local_files_only=True)
+        # use_safetensors: a directory holding only pytorch_model.bin (a pickle) is refused, not unpickled
         causal_lm = AutoModelForCausalLM.from_pretrained(
-            ranker_dir, local_files_only=True, dtype=dtype
+            ranker_dir, local_files_only=True, dtype=dtype, use_safetensors=True
         )
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot load the model/tokenizer in {ranker_dir}: {exc}") from exc

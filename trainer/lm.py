@@ -97,7 +97,9 @@ def load_base_model(path: Path | str) -> tuple[PreTrainedTokenizerFast, PreTrain
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--base-model {path}: expected a transformers checkpoint directory with config.json")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    # use_safetensors: a checkpoint holding only pytorch_model.bin (a pickle) is refused, not unpickled
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                                 use_safetensors=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     tokenizer.padding_side = "right"
