@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import time
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class MicroBatcher(Generic[Job, Result]):
         max_wait_s: how long the oldest queued job may wait for company (0: only what is queued).
         max_rows: a batch closes once its jobs hold this many rows (a larger single job runs alone).
         max_pending: jobs queued or running at most; more raise :class:`Overloaded`.
+
+    ``on_batch(requests=, rows=, seconds=)``, when set, is told of every batch the model ran
+    (the ranker's metrics hook).
     """
 
     def __init__(self, *, run: Callable[[list[Job]], list[Result | BaseException]], max_wait_s: float,
@@ -70,6 +74,7 @@ class MicroBatcher(Generic[Job, Result]):
         self.max_rows = max_rows
         self.max_pending = max_pending
         self.stats = BatchStats()
+        self.on_batch: Callable[..., None] | None = None
         self._queue: deque[_Pending[Job]] = deque()
         self._queued_rows = 0
         self._running = 0
@@ -95,7 +100,9 @@ class MicroBatcher(Generic[Job, Result]):
         self._queue.append(pending)
         self._queued_rows += rows
         if self._drainer is None or self._drainer.done() or self._drainer.get_loop() is not loop:
-            self._drainer = loop.create_task(self._drain())
+            # a fresh context: the drain serves every caller, it must not carry the first one's
+            # request id (logs) or trace span
+            self._drainer = loop.create_task(self._drain(), context=contextvars.Context())
         elif self._queued_rows >= self.max_rows and self._full is not None:
             self._full.set()
         return await pending.future
@@ -133,17 +140,21 @@ class MicroBatcher(Generic[Job, Result]):
 
     async def _run(self, batch: list[_Pending[Job]]) -> None:
         self._running += len(batch)
+        started = time.perf_counter()
         try:
             results: list[Any] = await asyncio.to_thread(self.run, [item.job for item in batch])
         except Exception as exc:  # noqa: BLE001 - every caller of the batch gets the failure
             results = [exc] * len(batch)
         finally:
             self._running -= len(batch)
+        rows = sum(item.rows for item in batch)
         stats = self.stats
         stats.batches += 1
         stats.jobs += len(batch)
-        stats.rows += sum(item.rows for item in batch)
+        stats.rows += rows
         stats.largest_batch_jobs = max(stats.largest_batch_jobs, len(batch))
+        if self.on_batch is not None:
+            self.on_batch(requests=len(batch), rows=rows, seconds=time.perf_counter() - started)
         for item, result in zip(batch, results):
             if item.future.done():
                 continue

@@ -11,6 +11,10 @@ cache (``Engine.predict_shared``), with per-row early exits. The model runs thro
 ``Ranker.score_examples``/``score_texts`` score full prompts (offline evaluation, calibration
 checks); ``score_candidates`` scores one user's candidates the serving way. All paths run the same
 ``ranker_svc.exits.run_exits``, and the shared-context scores equal the full-prompt ones.
+
+Observability without transport: ``rank`` opens the ``ranker.retrieval`` and ``ranker.score``
+trace spans (no-ops unless tracing is on) and reports each served request and each model batch
+to a :class:`RankObserver` when one is attached (``exitrank.observability.metrics.RankerMetrics``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from exitrank.observability.tracing import span
 from exitrank.types import ExitDecision, RankExample, RankResult, ScoredItem, UserContext
 from ranker_svc.artifact import LoadedRanker
 from ranker_svc.batching import MicroBatcher
@@ -37,7 +42,7 @@ from ranker_svc.prompt import MAX_NEIGHBORS
 
 log = logging.getLogger(__name__)
 MAX_ID_BYTES = 128
-__all__ = ["ContextSource", "Ranker", "ScoreJob", "encode_prompt", "pad_right"]
+__all__ = ["ContextSource", "RankObserver", "Ranker", "ScoreJob", "encode_prompt", "pad_right"]
 
 
 class ContextSource(Protocol):
@@ -52,6 +57,16 @@ class ContextSource(Protocol):
 
     async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
         """Titles of the known ids (unknown ids absent); raises ContextUnavailable when unreachable."""
+
+
+class RankObserver(Protocol):
+    """Told of the ranker's work (metrics); called on the event loop, must not block."""
+
+    def observe_rank(self, result: RankResult) -> None:
+        """A request was served: its scores (exit layers), retrieval use and timings."""
+
+    def observe_batch(self, *, requests: int, rows: int, seconds: float) -> None:
+        """The model ran one batch of ``requests`` requests, ``rows`` candidate rows."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +113,12 @@ class Ranker:
             run=self.score_jobs, max_wait_s=self.batching.max_wait_ms / 1e3, max_rows=self.batching.max_batch_rows,
             max_pending=self.batching.max_pending_requests,
         )
+        self.observer: RankObserver | None = None
+
+    def attach_observer(self, observer: RankObserver | None) -> None:
+        """Report served requests and model batches to ``observer`` (None: stop reporting)."""
+        self.observer = observer
+        self.batcher.on_batch = None if observer is None else observer.observe_batch
 
     @property
     def model_version(self) -> str:
@@ -216,11 +237,12 @@ class Ranker:
         candidates = self._validate(user_id, candidate_item_ids, num_neighbors)
         policy = self.check_policy(policy or self.policy)
         k = num_neighbors or self.prompt.config.num_neighbors
-        lookups = asyncio.gather(self._context(user_id, k, timeout_s), self._titles(candidates, timeout_s))
-        try:
-            ctx, titles = await asyncio.wait_for(lookups, None if deadline is None else deadline - started)
-        except TimeoutError as exc:
-            raise DeadlineExceeded("the deadline passed while fetching context and titles") from exc
+        with span("ranker.retrieval", attributes={"ranker.num_neighbors": k}):
+            lookups = asyncio.gather(self._context(user_id, k, timeout_s), self._titles(candidates, timeout_s))
+            try:
+                ctx, titles = await asyncio.wait_for(lookups, None if deadline is None else deadline - started)
+            except TimeoutError as exc:
+                raise DeadlineExceeded("the deadline passed while fetching context and titles") from exc
         missing = [i for i in candidates if i not in titles]
         if missing:
             raise UnknownItems(missing)
@@ -228,9 +250,10 @@ class Ranker:
         ctx = ctx or UserContext(user_id=user_id)
         retrieved = time.perf_counter()
         job = ScoreJob(ctx, tuple(titles[i] for i in candidates), policy)
-        decisions = await self.batcher.submit(job, rows=len(candidates), deadline=deadline)
+        with span("ranker.score", attributes={"ranker.candidates": len(candidates)}):
+            decisions = await self.batcher.submit(job, rows=len(candidates), deadline=deadline)
         done = time.perf_counter()
-        return RankResult(
+        result = RankResult(
             scores=tuple(ScoredItem(i, d.ctr, d.exit_layer) for i, d in zip(candidates, decisions)),
             model_version=self.model_version,
             retrieval_used=retrieval_used,
@@ -238,6 +261,9 @@ class Ranker:
             timings_ms={"retrieval": 1e3 * (retrieved - started), "inference": 1e3 * (done - retrieved),
                         "total": 1e3 * (done - started)},
         )
+        if self.observer is not None:
+            self.observer.observe_rank(result)
+        return result
 
     def _validate(self, user_id: str, candidates: Sequence[str], num_neighbors: int) -> list[str]:
         _check_id("user_id", user_id)

@@ -8,6 +8,7 @@ hands it (with the W3C trace context when tracing is on) to the calls the reques
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterable
 from contextvars import ContextVar
@@ -16,6 +17,7 @@ from exitrank.observability import tracing
 
 REQUEST_ID_KEY = "x-request-id"
 MAX_REQUEST_ID_LEN = 128
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/=+-]{1,%d}" % MAX_REQUEST_ID_LEN)
 
 request_id_var: ContextVar[str | None] = ContextVar("exitrank_request_id", default=None)
 rpc_var: ContextVar[str | None] = ContextVar("exitrank_rpc", default=None)
@@ -26,12 +28,11 @@ def new_request_id() -> str:
 
 
 def valid_request_id(value: str | bytes | None) -> str | None:
-    """``value`` when it is usable as a request id (1..128 printable ASCII characters), else None."""
-    if not isinstance(value, str) or not 0 < len(value) <= MAX_REQUEST_ID_LEN:
-        return None
-    if not value.isascii() or not value.isprintable():
-        return None
-    return value
+    """``value`` when it is usable as a request id (1..128 of ``A-Za-z0-9._:/=+-``: safe in logs,
+    metadata and file names), else None."""
+    if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
+        return value
+    return None
 
 
 def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
