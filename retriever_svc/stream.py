@@ -24,6 +24,7 @@ from retriever_svc.redis_io import guarded, stream_id, text
 StreamEntry = tuple[str, dict[bytes, bytes]]
 Update = tuple[str, str, str, list[str]]  # (entry id, version, origin consumer, user ids)
 UPDATES_RETENTION_MS = 6 * 3600 * 1000
+BACKLOG_COUNT_CAP = 10_000  # stream lag counted entry by entry (Redis < 7) stops here
 _MARGIN_MS = 1000
 
 
@@ -120,6 +121,25 @@ class StreamOps:
     async def pending_count(self) -> int:
         summary = await self.client.xpending(self.keys.stream, self.group)
         return int(summary["pending"])
+
+    @guarded
+    async def stream_backlog(self, *, cap: int = BACKLOG_COUNT_CAP) -> tuple[int, int]:
+        """``(lag, pending)`` of the group: entries not yet delivered to any of its consumers, and
+        entries delivered but not yet acknowledged (applied). Redis 7 answers the lag itself
+        (XINFO GROUPS); before that, or when it cannot tell, the entries after the group's last
+        delivered id are counted, at most ``cap`` of them."""
+        try:
+            groups = await self.client.xinfo_groups(self.keys.stream)
+        except rexc.ResponseError:  # no stream yet: nothing was ingested
+            return 0, 0
+        info = next((g for g in groups if text(g["name"]) == self.group), None)
+        if info is None:  # no consumer has started: everything is lag
+            return int(await self.client.xlen(self.keys.stream)), 0
+        lag = info.get("lag")
+        if lag is None:
+            last = text(info["last-delivered-id"])
+            lag = len(await self.client.xrange(self.keys.stream, min=f"({last}", max="+", count=cap))
+        return int(lag), int(info["pending"])
 
     @guarded
     async def trim_acknowledged(self) -> int:
