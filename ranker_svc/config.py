@@ -10,10 +10,15 @@ command-line flags (later wins); each core class receives only its section. Exam
     batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_wait_ms: 2.0,
                max_batch_rows: 256, shared_context: true}
     server: {host: 127.0.0.1, port: 50052, grace_s: 5.0}
-    retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000, title_ttl_s: 300}
+    retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000, title_ttl_s: 300,
+                tls: false, tls_ca: null, tls_cert: null, tls_key: null, tls_server_name: ""}
+    tls: {cert: null, key: null, client_ca: null}          # exitrank.security.ServerTLS
+    limits: {max_receive_bytes: 4194304, max_send_bytes: 16777216, rate_per_s: 0, burst: 0,
+             max_clients: 10000, trust_client_id: false}   # exitrank.security.Limits
 
 Environment variables ``EXITRANK_RANKER_<SECTION>_<KEY>`` set single keys, e.g.
-``EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5`` or ``EXITRANK_RANKER_MODEL_ENGINE=onnx``.
+``EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5`` or ``EXITRANK_RANKER_MODEL_ENGINE=onnx``; TLS files
+too (``EXITRANK_RANKER_TLS_CERT``, ``EXITRANK_RANKER_RETRIEVER_TLS_CA``, ...).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from exitrank.security import ClientTLS, Limits, ServerTLS
 from ranker_svc.errors import InvalidArgument
 
 ENGINES = ("torch", "deepspeed", "onnx")
@@ -132,14 +138,30 @@ class ServerConfig:
 
 @dataclass(frozen=True, slots=True)
 class RetrieverConfig:
-    """The retriever endpoint ("" = none: rank without retrieval), call timeout, title cache."""
+    """The retriever endpoint ("" = none: rank without retrieval), call timeout, title cache, and
+    TLS to it: ``tls`` (system roots) or ``tls_ca`` (``--retriever-tls-ca``) verify the retriever,
+    ``tls_cert``/``tls_key`` are this ranker's client certificate when the retriever requires
+    mutual TLS, ``tls_server_name`` the name its certificate holds if not the target's host."""
 
     target: str = ""
     timeout_s: float = 0.5
     title_cache_size: int = 100_000
     title_ttl_s: float = 300.0
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_server_name: str = ""
+
+    def client_tls(self) -> ClientTLS:
+        return ClientTLS(enabled=self.tls, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key,
+                         server_name=self.tls_server_name, flag_prefix="--retriever-tls")
 
     def __post_init__(self) -> None:
+        for key in ("tls_ca", "tls_cert", "tls_key"):  # YAML gives strings
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, Path(getattr(self, key)))
+        self.client_tls()  # cert and key together
         if self.timeout_s <= 0:
             raise InvalidArgument("retriever.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.title_cache_size < 0:
@@ -155,6 +177,8 @@ class RankerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    tls: ServerTLS = field(default_factory=ServerTLS)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RankerConfig":
@@ -184,7 +208,7 @@ class RankerConfig:
             InvalidArgument: an unknown section/key or a value of the wrong type, named.
         """
         environ = os.environ if environ is None else environ
-        config = self
+        changes: dict[str, dict] = {}  # per section, applied at once (tls cert and key go together)
         for var, raw in sorted(environ.items()):
             if not var.startswith(ENV_PREFIX):
                 continue
@@ -196,7 +220,10 @@ class RankerConfig:
             types = typing.get_type_hints(type(getattr(self, section)))
             if key not in types:
                 raise InvalidArgument(var, f"unknown key {section}.{key}; known: {', '.join(sorted(types))}")
-            config = config.with_section(section, **{key: _parse_env(var, raw, types[key])})
+            changes.setdefault(section, {})[key] = _parse_env(var, raw, types[key])
+        config = self
+        for section, values in changes.items():
+            config = config.with_section(section, **values)
         return config
 
     def with_section(self, name: str, **changes) -> "RankerConfig":
@@ -218,3 +245,41 @@ def _parse_env(var: str, raw: str, kind) -> object:
         return kind(raw)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(var, f"cannot read {raw!r} as {getattr(kind, '__name__', kind)}") from exc
+
+
+def add_security_flags(serve) -> None:
+    """``--tls-*``, limit and ``--retriever-tls-*`` flags of ``ranker-svc serve`` (None: keep config)."""
+    group = serve.add_argument_group("TLS and limits")
+    group.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS only")
+    group.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    group.add_argument("--tls-client-ca", type=Path, help="PEM CA of client certificates: mutual TLS")
+    group.add_argument("--max-receive-bytes", type=int, help="largest request message (default 4 MiB)")
+    group.add_argument("--max-send-bytes", type=int, help="largest response message (default 16 MiB)")
+    group.add_argument("--rate-limit", type=float, help="requests/s per client (default 0: off)")
+    group.add_argument("--rate-burst", type=int, help="token bucket size (0: 2x --rate-limit)")
+    group.add_argument("--trust-client-id", action="store_true", default=None,
+                       help="count calls by their x-client-id metadata (behind a trusted gateway only)")
+    group.add_argument("--retriever-tls", action="store_true", default=None,
+                       help="TLS to the retriever, verified against the system roots")
+    group.add_argument("--retriever-tls-ca", type=Path, help="PEM CA of the retriever's certificate")
+    group.add_argument("--retriever-tls-cert", type=Path, help="PEM client certificate for a mutual-TLS retriever")
+    group.add_argument("--retriever-tls-key", type=Path, help="PEM key of --retriever-tls-cert")
+    group.add_argument("--retriever-tls-server-name", help="name in the retriever's certificate, if not its host")
+
+
+_SECURITY_FLAGS = {
+    "tls": {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"},
+    "limits": {"max_receive_bytes": "max_receive_bytes", "max_send_bytes": "max_send_bytes",
+               "rate_per_s": "rate_limit", "burst": "rate_burst", "trust_client_id": "trust_client_id"},
+    "retriever": {"tls": "retriever_tls", "tls_ca": "retriever_tls_ca", "tls_cert": "retriever_tls_cert",
+                  "tls_key": "retriever_tls_key", "tls_server_name": "retriever_tls_server_name"},
+}
+
+
+def with_security_flags(config: "RankerConfig", args) -> "RankerConfig":
+    """``config`` with the flags of :func:`add_security_flags` that were given."""
+    for section, keys in _SECURITY_FLAGS.items():
+        given = {key: getattr(args, flag) for key, flag in keys.items() if getattr(args, flag) is not None}
+        if given:
+            config = config.with_section(section, **given)
+    return config

@@ -6,6 +6,9 @@ ranks without neighbours. Titles are required to build prompts, so ``get_titles`
 bounded LRU cache holds and raises :class:`ContextUnavailable` only when it must ask the retriever
 and cannot reach it. Every call carries ``retriever.timeout_s``, or the ranker caller's remaining
 deadline when that is shorter (the gRPC deadline propagates to the retriever).
+
+The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_cert`` for a
+retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 
 import grpc
 
+from exitrank.grpc_security import open_channel
+from exitrank.security import load_client_tls
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.config import RetrieverConfig
@@ -64,14 +69,15 @@ class RetrieverClient:
 
     Args:
         config: target, per-call timeout and title cache settings.
-        channel: an existing channel (tests, shared channels); default: an insecure channel to target.
+        channel: an existing channel (tests, shared channels); default: a channel to target, TLS
+            per ``config.tls*`` (``TLSConfigError`` for unusable files).
     """
 
     def __init__(self, *, config: RetrieverConfig, channel: grpc.aio.Channel | None = None) -> None:
         if channel is None and not config.target:
             raise ValueError("retriever.target is empty: pass --retriever HOST:PORT")
         self.config = config
-        self._channel = channel or grpc.aio.insecure_channel(config.target)
+        self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()))
         self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
         self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
 

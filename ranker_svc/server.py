@@ -4,6 +4,8 @@
     ranker-svc serve --port 0 --retriever 127.0.0.1:50051 --artifacts artifacts --dtype float32 \
         --config ranker.yaml                     # YAML sections as in ranker_svc/config.py
     ranker-svc serve ... --engine onnx           # or deepspeed (--tensor-parallel N under `deepspeed --num_gpus N`)
+    ranker-svc serve ... --tls-cert s.crt --tls-key s.key --tls-client-ca ca.crt \
+        --retriever-tls-ca ca.crt --retriever-tls-cert c.crt --retriever-tls-key c.key --rate-limit 500
     EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5 ranker-svc serve ...   # env overrides (file < env < flags)
 
 Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``). SIGTERM or
@@ -29,7 +31,9 @@ from grpc_reflection.v1alpha import reflection
 
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import load_ranker
-from ranker_svc.config import DTYPES, ENGINES, RankerConfig
+from exitrank.grpc_security import bind, server_kwargs
+from exitrank.security import load_client_tls, load_server_tls
+from ranker_svc.config import DTYPES, ENGINES, RankerConfig, add_security_flags, with_security_flags
 from ranker_svc.engine import build_engine
 from ranker_svc.errors import RankerError
 from ranker_svc.model import resolve_dtype
@@ -55,9 +59,10 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--dtype", choices=DTYPES, help="default auto; serve in the calibration dtype")
     serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
+    add_security_flags(serve)
     args = parser.parse_args(argv)
     base = RankerConfig.from_dict(yaml.safe_load(args.config.read_text()) or {}) if args.config else RankerConfig()
-    base = base.with_env()
+    base = with_security_flags(base.with_env(), args)
     model = {k: v for k, v in (("engine", args.engine), ("dtype", args.dtype), ("num_threads", args.num_threads),
                                ("tensor_parallel", args.tensor_parallel)) if v is not None}
     batching = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
@@ -114,14 +119,20 @@ class RankerServer:
 
 
 async def start_server(config: RankerConfig, *, context_source: ContextSource | None = None) -> RankerServer:
-    """Builds config -> core -> servicer, adds health and reflection, binds and starts."""
+    """Builds config -> core -> servicer, adds health and reflection, binds and starts.
+
+    TLS files are checked first (``TLSConfigError`` before the model loads); health and reflection
+    share the port, so they are served over TLS too; ``config.limits`` apply to every call.
+    """
+    pem = load_server_tls(config.tls)
+    load_client_tls(config.retriever.client_tls())
     ranker, client = build_ranker(config, context_source=context_source)
-    server = grpc.aio.server()
+    server = grpc.aio.server(**server_kwargs(config.limits, mutual=config.tls.mutual))
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(core=ranker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.server.host}:{config.server.port}")
+    port = bind(server, f"{config.server.host}:{config.server.port}", pem)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

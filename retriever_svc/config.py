@@ -6,9 +6,15 @@
     # a replica of a Redis Cluster deployment (give every replica its own --consumer name)
     retriever-svc serve --port 50052 --artifacts A --consumer replica-2 \
         --redis-url redis+cluster://:secret@10.0.0.5:7000/0 --index-cache /var/cache/xr
+    # TLS, mutual TLS (clients need a certificate signed by ca.crt), a per-client rate limit,
+    # and Redis over TLS as an ACL user
+    retriever-svc serve --port 50051 --artifacts A --tls-cert server.crt --tls-key server.key \
+        --tls-client-ca ca.crt --rate-limit 2000 \
+        --redis-url rediss://retriever:secret@redis:6380/0 --redis-tls-ca redis-ca.crt
 
 Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
-consumer the ``redis`` section, ``server.py`` the ``server`` and ``artifacts`` sections.
+consumer the ``redis`` section, ``server.py`` the ``server``, ``tls``, ``limits`` and ``artifacts``
+sections (``tls`` and ``limits`` are ``exitrank.security``'s, shared with the ranker).
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exitrank.security import Limits, ServerTLS
+from retriever_svc.redis_io import tls_options
 from retriever_svc.vectors import INDEX_KINDS
 
 
@@ -39,6 +47,9 @@ class RedisConfig:
         block_ms: how long one read waits for new entries.
         claim_idle_ms: entries pending this long are taken from a (crashed) peer.
         timeout_s: socket timeout of Redis commands.
+        tls_ca, tls_cert, tls_key: for a ``rediss://`` URL, the CA that signs the Redis server's
+            certificate (default: the system roots, or the URL's ``ssl_ca_certs``) and a client
+            certificate for Redis's ``tls-auth-clients`` (see ``redis_io``).
     """
 
     url: str | None = None
@@ -50,8 +61,19 @@ class RedisConfig:
     block_ms: int = 200
     claim_idle_ms: int = 30_000
     timeout_s: float = 5.0
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    def tls(self) -> dict[str, str]:
+        """redis-py ``ssl_*`` options of the TLS fields (checked: files readable, URL rediss://)."""
+        if self.url is None:
+            return {}
+        return tls_options(self.url, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key)
 
     def __post_init__(self) -> None:
+        if self.url is None and (self.tls_ca or self.tls_cert or self.tls_key):
+            raise ValueError("redis.tls_ca/tls_cert/tls_key (--redis-tls-*) need --redis-url rediss://...")
         if self.read_count < 1:
             raise ValueError(f"redis.read_count must be >= 1, got {self.read_count}")
         if not 1 <= self.block_ms < self.timeout_s * 1000:
@@ -136,6 +158,8 @@ class RetrieverConfig:
     index: IndexConfig
     server: ServerConfig
     artifacts: ArtifactsConfig
+    tls: ServerTLS = field(default_factory=ServerTLS)
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> RetrieverConfig:
@@ -147,6 +171,7 @@ class RetrieverConfig:
                 data_dir=args.data_dir,
                 prefix=args.redis_prefix,
                 consumer=args.consumer or socket.gethostname(),
+                tls_ca=args.redis_tls_ca, tls_cert=args.redis_tls_cert, tls_key=args.redis_tls_key,
             ),
             index=IndexConfig(kind=args.index_kind, hnsw_min_users=args.hnsw_min_users,
                               hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
@@ -154,6 +179,10 @@ class RetrieverConfig:
                               version_poll_s=args.version_poll),
             server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
             artifacts=ArtifactsConfig(dir=args.artifacts),
+            tls=ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
+            limits=Limits(max_receive_bytes=args.max_receive_bytes, max_send_bytes=args.max_send_bytes,
+                          rate_per_s=args.rate_limit, burst=args.rate_burst,
+                          trust_client_id=args.trust_client_id),
         )
 
 
@@ -183,4 +212,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--version-poll", type=float, default=1.0,
                        help="seconds between checks for a newly published embedding version")
     serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace seconds")
+    add_security_arguments(serve)
     return parser
+
+
+def add_security_arguments(serve: argparse.ArgumentParser) -> None:
+    """TLS, limits and Redis TLS flags (``exitrank.security``; defaults are ``Limits``'s)."""
+    tls = serve.add_argument_group("TLS and limits")
+    tls.add_argument("--tls-cert", type=Path, help="PEM server certificate: serve TLS only")
+    tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    tls.add_argument("--tls-client-ca", type=Path,
+                     help="PEM CA of client certificates: mutual TLS, clients without one are refused")
+    tls.add_argument("--max-receive-bytes", type=int, default=Limits().max_receive_bytes,
+                     help="largest request message (default 4 MiB)")
+    tls.add_argument("--max-send-bytes", type=int, default=Limits().max_send_bytes,
+                     help="largest response message (default 16 MiB)")
+    tls.add_argument("--rate-limit", type=float, default=0.0,
+                     help="requests/s per client (certificate subject, else peer address); 0: off")
+    tls.add_argument("--rate-burst", type=int, default=0, help="token bucket size (0: 2x --rate-limit)")
+    tls.add_argument("--trust-client-id", action="store_true",
+                     help="count calls by their x-client-id metadata (behind a trusted gateway only)")
+    tls.add_argument("--redis-tls-ca", type=Path, help="PEM CA of the Redis server (rediss:// URLs)")
+    tls.add_argument("--redis-tls-cert", type=Path, help="PEM client certificate for Redis")
+    tls.add_argument("--redis-tls-key", type=Path, help="PEM key of --redis-tls-cert")

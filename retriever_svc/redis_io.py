@@ -5,11 +5,20 @@ A URL whose scheme ends in ``+cluster`` (``redis+cluster://:pw@host:port/0``,
 URL redis-py accepts (``redis://``, ``rediss://``, ``unix://``) a plain ``redis.asyncio.Redis``.
 Every key of one user shares a hash tag (see ``store.py``), so multi-key scripts stay in one slot
 and pipelines fan out to the nodes owning their keys (one round trip per node, in parallel).
+
+Authentication and TLS come with the URL, as redis-py reads it: ``redis://user:pw@host:6379/0``
+logs in as the ACL user ``user`` (``redis://:pw@...``: the default user, ``requirepass``);
+``rediss://`` speaks TLS and verifies the server against the system roots, or against the CA
+in the ``ssl_ca_certs`` query parameter (``rediss://:pw@host:6380/0?ssl_ca_certs=/etc/ca.pem``),
+or the one :func:`connect` gets as ``tls_ca`` (``--redis-tls-ca``); ``tls_cert``/``tls_key``
+present a client certificate (Redis ``tls-auth-clients``). TLS files given for a non-TLS URL
+are refused rather than ignored.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,10 +39,43 @@ def is_cluster_url(url: str) -> bool:
     return scheme.endswith(CLUSTER_SUFFIX)
 
 
-def connect(url: str, *, timeout_s: float = 5.0) -> Client:
-    """A client for ``url`` (bytes replies; see the module docstring for cluster URLs)."""
+def is_tls_url(url: str) -> bool:
+    """True for ``rediss://`` and ``rediss+cluster://`` URLs."""
+    return url.partition("://")[0].removesuffix(CLUSTER_SUFFIX) == "rediss"
+
+
+def tls_options(url: str, *, tls_ca: str | os.PathLike | None = None,
+                tls_cert: str | os.PathLike | None = None,
+                tls_key: str | os.PathLike | None = None) -> dict[str, str]:
+    """redis-py ``ssl_*`` keyword arguments for the given files (empty when none is given).
+
+    Raises:
+        ValueError: files given for a URL that is not ``rediss://``, a cert without its key, or
+            a file that cannot be read; the message names the setting.
+    """
+    given = {"ssl_ca_certs": tls_ca, "ssl_certfile": tls_cert, "ssl_keyfile": tls_key}
+    given = {k: os.fspath(v) for k, v in given.items() if v is not None and os.fspath(v)}
+    if not given:
+        return {}
+    if not is_tls_url(url):
+        raise ValueError("redis.tls_ca/tls_cert/tls_key (--redis-tls-*) need a rediss:// URL, "
+                         f"got scheme {url.partition('://')[0]!r}")
+    if ("ssl_certfile" in given) != ("ssl_keyfile" in given):
+        raise ValueError("redis.tls_cert and redis.tls_key (--redis-tls-cert, --redis-tls-key) go together")
+    for key, path in given.items():
+        if not os.access(path, os.R_OK):
+            setting = {"ssl_ca_certs": "tls_ca", "ssl_certfile": "tls_cert", "ssl_keyfile": "tls_key"}[key]
+            raise ValueError(f"redis.{setting}: cannot read {path}")
+    return given
+
+
+def connect(url: str, *, timeout_s: float = 5.0, tls: dict[str, str] | None = None) -> Client:
+    """A client for ``url`` (bytes replies; see the module docstring for cluster URLs).
+
+    ``tls``: :func:`tls_options` for a ``rediss://`` URL (they win over the URL's query).
+    """
     options: dict[str, Any] = {"decode_responses": False, "socket_timeout": timeout_s,
-                               "socket_connect_timeout": timeout_s}
+                               "socket_connect_timeout": timeout_s, **(tls or {})}
     if is_cluster_url(url):
         scheme, _, rest = url.partition("://")
         return RedisCluster.from_url(f"{scheme[: -len(CLUSTER_SUFFIX)]}://{rest}", **options)

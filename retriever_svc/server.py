@@ -7,7 +7,8 @@
 Start: Redis (an embedded redis-server under the data dir unless ``--redis-url``), the store, the
 core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
 stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
-gRPC server with health checking and reflection. Then one line,
+gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
+under ``limits``: message sizes, per-client rate; ``exitrank.grpc_security``). Then one line,
 ``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port).
 
 Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
@@ -31,7 +32,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from exitrank.grpc_security import bind, server_kwargs
 from exitrank.redis_server import EmbeddedRedis, RedisServerError
+from exitrank.security import Limits, ServerTLS, load_server_tls
 from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer
@@ -47,10 +50,16 @@ SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 
 
 async def start_grpc(
-    core: RetrieverCore, config: ServerConfig
+    core: RetrieverCore, config: ServerConfig, *, tls: ServerTLS | None = None,
+    limits: Limits | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A started grpc.aio server for ``core`` with health checking and reflection; its port."""
-    server = grpc.aio.server()
+    """A started grpc.aio server for ``core`` with health checking and reflection; its port.
+
+    ``tls`` None: plaintext; ``limits`` None: ``Limits()`` (message sizes only, no rate limit).
+    """
+    tls = tls or ServerTLS()
+    pem = load_server_tls(tls)
+    server = grpc.aio.server(**server_kwargs(limits or Limits(), mutual=tls.mutual))
     retriever_pb2_grpc.add_RetrieverServicer_to_server(
         RetrieverServicer(core=core, batch=config.ingest_batch), server
     )
@@ -59,7 +68,7 @@ async def start_grpc(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{config.host}:{config.port}")
+    port = bind(server, f"{config.host}:{config.port}", pem)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -85,7 +94,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
     """Run the service on ``redis_url`` until SIGTERM/SIGINT."""
     faiss.omp_set_num_threads(config.index.faiss_threads)
     store = RedisStore.from_url(redis_url, prefix=config.redis.prefix, group=config.redis.group,
-                                timeout_s=config.redis.timeout_s)
+                                timeout_s=config.redis.timeout_s, tls=config.redis.tls())
     try:
         await store.ping()
         retriever = Retriever(store=store, config=config.index, replica=config.redis.consumer)
@@ -96,7 +105,8 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
         consumer.start()
         follower.start()
         try:
-            server, port, health_servicer = await start_grpc(retriever, config.server)
+            server, port, health_servicer = await start_grpc(retriever, config.server, tls=config.tls,
+                                                             limits=config.limits)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -120,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = RetrieverConfig.from_args(argv)
+        load_server_tls(config.tls)  # refuse bad TLS files before starting anything
+        config.redis.tls()
     except ValueError as exc:
         print(f"retriever-svc: {exc}", file=sys.stderr)
         return 2

@@ -137,10 +137,12 @@ class RedisStore(StreamOps):
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "xr", group: str = "retriever", timeout_s: float = 5.0
+        cls, url: str, *, prefix: str = "xr", group: str = "retriever", timeout_s: float = 5.0,
+        tls: dict[str, str] | None = None,
     ) -> RedisStore:
-        """A store on ``url``; ``redis+cluster://`` URLs give a Redis Cluster client."""
-        return cls(client=connect(url, timeout_s=timeout_s), prefix=prefix, group=group)
+        """A store on ``url``; ``redis+cluster://`` URLs give a Redis Cluster client; ``tls``:
+        ``redis_io.tls_options`` for ``rediss://``."""
+        return cls(client=connect(url, timeout_s=timeout_s, tls=tls), prefix=prefix, group=group)
 
     async def close(self) -> None:
         await self.client.aclose()

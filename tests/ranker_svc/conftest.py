@@ -185,3 +185,10 @@ async def retriever(examples):
     await server.start()
     yield servicer, f"127.0.0.1:{port}"
     await server.stop(None)
+
+
+@pytest.fixture(scope="session")
+def memory_retriever(examples):
+    """make() -> a fresh :class:`MemoryRetriever` over the examples, for tests that serve it themselves
+    (over TLS, under limits)."""
+    return lambda: MemoryRetriever(contexts={ex.context.user_id: ex.context for ex in examples}, titles=dict(CATALOG))
