@@ -61,7 +61,7 @@ def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
 
 
 def _code(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
-    if isinstance(exc, asyncio.CancelledError):
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the caller went away (or its deadline)
         remaining = context.time_remaining()
         return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     code = context.code()
