@@ -15,6 +15,8 @@ command-line flags (later wins); each core class receives only its section. Exam
     tls: {cert: null, key: null, client_ca: null}          # exitrank.security.ServerTLS
     limits: {max_receive_bytes: 4194304, max_send_bytes: 16777216, rate_per_s: 0, burst: 0,
              max_clients: 10000, trust_client_id: false}   # exitrank.security.Limits
+    observability: {metrics_port: 9452, log_format: json, access_log: errors, tracing: none}
+                                     # exitrank.observability.config.ObservabilityConfig
 
 Environment variables ``EXITRANK_RANKER_<SECTION>_<KEY>`` set single keys, e.g.
 ``EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5`` or ``EXITRANK_RANKER_MODEL_ENGINE=onnx``; TLS files
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import ClientTLS, Limits, ServerTLS
 from ranker_svc.errors import InvalidArgument
 
@@ -179,6 +182,7 @@ class RankerConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     tls: ServerTLS = field(default_factory=ServerTLS)
     limits: Limits = field(default_factory=Limits)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @classmethod
     def from_dict(cls, data: dict) -> "RankerConfig":

@@ -5,7 +5,8 @@ NOT_FOUND (unknown user) and for any transport failure (UNAVAILABLE, deadline), 
 ranks without neighbours. Titles are required to build prompts, so ``get_titles`` serves what the
 bounded LRU cache holds and raises :class:`ContextUnavailable` only when it must ask the retriever
 and cannot reach it. Every call carries ``retriever.timeout_s``, or the ranker caller's remaining
-deadline when that is shorter (the gRPC deadline propagates to the retriever).
+deadline when that is shorter (the gRPC deadline propagates to the retriever), and the
+ranker call's ``x-request-id`` and trace context (``exitrank.observability``).
 
 The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_cert`` for a
 retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``).
@@ -21,6 +22,8 @@ from collections.abc import Sequence
 import grpc
 
 from exitrank.grpc_security import open_channel
+from exitrank.observability import tracing
+from exitrank.observability.context import outgoing_metadata
 from exitrank.security import load_client_tls
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
@@ -84,6 +87,13 @@ class RetrieverClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    @staticmethod
+    async def _call(name: str, rpc, request, timeout_s: float):
+        """One retriever call carrying this request's ``x-request-id`` and, when tracing is on,
+        the trace context of a client span around it."""
+        with tracing.span(name, kind="client", attributes={"rpc.system": "grpc"}):
+            return await rpc(request, timeout=timeout_s, metadata=outgoing_metadata())
+
     def _timeout(self, timeout_s: float | None) -> float:
         return self.config.timeout_s if timeout_s is None else max(0.0, min(self.config.timeout_s, timeout_s))
 
@@ -93,7 +103,7 @@ class RetrieverClient:
             user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY))
         )
         try:
-            reply = await self._stub.GetContext(request, timeout=self._timeout(timeout_s))
+            reply = await self._call("exitrank.v1.Retriever/GetContext", self._stub.GetContext, request, self._timeout(timeout_s))
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("GetContext(%r) failed: %s %s", user_id, exc.code().name, exc.details())
@@ -118,7 +128,8 @@ class RetrieverClient:
 
     async def _fetch(self, item_ids: list[str], timeout_s: float) -> dict[str, str]:
         try:
-            reply = await self._stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout=timeout_s)
+            reply = await self._call("exitrank.v1.Retriever/GetItems", self._stub.GetItems,
+                                     retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise ContextUnavailable(
                 f"retriever at {self.config.target or 'the configured channel'} could not resolve "

@@ -7,9 +7,11 @@
     ranker-svc serve ... --tls-cert s.crt --tls-key s.key --tls-client-ca ca.crt \
         --retriever-tls-ca ca.crt --retriever-tls-cert c.crt --retriever-tls-key c.key --rate-limit 500
     EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5 ranker-svc serve ...   # env overrides (file < env < flags)
+    ranker-svc serve ... --metrics-port 9452 --log-format json --tracing otlp   # exitrank.observability
 
-Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``). SIGTERM or
-SIGINT: health turns NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
+Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``), then
+``ranker metrics on http://HOST:PORT/metrics`` when metrics are on. SIGTERM or SIGINT: health turns
+NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from exitrank.observability import config as observability_config
+from exitrank.observability import setup_process
+from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
+from exitrank.observability.metrics import RankerMetrics
+from exitrank.observability.settings import log_settings
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import load_ranker
 from exitrank.grpc_security import bind, server_kwargs
@@ -60,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
     serve.add_argument("--dtype", choices=DTYPES, help="default auto; serve in the calibration dtype")
     serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
     add_security_flags(serve)
+    observability_config.add_flags(serve, service="ranker")
     args = parser.parse_args(argv)
     base = RankerConfig.from_dict(yaml.safe_load(args.config.read_text()) or {}) if args.config else RankerConfig()
     base = with_security_flags(base.with_env(), args)
@@ -71,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
         .with_section("batching", **batching)
         .with_section("server", host=args.host, port=args.port)
         .with_section("retriever", target=args.retriever)
+        .with_section("observability", **observability_config.overrides(args))
     )
 
 
@@ -109,6 +118,7 @@ class RankerServer:
     health: health.aio.HealthServicer
     ranker: Ranker
     client: RetrieverClient | None
+    metrics: RankerMetrics | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
@@ -116,6 +126,8 @@ class RankerServer:
         await self.server.stop(grace)
         if self.client is not None:
             await self.client.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 async def start_server(config: RankerConfig, *, context_source: ContextSource | None = None) -> RankerServer:
@@ -123,29 +135,44 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
 
     TLS files are checked first (``TLSConfigError`` before the model loads); health and reflection
     share the port, so they are served over TLS too; ``config.limits`` apply to every call.
+    Every call gets a request id, metrics (``observability.metrics_port`` set) and a trace span
+    (tracing on); the effective config is logged first.
     """
+    obs = config.observability
+    log_settings(log, config, service="ranker")
     pem = load_server_tls(config.tls)
     load_client_tls(config.retriever.client_tls())
     ranker, client = build_ranker(config, context_source=context_source)
-    server = grpc.aio.server(**server_kwargs(config.limits, mutual=config.tls.mutual))
+    metrics = None
+    if obs.metrics_port is not None:
+        metrics = RankerMetrics(num_layers=ranker.num_layers, pending=lambda: ranker.batcher.pending)
+        ranker.attach_observer(metrics)
+    telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
+    server = grpc.aio.server(**with_telemetry(server_kwargs(config.limits, mutual=config.tls.mutual), telemetry))
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(core=ranker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = bind(server, f"{config.server.host}:{config.server.port}", pem)
+    if metrics is not None:
+        metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("model %s, %d layers, exit layers %s, policy %s, engine %s, shared context %s",
              ranker.model_version, ranker.num_layers, list(ranker.model.exit_layers), ranker.policy,
              ranker.engine.name, ranker.shared_context)
-    return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client)
+    return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client,
+                        metrics=metrics)
 
 
 async def serve(config: RankerConfig, *, stop: asyncio.Event | None = None) -> None:
     """Serves until ``stop`` is set (default: until SIGTERM/SIGINT), then drains and closes."""
     running = await start_server(config)
     print(f"ranker listening on {config.server.host}:{running.port}", flush=True)
+    if running.metrics is not None:
+        host = config.observability.metrics_host or config.server.host
+        print(f"ranker metrics on http://{host}:{running.metrics.port}/metrics", flush=True)
     stop = stop or _signal_event()
     await stop.wait()
     await running.stop(config.server.grace_s)
@@ -161,12 +188,17 @@ def _signal_event() -> asyncio.Event:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    shutdown_tracing = None
     try:
         config = parse_args(argv)
+        shutdown_tracing = setup_process(config.observability, service="ranker")
         asyncio.run(serve(config))
     except (RankerError, ValueError, OSError, RuntimeError) as exc:
         print(f"ranker-svc: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if shutdown_tracing is not None:
+            shutdown_tracing()
     return 0
 
 

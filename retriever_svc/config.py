@@ -14,7 +14,8 @@
 
 Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
 consumer the ``redis`` section, ``server.py`` the ``server``, ``tls``, ``limits`` and ``artifacts``
-sections (``tls`` and ``limits`` are ``exitrank.security``'s, shared with the ranker).
+sections (``tls`` and ``limits`` are ``exitrank.security``'s, shared with the ranker), and
+``observability`` (metrics port, log format, tracing: ``exitrank.observability.config``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from exitrank.observability import config as observability_config
+from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import Limits, ServerTLS
 from retriever_svc.redis_io import tls_options
 from retriever_svc.vectors import INDEX_KINDS
@@ -160,6 +163,7 @@ class RetrieverConfig:
     artifacts: ArtifactsConfig
     tls: ServerTLS = field(default_factory=ServerTLS)
     limits: Limits = field(default_factory=Limits)
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @classmethod
     def from_args(cls, argv: Sequence[str] | None = None) -> RetrieverConfig:
@@ -183,6 +187,7 @@ class RetrieverConfig:
             limits=Limits(max_receive_bytes=args.max_receive_bytes, max_send_bytes=args.max_send_bytes,
                           rate_per_s=args.rate_limit, burst=args.rate_burst,
                           trust_client_id=args.trust_client_id),
+            observability=ObservabilityConfig(**observability_config.overrides(args)),
         )
 
 
@@ -213,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds between checks for a newly published embedding version")
     serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace seconds")
     add_security_arguments(serve)
+    observability_config.add_flags(serve, service="retriever")
     return parser
 
 

@@ -40,6 +40,7 @@ import asyncio
 import gc
 import logging
 import math
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,22 @@ class Retriever:
     def embedding_version(self) -> str:
         """The published version ("" before any)."""
         return self._snapshot.version if self._snapshot else ""
+
+    async def stats(self) -> dict[str, float | str | None]:
+        """What ``/metrics`` shows of the core (``exitrank.observability.metrics``): index size,
+        the served version and its age, the ingest stream's lag and pending entries, Redis
+        round trips. Two Redis round trips; read when scraped, never on the request path."""
+        snap = self._snapshot
+        lag, pending = await self.store.stream_backlog()
+        published = await self.store.published_at(snap.version) if snap is not None else None
+        return {
+            "index_users": len(snap.users) if snap is not None else 0,
+            "embedding_version": snap.version if snap is not None else "",
+            "embedding_version_age_seconds": None if published is None else max(0.0, time.time() - published),
+            "stream_lag": lag,
+            "stream_pending": pending,
+            "redis_round_trips": self.store.round_trips,
+        }
 
     # ---- embedding versions -------------------------------------------------------------
 

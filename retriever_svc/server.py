@@ -9,7 +9,9 @@ core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis alr
 stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
 gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
 under ``limits``: message sizes, per-client rate; ``exitrank.grpc_security``). Then one line,
-``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port).
+``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port), then
+``retriever metrics on http://HOST:PORT/metrics`` with ``--metrics-port`` (``exitrank.observability``:
+request ids, ``--log-format json``, ``--tracing``; the effective config is logged at start).
 
 Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
 consumer finishes its batch, Redis is closed, the embedded redis-server is stopped.
@@ -33,6 +35,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exitrank.grpc_security import bind, server_kwargs
+from exitrank.observability import setup_process
+from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
+from exitrank.observability.metrics import RetrieverMetrics
+from exitrank.observability.settings import log_settings
 from exitrank.redis_server import EmbeddedRedis, RedisServerError
 from exitrank.security import Limits, ServerTLS, load_server_tls
 from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
@@ -51,15 +57,17 @@ SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 
 async def start_grpc(
     core: RetrieverCore, config: ServerConfig, *, tls: ServerTLS | None = None,
-    limits: Limits | None = None,
+    limits: Limits | None = None, telemetry: ServerTelemetry | None = None,
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A started grpc.aio server for ``core`` with health checking and reflection; its port.
 
-    ``tls`` None: plaintext; ``limits`` None: ``Limits()`` (message sizes only, no rate limit).
+    ``tls`` None: plaintext; ``limits`` None: ``Limits()`` (message sizes only, no rate limit);
+    ``telemetry`` None: request ids only (no metrics, access lines for server faults).
     """
     tls = tls or ServerTLS()
     pem = load_server_tls(tls)
-    server = grpc.aio.server(**server_kwargs(limits or Limits(), mutual=tls.mutual))
+    kwargs = with_telemetry(server_kwargs(limits or Limits(), mutual=tls.mutual), telemetry or ServerTelemetry())
+    server = grpc.aio.server(**kwargs)
     retriever_pb2_grpc.add_RetrieverServicer_to_server(
         RetrieverServicer(core=core, batch=config.ingest_batch), server
     )
@@ -90,8 +98,23 @@ async def publish_artifacts(retriever: Retriever, artifacts: Path) -> str:
     return version or ""
 
 
+def build_metrics(retriever: Retriever, consumer: StreamConsumer | None) -> RetrieverMetrics:
+    """The retriever's metrics, reading the core's stats (and the consumer's count) when scraped;
+    call on the event loop the core runs on."""
+
+    async def stats() -> dict:
+        out = await retriever.stats()
+        if consumer is not None:
+            out["stream_applied"] = consumer.applied
+        return out
+
+    return RetrieverMetrics(stats=stats, loop=asyncio.get_running_loop())
+
+
 async def serve(config: RetrieverConfig, redis_url: str) -> None:
     """Run the service on ``redis_url`` until SIGTERM/SIGINT."""
+    obs = config.observability
+    log_settings(log, config, service="retriever")
     faiss.omp_set_num_threads(config.index.faiss_threads)
     store = RedisStore.from_url(redis_url, prefix=config.redis.prefix, group=config.redis.group,
                                 timeout_s=config.redis.timeout_s, tls=config.redis.tls())
@@ -104,15 +127,22 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
                                    index=config.index)
         consumer.start()
         follower.start()
+        metrics = None if obs.metrics_port is None else build_metrics(retriever, consumer)
         try:
+            if metrics is not None:
+                metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
+            telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
             server, port, health_servicer = await start_grpc(retriever, config.server, tls=config.tls,
-                                                             limits=config.limits)
+                                                             limits=config.limits, telemetry=telemetry)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
             log.info("embedding version %s", version or "(none)")
             print(f"retriever listening on {config.server.host}:{port}", flush=True)
+            if metrics is not None:
+                print(f"retriever metrics on http://{obs.metrics_host or config.server.host}:{metrics.port}/metrics",
+                      flush=True)
             await stop.wait()
             log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
             await health_servicer.enter_graceful_shutdown()
@@ -120,6 +150,8 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
         finally:
             await consumer.stop()
             await follower.stop()
+            if metrics is not None:
+                metrics.close()
     finally:
         await store.close()
 
@@ -135,6 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"retriever-svc: {exc}", file=sys.stderr)
         return 2
+    shutdown_tracing = setup_process(config.observability, service="retriever")
     embedded: EmbeddedRedis | None = None
     temp_dir: Path | None = None
     # until serve() installs its handlers, a signal still unwinds through the finally below
@@ -154,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("retriever-svc failed: %s", exc)
         return 1
     finally:
+        shutdown_tracing()
         if embedded is not None:
             embedded.stop()
         if temp_dir is not None:

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from redis import exceptions as rexc
 
+from exitrank.observability.tracing import span
 from retriever_svc.embeddings import GCNEmbeddings
 from retriever_svc.errors import EmbeddingsError
 from retriever_svc.records import CatalogItem, Interaction
@@ -84,6 +85,7 @@ return 1
 """
 
 HistoryRow = tuple[str, int, float]  # (item_id, timestamp_ms, rating)
+_REDIS_SPAN = {"db.system": "redis"}  # attributes of the trace span of each round trip
 _CHUNK = 2000
 
 
@@ -165,7 +167,10 @@ class RedisStore(StreamOps):
             build(pipe)
             self.round_trips += 1
             try:
-                return await pipe.execute()
+                with span("redis.pipeline", kind="client", attributes=_REDIS_SPAN) as current:
+                    if current is not None:
+                        current.set_attribute("db.operation.batch.size", len(pipe))
+                    return await pipe.execute()
             except rexc.NoScriptError:
                 if attempt:
                     raise
@@ -291,6 +296,12 @@ class RedisStore(StreamOps):
     async def current_version(self) -> str | None:
         raw = await self.client.get(self.keys.current)
         return None if raw is None else text(raw)
+
+    @guarded
+    async def published_at(self, version: str) -> float | None:
+        """When ``version`` was made current (Unix seconds; None if it is not kept)."""
+        score = await self.client.zscore(self.keys.versions, version)
+        return None if score is None else float(score) / 1000
 
     @guarded
     async def version_complete(self, version: str) -> bool:
