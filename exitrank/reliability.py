@@ -31,6 +31,9 @@ from pathlib import Path
 ENV_DIR = "EXITRANK_RELIABILITY_DIR"
 # rows of these areas come first, in this order; any other area follows alphabetically
 AREA_ORDER = ("security", "faults")
+# within an area, known classes in this order, then the others alphabetically
+CLASS_ORDER = ("TLS", "TLS bad config", "mTLS refusal", "Redis auth", "Embedded Redis", "Redis TLS",
+               "message size", "rate limit", "safe loading", "prompt injection")
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 
 
@@ -87,13 +90,15 @@ def recording(test: str, klass: str, *, area: str = "security",
 
 
 def load_rows(directory: Path | None = None) -> list[Row]:
-    """Every result file of ``directory``, ordered by area (``AREA_ORDER`` first), then as recorded."""
+    """Every result file of ``directory``, ordered by area and class (``AREA_ORDER``, ``CLASS_ORDER``
+    first, then alphabetically), then by test."""
     directory = directory or results_dir()
     rows = [Row.from_json(json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
 
     def key(row: Row) -> tuple:
         area = AREA_ORDER.index(row.area) if row.area in AREA_ORDER else len(AREA_ORDER)
-        return (area, row.area, row.recorded_at, row.test)
+        klass = CLASS_ORDER.index(row.klass) if row.klass in CLASS_ORDER else len(CLASS_ORDER)
+        return (area, row.area, klass, row.klass, row.test)
 
     return sorted(rows, key=key)
 
