@@ -35,7 +35,7 @@ class ObservabilityConfig:
             message, request_id, rpc, and status/duration_ms on access lines).
         log_level: the root logger's level.
         access_log: one line per call: ``off``, ``errors`` (default: calls ending in a server-side
-            fault, INTERNAL/UNKNOWN/UNAVAILABLE/...) or ``all`` (INFO per call: costs ~20 us).
+            fault, INTERNAL/UNKNOWN/UNAVAILABLE/DEADLINE_EXCEEDED/...) or ``all`` (INFO per call).
         tracing: ``none`` (default, no cost), ``console`` (spans as JSON lines to ``tracing_file``
             or stderr) or ``otlp`` (OTLP/gRPC; endpoint, headers and sampler from the standard
             ``OTEL_EXPORTER_OTLP_*`` / ``OTEL_TRACES_SAMPLER`` environment variables).

@@ -36,9 +36,10 @@ from exitrank.observability.context import (
 from exitrank.observability.metrics import RpcMetrics, ServiceMetrics
 
 access_log = logging.getLogger("exitrank.access")
-# statuses that are the server's fault (or its limits): logged under access_log "errors"
-SERVER_FAULTS = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED",
-                           "RESOURCE_EXHAUSTED", "UNIMPLEMENTED"})
+# statuses that are the server's fault: logged under access_log "errors". RESOURCE_EXHAUSTED (rate
+# limits, a full batcher) is not: a line per refused call would add load exactly when there is too
+# much; grpc_server_handling_seconds counts those.
+SERVER_FAULTS = frozenset({"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "UNIMPLEMENTED"})
 
 
 class _Method:

@@ -237,3 +237,37 @@ async def test_streaming_calls_are_timed_once_with_their_final_status(stack, too
                   grpc_type="bidi_stream", grpc_code="OK") == 1
     assert _delta(tools, after, before, "exitrank_ranker_candidates_per_request",
                   "exitrank_ranker_candidates_per_request_count") == 3
+
+
+async def test_calls_refused_by_the_rate_limit_are_counted_not_logged(stack, tools, access_lines):
+    from exitrank.observability.interceptors import ServerTelemetry
+    from exitrank.observability.metrics import ServiceMetrics
+    from exitrank.security import Limits
+    from exitrank.v1 import retriever_pb2_grpc
+    from retriever_svc.config import ServerConfig
+    from retriever_svc.server import start_grpc
+
+    metrics = ServiceMetrics(service="retriever")
+    port = metrics.serve("127.0.0.1", 0)
+    server, grpc_port, _ = await start_grpc(stack.retriever, ServerConfig(port=0),
+                                            limits=Limits(rate_per_s=0.01, burst=1),
+                                            telemetry=ServerTelemetry(metrics=metrics))  # access_log "errors"
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = retriever_pb2_grpc.RetrieverStub(channel)
+            request = retriever_pb2.GetItemsRequest(item_ids=["i-sunny-river"])
+            await stub.GetItems(request)
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await stub.GetItems(request, metadata=(("x-request-id", "limited-1"),))
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        families = await tools.ascrape(port)
+    finally:
+        await server.stop(None)
+        metrics.close()
+    count = "grpc_server_handling_seconds_count"
+    assert tools.sample(families, "grpc_server_handling_seconds", count, grpc_method="GetItems", grpc_code="OK") == 1
+    assert tools.sample(families, "grpc_server_handling_seconds", count, grpc_method="GetItems",
+                        grpc_code="RESOURCE_EXHAUSTED") == 2  # the telemetry runs before the limits guard
+    # refusals are counted, not logged (access_log "errors"): no log flood under overload
+    assert not [line for line in access_lines() if line.get("request_id") == "limited-1"]
