@@ -185,3 +185,21 @@ def live_stack(tmp_path_factory) -> LiveStack:
         if ranker is not None:
             stop_service(ranker)
         stop_service(retriever)
+
+
+@pytest.fixture(scope="module")
+def spawn_service(tmp_path_factory):
+    """spawn(script, *args, ready=...) -> HOST:PORT: a console script of the venv as a real process,
+    stopped (SIGTERM) when the module's tests are done; its stderr goes to a log file."""
+    started: list[subprocess.Popen] = []
+    logs = tmp_path_factory.mktemp("spawned")
+
+    def spawn(script: str, *args: str, ready: str) -> str:
+        log = logs / f"{script}-{len(started)}.log"
+        proc = launch_service([str(Path(sys.executable).parent / script), *args], log)
+        started.append(proc)
+        return await_ready(proc, ready, log)
+
+    yield spawn
+    for proc in started:
+        stop_service(proc)
