@@ -9,7 +9,9 @@ deadline when that is shorter (the gRPC deadline propagates to the retriever), a
 ranker call's ``x-request-id`` and trace context (``exitrank.observability``).
 
 The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_cert`` for a
-retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``).
+retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``). It accepts replies
+up to the retriever's default send limit (16 MiB, ``Limits.max_send_bytes``) rather than gRPC's
+client default of 4 MiB, which a GetContext at its bounds (100 neighbours x 200 titles) exceeds.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import grpc
 from exitrank.grpc_security import open_channel
 from exitrank.observability import tracing
 from exitrank.observability.context import outgoing_metadata
-from exitrank.security import load_client_tls
+from exitrank.security import Limits, load_client_tls
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.config import RetrieverConfig
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 GET_ITEMS_CHUNK = 10_000  # the retriever's GetItems limit
 MAX_RETRIEVER_K = 100
 MAX_RETRIEVER_HISTORY = 200
+MAX_REPLY_BYTES = Limits().max_send_bytes  # what a retriever with default limits may send
 
 
 class TitleCache:
@@ -80,7 +83,8 @@ class RetrieverClient:
         if channel is None and not config.target:
             raise ValueError("retriever.target is empty: pass --retriever HOST:PORT")
         self.config = config
-        self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()))
+        self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()),
+                                                options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)])
         self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
         self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
 

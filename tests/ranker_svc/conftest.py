@@ -189,6 +189,10 @@ async def retriever(examples):
 
 @pytest.fixture(scope="session")
 def memory_retriever(examples):
-    """make() -> a fresh :class:`MemoryRetriever` over the examples, for tests that serve it themselves
-    (over TLS, under limits)."""
-    return lambda: MemoryRetriever(contexts={ex.context.user_id: ex.context for ex in examples}, titles=dict(CATALOG))
+    """make(extra={user: UserContext}) -> a fresh :class:`MemoryRetriever` over the examples (and
+    ``extra``), for tests that serve it themselves (over TLS, under limits)."""
+    def make(extra: dict[str, UserContext] | None = None) -> MemoryRetriever:
+        contexts = {ex.context.user_id: ex.context for ex in examples}
+        return MemoryRetriever(contexts={**contexts, **(extra or {})}, titles=dict(CATALOG))
+
+    return make

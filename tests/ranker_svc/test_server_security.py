@@ -15,10 +15,11 @@ from exitrank.grpc_security import RETRY_AFTER_KEY, bind, open_channel, server_k
 from exitrank.reliability import recording
 from exitrank.security import ClientTLS, Limits, ServerTLS, load_client_tls, load_server_tls
 from exitrank.security_pki import DevCA
+from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc, retriever_pb2_grpc
 from ranker_svc.config import ModelConfig, RankerConfig, RetrieverConfig, ServerConfig
 from ranker_svc.errors import ContextUnavailable
-from ranker_svc.retriever_client import RetrieverClient
+from ranker_svc.retriever_client import MAX_RETRIEVER_HISTORY, MAX_RETRIEVER_K, RetrieverClient
 from ranker_svc.server import parse_args, start_server
 
 pytestmark = pytest.mark.anyio
@@ -181,3 +182,23 @@ def test_tls_and_limit_settings_from_flags_env_and_yaml(tmp_path, monkeypatch):
     assert str(config.tls.cert) == "/e/s.crt" and str(config.tls.client_ca) == "/f/ca.crt" and config.tls.mutual
     assert config.limits.burst == 7 and config.limits.rate_per_s == 9 and config.limits.trust_client_id
     assert config.retriever.tls_server_name == "retriever.internal" and str(config.retriever.tls_cert) == "/f/c.crt"
+
+
+async def test_a_context_reply_over_4_mib_reaches_the_ranker(memory_retriever):
+    """gRPC clients refuse replies over 4 MiB by default; GetContext at its bounds is larger."""
+    title = "t" * 256
+    big = UserContext(user_id="big", history=(HistoryItem("h", title, 5.0, 1),), neighbors=tuple(
+        NeighborContext(f"n{j}", 0.5, tuple(HistoryItem(f"i{j}-{i}", title, 4.0, i) for i in range(MAX_RETRIEVER_HISTORY)))
+        for j in range(MAX_RETRIEVER_K)))
+    server = grpc.aio.server(**server_kwargs(Limits()))
+    retriever_pb2_grpc.add_RetrieverServicer_to_server(memory_retriever({"big": big}), server)
+    port = bind(server, "127.0.0.1:0", None)
+    await server.start()
+    client = RetrieverClient(config=RetrieverConfig(target=f"127.0.0.1:{port}", timeout_s=30, title_cache_size=0))
+    try:
+        ctx = await client.get_context("big", MAX_RETRIEVER_K, MAX_RETRIEVER_HISTORY)
+        assert ctx is not None and len(ctx.neighbors) == MAX_RETRIEVER_K  # ~6 MB: more than 4 MiB
+        assert sum(len(n.history) for n in ctx.neighbors) == MAX_RETRIEVER_K * MAX_RETRIEVER_HISTORY
+    finally:
+        await client.close()
+        await server.stop(None)
