@@ -3,7 +3,9 @@
 On disk (``ARTIFACTS/gcn/``, see docs/architecture.md)::
 
     embeddings.safetensors   tensors "user" (U, d), "item" (I, d) float32, and "item_foldin" (I, d)
-                             when the fit wrote it; safetensors metadata {"version": ...}
+                             when the fit wrote it; "user@<combination>" (U, d): the same fit's users
+                             under another layer combination (Table 3), when asked for; safetensors
+                             metadata {"version": ...}
     meta.json                {"user_ids", "item_ids", "layers", "dim", "layer_combination",
                               "version", "metrics", ...}
 
@@ -47,6 +49,7 @@ class GCNEmbeddings:
         version: a name for this fit (``make_version`` gives a content hash).
         meta: ``layers``, ``layer_combination``, ``metrics`` and any other fit settings.
         item_foldin: (I, d) float32 fold-in basis, or None (see the module docstring).
+        user_variants: {layer combination: (U, d)} the same fit's users combined otherwise.
 
     Raises:
         EmbeddingsError: shapes, dtypes or ids disagree, or values are not finite.
@@ -59,6 +62,7 @@ class GCNEmbeddings:
     version: str
     meta: dict[str, Any] = field(default_factory=dict)
     item_foldin: np.ndarray | None = None
+    user_variants: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.user_ids = [str(u) for u in self.user_ids]
@@ -71,6 +75,8 @@ class GCNEmbeddings:
             self.item_foldin = _matrix("item_foldin", self.item_foldin, len(self.item_ids))
             if self.item_foldin.shape[1] != self.dim:
                 raise EmbeddingsError(f"item_foldin dim {self.item_foldin.shape[1]} != {self.dim}")
+        self.user_variants = {name: _matrix(f"user@{name}", m, len(self.user_ids))
+                              for name, m in self.user_variants.items()}
         for name, ids in (("user_ids", self.user_ids), ("item_ids", self.item_ids)):
             if len(set(ids)) != len(ids):
                 raise EmbeddingsError(f"{name} has duplicates")
@@ -88,6 +94,22 @@ class GCNEmbeddings:
     @property
     def layer_combination(self) -> str | None:
         return self.meta.get("layer_combination")
+
+    def with_users(self, combination: str) -> GCNEmbeddings:
+        """These embeddings with the users of another layer combination of the same fit.
+
+        Raises:
+            EmbeddingsError: the fit did not export that combination.
+        """
+        if combination == self.layer_combination:
+            return self
+        if combination not in self.user_variants:
+            raise EmbeddingsError(f"no users under {combination!r} in version {self.version}; "
+                                  f"exported: {sorted(self.user_variants) or 'none'}")
+        return GCNEmbeddings(user_ids=self.user_ids, item_ids=self.item_ids,
+                             user=self.user_variants[combination], item=self.item,
+                             version=f"{self.version}@{combination}",
+                             meta={**self.meta, "layer_combination": combination})
 
     def fold_in_basis(self) -> np.ndarray:
         """f (I, d): ``item_foldin`` when the fit wrote it, else the final item embeddings."""
@@ -108,6 +130,7 @@ class GCNEmbeddings:
         tensors = {"user": self.user, "item": self.item}
         if self.item_foldin is not None:
             tensors["item_foldin"] = self.item_foldin
+        tensors.update({f"user@{name}": m for name, m in self.user_variants.items()})
         tmp = out / (TENSORS_FILE + ".tmp")
         save_file(tensors, str(tmp), metadata={"version": self.version})
         os.chmod(tmp, 0o644)  # safetensors creates 0600; services may run as another user
@@ -161,6 +184,7 @@ class GCNEmbeddings:
             version=str(meta["version"]),
             meta=extra,
             item_foldin=tensors.get("item_foldin"),
+            user_variants={k.split("@", 1)[1]: v for k, v in tensors.items() if k.startswith("user@")},
         )
 
 

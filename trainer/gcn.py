@@ -72,6 +72,7 @@ def fit_gcn(
     eval_every: int = 0,
     k: int = 20,
     on_epoch: Callable[[dict], None] | None = None,
+    user_variants: Sequence[str] = (),
 ) -> GCNEmbeddings:
     """Fit LightGCN on (user, item) pairs (duplicates ignored); returns the embeddings.
 
@@ -96,6 +97,8 @@ def fit_gcn(
             embeddings go to ``meta["metrics"]`` (and every ``eval_every`` epochs to ``meta["curve"]``),
             with every layer combination read from the same fit in ``meta["by_layer_combination"]``.
         on_epoch: called after each epoch with {"epoch", "seconds", "loss", [metrics]}.
+        user_variants: other layer combinations whose user embeddings, read out of the same fit,
+            go to ``user_variants`` of the result (the paper's Table 3: average against last layer).
     """
     if not interactions:
         raise ValueError("fit_gcn needs at least one (user, item) interaction")
@@ -137,6 +140,12 @@ def fit_gcn(
             break
     model.eval()
     user, item, basis = (t.numpy() for t in model.export(adj))
+    variants = {}
+    if user_variants:
+        with torch.no_grad():
+            layer_outputs = model.layer_embeddings(adj)
+            for name in user_variants:
+                variants[name] = model.split(model.combine(layer_outputs, name))[0].numpy()
     metrics: dict = {"loss": loss_value, "seconds": round(time.perf_counter() - start, 2)}
     meta = {
         "layers": layers, "layer_combination": layer_combination, "epochs": epoch, "lr": lr,
@@ -158,7 +167,7 @@ def fit_gcn(
         meta["by_layer_combination"] = by_combination
     return GCNEmbeddings(
         user_ids=user_ids, item_ids=item_ids, user=user, item=item, item_foldin=basis,
-        version=GCNEmbeddings.make_version(user, item), meta=meta,
+        version=GCNEmbeddings.make_version(user, item), meta=meta, user_variants=variants,
     )
 
 

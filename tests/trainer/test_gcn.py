@@ -90,6 +90,29 @@ def test_fit_gcn_time_budget_stops_early_and_evaluates_every_combination():
     assert emb.meta["metrics"]["recall@20"] == emb.meta["by_layer_combination"]["mean_1_to_K"]["recall@20"]
 
 
+def test_user_variants_are_the_same_fit_read_out_otherwise(tmp_path):
+    from retriever_svc.embeddings import GCNEmbeddings
+    from retriever_svc.errors import EmbeddingsError
+
+    train, _ = _clustered_pairs(seed=3)
+    emb = fit_gcn(train, dim=8, epochs=3, batch_size=64, seed=1, progress=False,
+                  user_variants=("last", "mean_0_to_K", "mean_1_to_K"))
+    # the fit's own combination read out again is its users; the others differ
+    np.testing.assert_allclose(emb.user_variants.pop("mean_1_to_K"), emb.user, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(emb.user_variants["last"], emb.user)
+    same = fit_gcn(train, dim=8, epochs=3, batch_size=64, seed=1, progress=False)
+    np.testing.assert_array_equal(same.user, emb.user)  # asking for variants changes nothing else
+    emb.save(tmp_path)
+    loaded = GCNEmbeddings.load(tmp_path)
+    assert sorted(loaded.user_variants) == ["last", "mean_0_to_K"]
+    last = loaded.with_users("last")
+    np.testing.assert_array_equal(last.user, emb.user_variants["last"])
+    assert last.layer_combination == "last" and last.version != emb.version and last.item is loaded.item
+    assert loaded.with_users("mean_1_to_K") is loaded
+    with pytest.raises(EmbeddingsError, match="exported: none"):
+        same.with_users("mean_0_to_K")
+
+
 def test_bench_gcn_quality_quick_on_a_tiny_graph(tmp_path, capsys):
     from bench.bench_gcn_quality import main
 
