@@ -262,7 +262,7 @@ class EarlyExitLM(nn.Module):
                            positions=torch.arange(t, device=hidden.device)[None],
                            rotary=(cos[:, :t], sin[:, :t]), cache=cache)
 
-    def _head_logits(self, layer: int, last: Tensor) -> Tensor:
+    def head_logits(self, layer: int, last: Tensor) -> Tensor:
         """(B, H) last-token states at ``layer`` -> (B, 2) Yes/No logits of that layer's head."""
         if layer == self.num_layers:
             return answer_logits(self.decoder.norm, self.causal_lm.get_output_embeddings(), last, self.answer_ids)
@@ -270,7 +270,7 @@ class EarlyExitLM(nn.Module):
 
     def p_yes(self, layer: int, last: Tensor) -> Tensor:
         """(B, H) -> (B,) float32 P(yes) of the head at ``layer`` (bidimensional softmax)."""
-        return self._head_logits(layer, last).float().softmax(-1)[:, 0]
+        return self.head_logits(layer, last).float().softmax(-1)[:, 0]
 
     # --- training / calibration -------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class EarlyExitLM(nn.Module):
     def answer_logits_from_states(self, states: Tensor) -> Tensor:
         """(B, E, H) states from :meth:`exit_hidden_states` -> (B, E, 2) Yes/No logits per answering layer."""
         return torch.stack(
-            [self._head_logits(layer, states[:, i]) for i, layer in enumerate(self.answer_layers)], dim=1
+            [self.head_logits(layer, states[:, i]) for i, layer in enumerate(self.answer_layers)], dim=1
         )
 
     def forward_all_exits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:

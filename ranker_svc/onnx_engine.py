@@ -65,7 +65,7 @@ class Segment(nn.Module):
         for i in range(self.start, self.stop):
             hidden = model._layer(i, hidden, mask=masks[model._layer_kinds[i]], positions=positions, rotary=rotary)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
-        logits = model._head_logits(self.stop, last)  # (B, 2)
+        logits = model.head_logits(self.stop, last)  # (B, 2)
         return (logits,) if self.stop == model.num_layers else (hidden, logits)
 
 
