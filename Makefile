@@ -7,7 +7,9 @@ DATA ?= ../shared/data
 RUNS ?= runs
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install codegen test demo bench bench-ranker bench-retriever bench-gcn-quality clean
+REPORT ?= reports/reproduce
+
+.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +25,10 @@ test: install
 
 demo: install
 	EXITRANK_DATA=$(DATA) $(PY) scripts/demo.py --data-root $(DATA) --workdir $(RUNS)/demo
+
+# The paper's experiments on DATA (resumable: unchanged stages are reused); QUICK=1 for subsets.
+reproduce: install
+	$(PY) -m trainer reproduce --data-root $(DATA) --out $(REPORT) $(if $(QUICK),--quick,)
 
 # Benchmarks print one JSON object as their last line (../shared/BENCH_OUTPUT.md).
 bench: bench-ranker bench-retriever bench-gcn-quality

@@ -18,6 +18,9 @@
 
     # evaluate the four configurations on the test split
     .venv/bin/python -m trainer eval --data data/synth --artifacts artifacts --report reports/synth
+
+    # the paper's tables and figures on the real data (resumable), or a quick run of the same code
+    .venv/bin/python -m trainer reproduce --data-root ../shared/data --out reports/reproduce [--quick]
 """
 
 from __future__ import annotations
@@ -164,7 +167,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--bootstrap", type=int, default=1000)
     ev.add_argument("--k", type=int, default=4)
     ev.set_defaults(func=_eval)
+
+    rep = sub.add_parser("reproduce", help="the paper's tables and figures on the real data, one report")
+    rep.add_argument("--data-root", type=Path, required=True, help="the shared data folder (games6k/, tallrec-book/)")
+    rep.add_argument("--out", type=Path, required=True, help="report.md, report.json, figures/ and stages/ go here")
+    rep.add_argument("--quick", action="store_true", help="the same code on subsets with the tiny preset")
+    rep.add_argument("--datasets", nargs="+", choices=("games6k", "tallrec-book", "synthetic"))
+    rep.add_argument("--seed", type=int, default=0)
+    rep.add_argument("--force", action="store_true", help="re-run stages whose inputs are unchanged")
+    rep.add_argument("--bootstrap", type=int, default=1000)
+    rep.add_argument("--no-progress", action="store_true")
+    rep.set_defaults(func=_reproduce)
     return parser
+
+
+def _reproduce(args: argparse.Namespace) -> dict:
+    from trainer.reproduce import ReproduceConfig, reproduce
+
+    report = reproduce(ReproduceConfig(data_root=args.data_root, out=args.out, quick=args.quick,
+                                       datasets=tuple(args.datasets) if args.datasets else None, seed=args.seed,
+                                       force=args.force, progress=not args.no_progress, bootstrap=args.bootstrap))
+    return {"out": str(args.out), "goals": report["goals"], "wall_seconds": report["wall_seconds"]}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

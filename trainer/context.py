@@ -36,7 +36,9 @@ class OfflineContexts:
 
     Args:
         dataset: the loaded data set (its samples and graph interactions).
-        gcn: user/item embeddings from ``trainer.gcn.fit_gcn``; None means no neighbours for anyone.
+        gcn: user/item embeddings from ``trainer.gcn.fit_gcn`` (or any object with ``user_ids``,
+            ``user`` and ``version``, e.g. ``trainer.llm_retriever.UserVectors``); None means no
+            neighbours for anyone.
         k: neighbours per user (4 in the paper's GCN-earlyexit).
         max_history: history length of the user and of each neighbour (15 in the paper).
         cache: remember each user's neighbours (training); False searches for every sample, as
@@ -70,6 +72,11 @@ class OfflineContexts:
 
     def _item(self, item_id: str, rating: float, timestamp_ms: int) -> HistoryItem:
         return HistoryItem(item_id, self.dataset.title(item_id), rating, timestamp_ms)
+
+    def graph_histories(self) -> dict[str, tuple[HistoryItem, ...]]:
+        """Every graph user's recent interactions (what its neighbours' prompts show), with titles."""
+        return {u: tuple(self._item(x.item_id, x.rating, x.timestamp_ms) for x in xs)
+                for u, xs in self._recent.items()}
 
     def history(self, events: Sequence[Event]) -> tuple[HistoryItem, ...]:
         """The last ``max_history`` events, oldest first, with titles."""

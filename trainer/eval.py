@@ -99,9 +99,10 @@ def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name
     from ranker_svc.exits import ExitPolicy
 
     policy = ranker.policy if early_exit else ExitPolicy(disabled=True)
-    _timed_run(ranker, contexts, samples[: cfg.batch_size], retrieval=retrieval == "gcn", policy=policy,
+    neighbors = retrieval != "none"  # "gcn", or any other retriever behind ``contexts``
+    _timed_run(ranker, contexts, samples[: cfg.batch_size], retrieval=neighbors, policy=policy,
                batch_size=cfg.batch_size)  # warm-up in this config's shapes, not timed
-    decisions, seconds = _timed_run(ranker, contexts, samples, retrieval=retrieval == "gcn", policy=policy,
+    decisions, seconds = _timed_run(ranker, contexts, samples, retrieval=neighbors, policy=policy,
                                     batch_size=cfg.batch_size)
     auc, ci = auc_with_ci([s.label for s in samples], [d.ctr for d in decisions],
                           resamples=cfg.bootstrap, seed=cfg.seed)
@@ -117,6 +118,7 @@ def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name
         "exit_layer_histogram": {str(k): v for k, v in sorted(Counter(layers).items())},
         "wall_seconds": seconds,
         "policy": policy.to_json(),
+        "ctr": [d.ctr for d in decisions],
     }
 
 
@@ -137,6 +139,8 @@ def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
         raise ValueError(f"the {cfg.split!r} split of {cfg.data} is empty: nothing to evaluate")
     rows = [run_config(ranker, contexts, samples, name=n, retrieval=r, early_exit=e, cfg=cfg)
             for n, r, e in CONFIGS]
+    for row in rows:
+        del row["ctr"]  # per-sample scores: for callers comparing configs, not for the report
     labels = Counter(s.label for s in samples)
     return {
         "dataset": dataset.meta.name,
