@@ -22,6 +22,7 @@ layers run with the plain causal mask; the answer is read at each row's last rea
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -207,6 +208,7 @@ class EarlyExitLM(nn.Module):
                 raise ValueError(f"head {layer} holds rows {head.vocab_rows.tolist()}, not the answer ids")
         self.register_buffer("answer_ids", torch.tensor([yes_token_id, no_token_id]), persistent=False)
         self._layer_kinds = _layer_kinds(causal_lm.config, self.num_layers)
+        self._cache_arg = _cache_arg(type(self.decoder.layers[0]).forward)
 
     @property
     def yes_token_id(self) -> int:
@@ -234,7 +236,7 @@ class EarlyExitLM(nn.Module):
     def _masks(self, hidden: Tensor) -> dict[str, Tensor | None]:
         """The causal mask per layer kind; None lets SDPA use its causal kernel."""
         kwargs = {"config": self.causal_lm.config, "inputs_embeds": hidden, "attention_mask": None,
-                  "past_key_values": None, "position_ids": None}
+                  _MASK_CACHE_ARG: None, "position_ids": None}
         masks = {"full_attention": create_causal_mask(**kwargs)}
         if "sliding_attention" in self._layer_kinds:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
@@ -248,8 +250,8 @@ class EarlyExitLM(nn.Module):
             attention_mask=mask,
             position_ids=positions,
             position_embeddings=rotary,
-            past_key_values=cache,
             use_cache=False,
+            **{self._cache_arg: cache},
         )
         return out[0] if isinstance(out, tuple) else out
 
@@ -479,6 +481,15 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device |
         ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids.to(device), mask.to(device)
+
+
+def _cache_arg(function) -> str:
+    """The name under which ``function`` takes its KV cache: ``cache`` since transformers 5.x
+    renamed it, ``past_key_values`` before (still accepted there, with a deprecation warning)."""
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+_MASK_CACHE_ARG = _cache_arg(create_causal_mask)
 
 
 def _right_padded_lengths(attention_mask: Tensor) -> Tensor:
