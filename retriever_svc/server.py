@@ -13,6 +13,12 @@ under ``limits``: message sizes, per-client rate; ``exitrank.grpc_security``). T
 ``retriever metrics on http://HOST:PORT/metrics`` with ``--metrics-port`` (``exitrank.observability``:
 request ids, ``--log-format json``, ``--tracing``; the effective config is logged at start).
 
+Health is SERVING while the retriever can answer: from its in-memory index (NearestUsers, also
+while Redis is down) or from Redis; NOT_SERVING while it has neither (no embeddings loaded and
+Redis unreachable), polled every ``READINESS_POLL_S`` (:func:`watch_readiness`). An artifact
+directory with a ``manifest.json`` is verified first: a ``gcn/`` file that is missing or does not
+match its hash stops the start (exit 1, the file named).
+
 Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
 consumer finishes its batch, Redis is closed, the embedded redis-server is stopped.
 """
@@ -34,6 +40,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from exitrank.artifacts import MANIFEST, ManifestError, verify_manifest
 from exitrank.grpc_security import bind, server_kwargs
 from exitrank.observability import setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
@@ -45,7 +52,7 @@ from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import RetrieverConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
-from retriever_svc.errors import RetrievalError
+from retriever_svc.errors import RetrievalError, StoreUnavailable
 from retriever_svc.index import Retriever
 from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.servicer import RetrieverCore, RetrieverServicer
@@ -53,6 +60,7 @@ from retriever_svc.store import RedisStore
 
 log = logging.getLogger("retriever_svc")
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
+READINESS_POLL_S = 0.5
 
 
 async def start_grpc(
@@ -83,9 +91,36 @@ async def start_grpc(
     return server, port, health_servicer
 
 
+async def watch_readiness(retriever: Retriever, store: RedisStore, health_servicer: health.aio.HealthServicer,
+                          *, interval_s: float = READINESS_POLL_S) -> None:
+    """Keep health SERVING while an in-memory index or Redis can answer, NOT_SERVING while neither."""
+    serving = True
+    while True:
+        await asyncio.sleep(interval_s)
+        ready = bool(retriever.embedding_version)
+        if not ready:
+            try:
+                ready = await store.ping()
+            except StoreUnavailable:
+                ready = False
+        if ready != serving:
+            serving = ready
+            log.warning("health %s: %s", "SERVING" if ready else "NOT_SERVING",
+                        "Redis answers again" if ready else "no embeddings in memory and Redis is unreachable")
+            status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, status)
+
+
 async def publish_artifacts(retriever: Retriever, artifacts: Path) -> str:
     """Publish ``artifacts/gcn`` when Redis does not hold that version yet, else restore Redis's
-    current version (with its fold-ins; possibly newer, published by the trainer or a peer)."""
+    current version (with its fold-ins; possibly newer, published by the trainer or a peer).
+
+    Raises:
+        ManifestError: ``artifacts/manifest.json`` exists and a ``gcn/`` file does not match it.
+    """
+    if (artifacts / MANIFEST).is_file():
+        verify_manifest(artifacts, subdir=GCN_DIR)
     if (artifacts / GCN_DIR).is_dir():
         emb = GCNEmbeddings.load(artifacts)
         if not await retriever.store.version_complete(emb.version):
@@ -138,6 +173,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+            watch = asyncio.create_task(watch_readiness(retriever, store, health_servicer))
             log.info("embedding version %s", version or "(none)")
             print(f"retriever listening on {config.server.host}:{port}", flush=True)
             if metrics is not None:
@@ -145,6 +181,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
                       flush=True)
             await stop.wait()
             log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
+            watch.cancel()
             await health_servicer.enter_graceful_shutdown()
             await server.stop(config.server.grace_s)
         finally:
