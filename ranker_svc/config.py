@@ -5,12 +5,13 @@ command-line flags (later wins); each core class receives only its section. Exam
 (``ranker-svc serve --config ranker.yaml``)::
 
     model: {artifacts_dir: artifacts, dtype: auto, engine: torch, num_threads: 0, device: auto,
-            tensor_parallel: 1, onnx_dir: null}
+            tensor_parallel: 1, onnx_dir: null, reload_interval_s: 2.0}
     exits: {criterion: null}            # null fields keep the artifact's calibrated policy
     batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_wait_ms: 2.0,
                max_batch_rows: 256, shared_context: true}
     server: {host: 127.0.0.1, port: 50052, grace_s: 5.0}
     retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000, title_ttl_s: 300,
+                breaker_failures: 5, breaker_cooldown_s: 2.0,
                 tls: false, tls_ca: null, tls_cert: null, tls_key: null, tls_server_name: ""}
     tls: {cert: null, key: null, client_ca: null}          # exitrank.security.ServerTLS
     limits: {max_receive_bytes: 4194304, max_send_bytes: 16777216, rate_per_s: 0, burst: 0,
@@ -52,6 +53,8 @@ class ModelConfig:
         num_threads: torch / ONNX Runtime intra-op threads; 0: the library default.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``, ...
         onnx_dir: where the onnx engine caches its exported graphs (None: a temporary directory).
+        reload_interval_s: how often the artifacts path is checked for a newly published release,
+            which is then loaded off the serving path and swapped in (``ranker_svc.reload``); 0: never.
     """
 
     artifacts_dir: Path = Path("artifacts")
@@ -61,8 +64,11 @@ class ModelConfig:
     device: str = "auto"
     tensor_parallel: int = 1
     onnx_dir: Path | None = None
+    reload_interval_s: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.reload_interval_s <= 3600:
+            raise InvalidArgument("model.reload_interval_s", f"must be in 0..3600 (0: off), got {self.reload_interval_s}")
         if self.engine not in ENGINES:
             raise InvalidArgument("model.engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
@@ -144,12 +150,19 @@ class RetrieverConfig:
     """The retriever endpoint ("" = none: rank without retrieval), call timeout, title cache, and
     TLS to it: ``tls`` (system roots) or ``tls_ca`` (``--retriever-tls-ca``) verify the retriever,
     ``tls_cert``/``tls_key`` are this ranker's client certificate when the retriever requires
-    mutual TLS, ``tls_server_name`` the name its certificate holds if not the target's host."""
+    mutual TLS, ``tls_server_name`` the name its certificate holds if not the target's host.
+
+    The circuit breaker (``ranker_svc.retriever_client.CircuitBreaker``): after ``breaker_failures``
+    consecutive failed calls (unreachable, timed out, server fault; 0 turns the breaker off) the
+    retriever is skipped for ``breaker_cooldown_s`` (Rank goes on without neighbours, titles come
+    from the cache), then one probe call decides whether it is back."""
 
     target: str = ""
     timeout_s: float = 0.5
     title_cache_size: int = 100_000
     title_ttl_s: float = 300.0
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 2.0
     tls: bool = False
     tls_ca: Path | None = None
     tls_cert: Path | None = None
@@ -171,6 +184,10 @@ class RetrieverConfig:
             raise InvalidArgument("retriever.title_cache_size", f"must be >= 0, got {self.title_cache_size}")
         if self.title_ttl_s < 0:
             raise InvalidArgument("retriever.title_ttl_s", f"must be >= 0, got {self.title_ttl_s}")
+        if self.breaker_failures < 0:
+            raise InvalidArgument("retriever.breaker_failures", f"must be >= 0 (0: no breaker), got {self.breaker_failures}")
+        if self.breaker_cooldown_s <= 0:
+            raise InvalidArgument("retriever.breaker_cooldown_s", f"must be > 0, got {self.breaker_cooldown_s}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,16 @@ and cannot reach it. Every call carries ``retriever.timeout_s``, or the ranker c
 deadline when that is shorter (the gRPC deadline propagates to the retriever), and the
 ranker call's ``x-request-id`` and trace context (``exitrank.observability``).
 
+Circuit breaker (:class:`CircuitBreaker`, ``retriever.breaker_failures``/``breaker_cooldown_s``):
+after that many consecutive failed calls (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN; an
+answer such as NOT_FOUND counts as success) the breaker opens and for the cool-down every call
+skips the retriever at once: ``get_context`` returns None, ``get_titles`` serves the cache and
+raises :class:`ContextUnavailable` ("circuit open", with the time to the next probe) for the rest,
+so a dead or hung retriever costs a request no waiting. Then one call is let through (half-open);
+its success closes the breaker, its failure opens it for another cool-down. The channel retries
+its connection at least every ``RECONNECT_BACKOFF_MS``, so a returning retriever is seen at the
+first probe after it is back.
+
 The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_cert`` for a
 retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``). It accepts replies
 up to the retriever's default send limit (16 MiB, ``Limits.max_send_bytes``) rather than gRPC's
@@ -37,6 +47,68 @@ GET_ITEMS_CHUNK = 10_000  # the retriever's GetItems limit
 MAX_RETRIEVER_K = 100
 MAX_RETRIEVER_HISTORY = 200
 MAX_REPLY_BYTES = Limits().max_send_bytes  # what a retriever with default limits may send
+RECONNECT_BACKOFF_MS = 1000  # gRPC's default backoff grows to 120 s: a returning retriever would wait
+# failures of the retriever itself; any other status is an answer (NOT_FOUND: unknown user)
+BREAKER_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+
+
+class CircuitBreaker:
+    """Closed -> open after ``failures`` consecutive failures -> half-open after ``cooldown_s``.
+
+    Closed: every call goes through. Open: :meth:`allow` says no until the cool-down has passed.
+    Half-open: one call (the probe) goes through, the others are refused; the probe's success
+    closes the breaker, its failure opens it again. ``failures`` 0: always closed.
+    """
+
+    CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+    def __init__(self, *, failures: int, cooldown_s: float, clock=time.monotonic) -> None:
+        self.failures = failures
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self.state = self.CLOSED
+        self.consecutive = 0
+        self.opened = 0  # times the breaker opened
+        self.skipped = 0  # calls refused while open
+        self._opened_at = 0.0
+        self._probing = False
+
+    def retry_in(self) -> float:
+        """Seconds until the next probe may go (0 unless open)."""
+        if self.state != self.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.cooldown_s - self._clock())
+
+    def allow(self) -> bool:
+        """Whether a call may go to the retriever now (a True in half-open makes it the probe)."""
+        if self.state == self.OPEN and self.retry_in() == 0.0:
+            self.state = self.HALF_OPEN
+        if self.state == self.CLOSED or (self.state == self.HALF_OPEN and not self._probing):
+            self._probing = self.state == self.HALF_OPEN
+            return True
+        self.skipped += 1
+        return False
+
+    def success(self) -> None:
+        if self.state != self.CLOSED:
+            log.info("retriever answered again: circuit closed")
+        self.state, self.consecutive, self._probing = self.CLOSED, 0, False
+
+    def failure(self) -> None:
+        self.consecutive += 1
+        self._probing = False
+        if self.failures and (self.state == self.HALF_OPEN or self.consecutive >= self.failures):
+            if self.state == self.CLOSED:  # a failed probe re-opens quietly: one line per outage
+                log.warning("retriever failed %d calls in a row: circuit open, skipping it for %.1fs at a time",
+                            self.consecutive, self.cooldown_s)
+            if self.state != self.OPEN:
+                self.opened += 1
+            self.state, self._opened_at = self.OPEN, self._clock()
+
+    def release(self) -> None:
+        """A call ended without a verdict (its caller was cancelled): another call may probe."""
+        self._probing = False
 
 
 class TitleCache:
@@ -83,20 +155,42 @@ class RetrieverClient:
         if channel is None and not config.target:
             raise ValueError("retriever.target is empty: pass --retriever HOST:PORT")
         self.config = config
-        self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()),
-                                                options=[("grpc.max_receive_message_length", MAX_REPLY_BYTES)])
+        self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()), options=[
+            ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", min(100, RECONNECT_BACKOFF_MS)),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)])
         self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
         self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
+        self.breaker = CircuitBreaker(failures=config.breaker_failures, cooldown_s=config.breaker_cooldown_s)
 
     async def close(self) -> None:
         await self._channel.close()
 
-    @staticmethod
-    async def _call(name: str, rpc, request, timeout_s: float):
+    async def _call(self, name: str, rpc, request, timeout_s: float):
         """One retriever call carrying this request's ``x-request-id`` and, when tracing is on,
-        the trace context of a client span around it."""
-        with tracing.span(name, kind="client", attributes={"rpc.system": "grpc"}):
-            return await rpc(request, timeout=timeout_s, metadata=outgoing_metadata())
+        the trace context of a client span around it; the breaker sees its outcome."""
+        verdict = False
+        try:
+            with tracing.span(name, kind="client", attributes={"rpc.system": "grpc"}):
+                reply = await rpc(request, timeout=timeout_s, metadata=outgoing_metadata())
+            verdict = True
+            self.breaker.success()
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            verdict = True
+            if exc.code() in BREAKER_FAILURES:
+                self.breaker.failure()
+            else:
+                self.breaker.success()
+            raise
+        finally:
+            if not verdict:
+                self.breaker.release()
+
+    def _open_message(self) -> str:
+        return (f"retriever at {self.config.target or 'the configured channel'} is skipped: circuit open after "
+                f"{self.breaker.consecutive} failed calls, next probe in {self.breaker.retry_in():.1f}s "
+                "(retriever.breaker_failures, retriever.breaker_cooldown_s)")
 
     def _timeout(self, timeout_s: float | None) -> float:
         return self.config.timeout_s if timeout_s is None else max(0.0, min(self.config.timeout_s, timeout_s))
@@ -106,6 +200,8 @@ class RetrieverClient:
         request = retriever_pb2.ContextRequest(
             user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY))
         )
+        if not self.breaker.allow():
+            return None
         try:
             reply = await self._call("exitrank.v1.Retriever/GetContext", self._stub.GetContext, request, self._timeout(timeout_s))
         except grpc.aio.AioRpcError as exc:
@@ -131,6 +227,8 @@ class RetrieverClient:
         return found
 
     async def _fetch(self, item_ids: list[str], timeout_s: float) -> dict[str, str]:
+        if not self.breaker.allow():
+            raise ContextUnavailable(f"{self._open_message()}; {len(item_ids)} candidate titles are not cached")
         try:
             reply = await self._call("exitrank.v1.Retriever/GetItems", self._stub.GetItems,
                                      retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout_s)

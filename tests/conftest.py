@@ -158,29 +158,51 @@ def _seed_retriever(address: str, titles: dict[str, str], histories: dict[str, l
             time.sleep(0.05)
 
 
+@dataclass(frozen=True)
+class StackArtifacts:
+    """The live stack's artifact directory (``gcn/`` and ``ranker/``), its data, and ``seed(address)``,
+    which upserts the catalog and ingests the histories into a retriever and waits until applied."""
+
+    artifacts: Path
+    titles: dict[str, str]
+    histories: dict[str, list[str]]
+
+    def seed(self, address: str) -> None:
+        _seed_retriever(address, self.titles, self.histories)
+
+
 @pytest.fixture(scope="session")
-def live_stack(tmp_path_factory) -> LiveStack:
+def stack_artifacts(tmp_path_factory) -> StackArtifacts:
+    """The live stack's artifacts, written once per session, for tests that run their own processes."""
+    root = tmp_path_factory.mktemp("stack-artifacts")
+    titles, histories = _stack_data()
+    _write_stack_artifacts(root / "artifacts", titles, histories)
+    return StackArtifacts(artifacts=root / "artifacts", titles=titles, histories=histories)
+
+
+@pytest.fixture(scope="session")
+def live_stack(tmp_path_factory, stack_artifacts) -> LiveStack:
     """Real ``retriever-svc`` (its embedded redis-server) and ``ranker-svc`` on loopback for the session.
 
     The retriever keeps its own redis-server: ``redis_url`` flushes the shared one before each test.
     """
     root = tmp_path_factory.mktemp("stack")
-    titles, histories = _stack_data()
-    _write_stack_artifacts(root / "artifacts", titles, histories)
+    titles, histories = stack_artifacts.titles, stack_artifacts.histories
+    artifacts = stack_artifacts.artifacts
     bin_dir = Path(sys.executable).parent
     logs = {"retriever": root / "retriever.log", "ranker": root / "ranker.log"}
     retriever = launch_service([str(bin_dir / "retriever-svc"), "serve", "--port", "0", "--artifacts",
-                                str(root / "artifacts"), "--data-dir", str(root / "data")], logs["retriever"])
+                                str(artifacts), "--data-dir", str(root / "data")], logs["retriever"])
     ranker = None
     try:
         retriever_addr = await_ready(retriever, "retriever listening on ", logs["retriever"])
         ranker = launch_service([str(bin_dir / "ranker-svc"), "serve", "--port", "0", "--retriever", retriever_addr,
-                                 "--artifacts", str(root / "artifacts"), "--dtype", "float32", "--num-threads", "1"],
+                                 "--artifacts", str(artifacts), "--dtype", "float32", "--num-threads", "1"],
                                 logs["ranker"])
         _seed_retriever(retriever_addr, titles, histories)  # while the ranker loads its model
         ranker_addr = await_ready(ranker, "ranker listening on ", logs["ranker"])
         yield LiveStack(retriever=retriever_addr, ranker=ranker_addr, titles=titles, histories=histories,
-                        artifacts=root / "artifacts", logs=logs)
+                        artifacts=artifacts, logs=logs)
     finally:
         if ranker is not None:
             stop_service(ranker)

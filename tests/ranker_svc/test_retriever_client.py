@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ranker_svc.config import RetrieverConfig
 from ranker_svc.errors import ContextUnavailable
-from ranker_svc.retriever_client import RetrieverClient, TitleCache
+from ranker_svc.retriever_client import CircuitBreaker, RetrieverClient, TitleCache
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +92,56 @@ def test_title_cache_is_a_bounded_lru_with_expiry():
 def test_client_needs_a_target():
     with pytest.raises(ValueError, match="retriever.target"):
         RetrieverClient(config=RetrieverConfig(target=""))
+
+
+def test_circuit_breaker_opens_skips_probes_once_and_closes():
+    now = [0.0]
+    breaker = CircuitBreaker(failures=3, cooldown_s=2.0, clock=lambda: now[0])
+    for _ in range(2):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state == "closed" and breaker.allow()
+    breaker.success()  # an answer resets the count
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.failure()
+    assert breaker.state == "open" and breaker.opened == 1 and breaker.retry_in() == 2.0
+    assert not breaker.allow() and breaker.skipped == 1
+    now[0] = 2.0
+    assert breaker.allow() and breaker.state == "half_open"  # the probe
+    assert not breaker.allow()  # one probe at a time
+    breaker.failure()  # the probe failed: open for another cool-down
+    assert breaker.state == "open" and not breaker.allow() and breaker.retry_in() == 2.0
+    now[0] = 4.5
+    assert breaker.allow()
+    breaker.release()  # the probe's caller gave up: the next call probes
+    assert breaker.allow()
+    breaker.success()
+    assert breaker.state == "closed" and breaker.consecutive == 0 and breaker.allow()
+    off = CircuitBreaker(failures=0, cooldown_s=1.0, clock=lambda: now[0])
+    for _ in range(10):
+        off.failure()
+    assert off.state == "closed" and off.allow()
+
+
+async def test_open_breaker_skips_a_dead_retriever_at_once(retriever, catalog):
+    _, target = retriever
+    warm = RetrieverClient(config=RetrieverConfig(target=target))
+    cached = sorted(catalog)[:2]
+    await warm.get_titles(cached)
+    dead = RetrieverClient(config=RetrieverConfig(target="127.0.0.1:1", timeout_s=0.3, breaker_failures=2,
+                                                  breaker_cooldown_s=30.0))
+    dead.titles = warm.titles
+    await warm.close()
+    try:
+        for _ in range(2):
+            assert await dead.get_context("u0", 2, 5) is None
+        assert dead.breaker.state == "open"
+        started = time.monotonic()
+        assert await dead.get_context("u0", 2, 5) is None
+        assert await dead.get_titles(cached) == {i: catalog[i] for i in cached}  # the cache still serves
+        with pytest.raises(ContextUnavailable, match="circuit open .* next probe in"):
+            await dead.get_titles([sorted(catalog)[5]])
+        assert time.monotonic() - started < 0.05 and dead.breaker.skipped == 2
+    finally:
+        await dead.close()
