@@ -47,7 +47,6 @@ from pathlib import Path
 
 from exitrank.artifacts import MANIFEST, ManifestError, read_manifest, verify_manifest
 from exitrank.types import RankResult
-from ranker_svc.errors import RankerError
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.ranker import RankObserver, Ranker
 
@@ -231,8 +230,8 @@ class ReleaseWatcher:
             log.info("release %s was replaced while its model loaded; loading the newer one next", release.name)
             self._seen = self.serving
             return None
-        except (RankerError, ManifestError, OSError, ValueError, RuntimeError) as exc:
-            self._refuse(f"{release.name}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - whatever breaks a load refuses the release, never the service
+            self._refuse(f"{release.name}: {type(exc).__name__}: {exc}")
             return None
         old = self.core.swap(ranker)
         self.serving = release

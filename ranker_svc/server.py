@@ -12,6 +12,11 @@
 Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``), then
 ``ranker metrics on http://HOST:PORT/metrics`` when metrics are on. SIGTERM or SIGINT: health turns
 NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
+
+A new artifact is served without a restart: ``--artifacts`` may be the symlink ``ROOT/current`` that
+``exitrank.artifacts.publish_release`` swaps (or a directory whose manifest changes); every
+``--reload-interval-s`` seconds (default 2, 0: off) it is checked, and a new release is verified
+and loaded off the serving path, then swapped in between requests (``ranker_svc.reload``).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from ranker_svc.engine import build_engine
 from ranker_svc.errors import RankerError
 from ranker_svc.model import resolve_dtype
 from ranker_svc.ranker import ContextSource, Ranker
+from ranker_svc.reload import Release, ReleaseWatcher, ReloadingRanker, read_release
 from ranker_svc.retriever_client import RetrieverClient
 from ranker_svc.servicer import RankerServicer
 
@@ -66,13 +72,16 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--dtype", choices=DTYPES, help="default auto; serve in the calibration dtype")
     serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
+    serve.add_argument("--reload-interval-s", type=float,
+                       help="seconds between checks for a newly published artifact (0: off; default 2)")
     add_security_flags(serve)
     observability_config.add_flags(serve, service="ranker")
     args = parser.parse_args(argv)
     base = RankerConfig.from_dict(yaml.safe_load(args.config.read_text()) or {}) if args.config else RankerConfig()
     base = with_security_flags(base.with_env(), args)
     model = {k: v for k, v in (("engine", args.engine), ("dtype", args.dtype), ("num_threads", args.num_threads),
-                               ("tensor_parallel", args.tensor_parallel)) if v is not None}
+                               ("tensor_parallel", args.tensor_parallel),
+                               ("reload_interval_s", args.reload_interval_s)) if v is not None}
     batching = {} if args.max_wait_ms is None else {"max_wait_ms": args.max_wait_ms}
     return (
         base.with_section("model", artifacts_dir=args.artifacts, **model)
@@ -116,12 +125,15 @@ class RankerServer:
     server: grpc.aio.Server
     port: int
     health: health.aio.HealthServicer
-    ranker: Ranker
+    ranker: ReloadingRanker
     client: RetrieverClient | None
     metrics: RankerMetrics | None = None
+    watcher: ReleaseWatcher | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
+        if self.watcher is not None:
+            await self.watcher.stop()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         if self.client is not None:
@@ -142,7 +154,9 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     log_settings(log, config, service="ranker")
     pem = load_server_tls(config.tls)
     load_client_tls(config.retriever.client_tls())
-    ranker, client = build_ranker(config, context_source=context_source)
+    release = read_release(config.model.artifacts_dir)  # a symlink resolved once: start-up reads one release
+    first, client = build_ranker(config.with_section("model", artifacts_dir=release.path), context_source=context_source)
+    ranker = ReloadingRanker(first)  # the servicer's core; new releases are swapped in behind it
     metrics = None
     if obs.metrics_port is not None:
         metrics = RankerMetrics(num_layers=ranker.num_layers, pending=lambda: ranker.batcher.pending)
@@ -162,8 +176,25 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     log.info("model %s, %d layers, exit layers %s, policy %s, engine %s, shared context %s",
              ranker.model_version, ranker.num_layers, list(ranker.model.exit_layers), ranker.policy,
              ranker.engine.name, ranker.shared_context)
-    return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client,
+    watcher = watch_releases(config, ranker, release, client or context_source)
+    return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client, watcher=watcher,
                         metrics=metrics)
+
+
+def watch_releases(config: RankerConfig, core: ReloadingRanker, release: Release, source: ContextSource | None
+                   ) -> ReleaseWatcher | None:
+    """Starts polling ``model.artifacts_dir`` for new releases (``ranker_svc.reload``); None when
+    ``model.reload_interval_s`` is 0. New models load like the first, with the same context source."""
+    if not config.model.reload_interval_s:
+        return None
+
+    def build(path: Path) -> Ranker:
+        return build_ranker(config.with_section("model", artifacts_dir=path), context_source=source)[0]
+
+    watcher = ReleaseWatcher(core=core, artifacts_dir=config.model.artifacts_dir, release=release, build=build,
+                             interval_s=config.model.reload_interval_s)
+    watcher.start()
+    return watcher
 
 
 async def serve(config: RankerConfig, *, stop: asyncio.Event | None = None) -> None:
