@@ -17,6 +17,13 @@ and reflection are served on the same port, so they run over TLS whenever the se
   the call ends with RESOURCE_EXHAUSTED "request message of N bytes exceeds
   limits.max_receive_bytes=L (--max-receive-bytes)" before any protobuf parsing. Responses are
   capped by ``grpc.max_send_message_length``.
+* **malformed requests**: bytes that do not parse as the request message (a string field with
+  invalid UTF-8 from a raw client, corrupt wire format), which gRPC would answer UNKNOWN, end
+  with INVALID_ARGUMENT naming the field (``exitrank.wire.malformed_field``), before the servicer.
+* **draining** (:func:`drain_and_stop`, on SIGTERM): from :meth:`ServerGuard.start_draining` on,
+  every call the server begins is refused with UNAVAILABLE "shutting down" (health checks
+  excepted: they answer NOT_SERVING), including calls gRPC had received but not yet begun, which
+  ``server.stop`` alone would end CANCELLED; calls already running finish within the grace.
 * **per-client rate limit**: one token per call (a stream is one call), from the bucket of the
   caller's identity (:func:`client_identity`); a refused call ends with RESOURCE_EXHAUSTED, a
   message with the retry delay, and trailing metadata ``retry-after-ms``. Health checks are
@@ -28,6 +35,7 @@ one ``context.peer()`` and one bucket update: O(1).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -35,13 +43,17 @@ from typing import Any
 
 import grpc
 
+from google.protobuf.message import DecodeError
+
 from exitrank.security import ClientPEM, Limits, RateLimiter, ServerPEM
+from exitrank.wire import malformed_field
 
 log = logging.getLogger(__name__)
 CLIENT_ID_KEY = "x-client-id"
 RETRY_AFTER_KEY = "retry-after-ms"
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 _CACHE_SIZE = 1024
+DRAIN_SETTLE_S = 0.5  # how long a draining server keeps refusing before server.stop (see drain_and_stop)
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
@@ -126,6 +138,15 @@ class _Oversized:
         self.size = size
 
 
+class _Malformed:
+    """What the guard's deserializer returns instead of bytes that do not parse."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
 class ServerGuard(grpc.aio.ServerInterceptor):
     """Enforces message-size and per-client rate limits (see the module docstring).
 
@@ -140,6 +161,7 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         self.limiter = (RateLimiter(rate_per_s=limits.rate_per_s, burst=limits.bucket_size,
                                     max_clients=limits.max_clients) if limits.rate_per_s > 0 else None)
         self.oversized = 0
+        self.draining = False
         self._cache: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -154,9 +176,19 @@ class ServerGuard(grpc.aio.ServerInterceptor):
             self._cache[id(handler)] = (handler, wrapped)
         return wrapped
 
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext, limited: bool) -> None:
+    def start_draining(self) -> None:
+        """Refuse every call begun from now on with UNAVAILABLE (health checks excepted)."""
+        self.draining = True
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext, limited: bool,
+                     exempt: bool = False) -> None:
+        if self.draining and not exempt:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "the server is shutting down: retry on another replica or after its restart")
         if type(request) is _Oversized:
             await self._refuse_size(request, context)
+        if type(request) is _Malformed:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         if limited:
             client = client_identity(context, mutual=self.mutual, trust_client_id=self.limits.trust_client_id)
             wait_s = self.limiter.acquire(client)
@@ -181,16 +213,24 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         async for request in requests:
             if type(request) is _Oversized:
                 await self._refuse_size(request, context)
+            if type(request) is _Malformed:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
             yield request
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        limited = self.limiter is not None and not method.startswith(EXEMPT_PREFIXES)
+        exempt = method.startswith(EXEMPT_PREFIXES)
+        limited = self.limiter is not None and not exempt
         limit, parse = self.limits.max_receive_bytes, handler.request_deserializer
 
         def deserialize(raw: bytes) -> Any:
             if len(raw) > limit:
                 return _Oversized(len(raw))
-            return parse(raw) if parse is not None else raw
+            try:
+                return parse(raw) if parse is not None else raw
+            except DecodeError:
+                descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+                return _Malformed(malformed_field(raw, descriptor) if descriptor is not None
+                                  else "request: not a valid protobuf message")
 
         if handler.request_streaming and handler.response_streaming:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
@@ -208,13 +248,30 @@ class ServerGuard(grpc.aio.ServerInterceptor):
 
         if inspect.isasyncgenfunction(behavior):
             async def guarded(request, context):
-                await admit(None if streaming_in else request, context, limited)
+                await admit(None if streaming_in else request, context, limited, exempt)
                 async for response in behavior(checked(request, context) if streaming_in else request, context):
                     yield response
         else:
             async def guarded(request, context):
-                await admit(None if streaming_in else request, context, limited)
+                await admit(None if streaming_in else request, context, limited, exempt)
                 return await behavior(checked(request, context) if streaming_in else request, context)
 
         return factory(guarded, request_deserializer=deserialize,
                        response_serializer=handler.response_serializer)
+
+
+def find_guard(interceptors: Sequence[Any]) -> ServerGuard | None:
+    """The :class:`ServerGuard` among a server's interceptors (``server_kwargs(...)["interceptors"]``)."""
+    return next((i for i in interceptors if isinstance(i, ServerGuard)), None)
+
+
+async def drain_and_stop(server: grpc.aio.Server, guard: ServerGuard | None, grace: float | None, *,
+                         settle_s: float = DRAIN_SETTLE_S) -> None:
+    """Stop ``server`` gracefully: new calls, and calls received but not yet begun, are refused with
+    UNAVAILABLE by ``guard`` for ``settle_s`` (at most ``grace``), then ``server.stop(grace)`` lets
+    the running ones finish. Without a guard: ``server.stop(grace)`` only."""
+    if guard is not None:
+        guard.start_draining()
+        await asyncio.sleep(min(settle_s, grace if grace is not None else settle_s))
+    await server.stop(grace)
+

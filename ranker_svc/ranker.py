@@ -35,7 +35,7 @@ from ranker_svc.artifact import LoadedRanker
 from ranker_svc.batching import MicroBatcher
 from ranker_svc.config import BatchingConfig
 from ranker_svc.engine import Engine, TorchEngine, full_prompts, predict_in_batches
-from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, UnknownItems
+from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, Overloaded, UnknownItems
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import pad_right
 from ranker_svc.prompt import MAX_NEIGHBORS
@@ -114,6 +114,7 @@ class Ranker:
             max_pending=self.batching.max_pending_requests,
         )
         self.observer: RankObserver | None = None
+        self._in_progress = 0  # rank() calls admitted, from their retrieval to their scores
 
     def attach_observer(self, observer: RankObserver | None) -> None:
         """Report served requests and model batches to ``observer`` (None: stop reporting)."""
@@ -217,7 +218,20 @@ class Ranker:
 
     # --- serving ---------------------------------------------------------------------------------
 
-    async def rank(
+    async def rank(self, **request) -> RankResult:
+        """:meth:`_rank` under admission: at most ``batching.max_pending_requests`` requests are in
+        progress at once, from their retrieval to their scores; more raise ``Overloaded`` at once,
+        before any retriever or model work (waiting retrievals would otherwise pile up unbounded)."""
+        if self._in_progress >= self.batching.max_pending_requests:
+            raise Overloaded(f"{self._in_progress} requests are already in progress "
+                             "(batching.max_pending_requests); retry with backoff")
+        self._in_progress += 1
+        try:
+            return await self._rank(**request)
+        finally:
+            self._in_progress -= 1
+
+    async def _rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
         policy: ExitPolicy | None = None, timeout_s: float | None = None,
     ) -> RankResult:

@@ -36,6 +36,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from exitrank.artifacts import MANIFEST, verify_manifest
 from exitrank.observability import config as observability_config
 from exitrank.observability import setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
@@ -43,7 +44,7 @@ from exitrank.observability.metrics import RankerMetrics
 from exitrank.observability.settings import log_settings
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import load_ranker
-from exitrank.grpc_security import bind, server_kwargs
+from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.security import load_client_tls, load_server_tls
 from ranker_svc.config import DTYPES, ENGINES, RankerConfig, add_security_flags, with_security_flags
 from ranker_svc.engine import build_engine
@@ -96,8 +97,12 @@ def build_ranker(config: RankerConfig, *, context_source: ContextSource | None =
     """The core with its artifact and context source, the policy overridden by ``config.exits``.
 
     ``context_source`` None: a :class:`RetrieverClient` to ``retriever.target`` (none when empty).
+    An ``artifacts_dir/manifest.json`` is verified first: a ``ranker/`` file that is missing or does
+    not match its hash raises ``ManifestError`` naming it (the service exits 2).
     """
     m = config.model
+    if (Path(m.artifacts_dir) / MANIFEST).is_file():
+        verify_manifest(Path(m.artifacts_dir), subdir="ranker")
     if m.num_threads:
         torch.set_num_threads(m.num_threads)
     dtype = resolve_dtype(m.dtype)
@@ -129,13 +134,14 @@ class RankerServer:
     client: RetrieverClient | None
     metrics: RankerMetrics | None = None
     watcher: ReleaseWatcher | None = None
+    guard: ServerGuard | None = None  # refuses new calls with UNAVAILABLE while draining
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
         if self.watcher is not None:
             await self.watcher.stop()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await drain_and_stop(self.server, self.guard, grace)
         if self.client is not None:
             await self.client.close()
         if self.metrics is not None:
@@ -162,7 +168,8 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
         metrics = RankerMetrics(num_layers=ranker.num_layers, pending=lambda: ranker.batcher.pending)
         ranker.attach_observer(metrics)
     telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
-    server = grpc.aio.server(**with_telemetry(server_kwargs(config.limits, mutual=config.tls.mutual), telemetry))
+    kwargs = with_telemetry(server_kwargs(config.limits, mutual=config.tls.mutual), telemetry)
+    server = grpc.aio.server(**kwargs)
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(core=ranker), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -178,7 +185,7 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
              ranker.engine.name, ranker.shared_context)
     watcher = watch_releases(config, ranker, release, client or context_source)
     return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client, watcher=watcher,
-                        metrics=metrics)
+                        metrics=metrics, guard=find_guard(kwargs["interceptors"]))
 
 
 def watch_releases(config: RankerConfig, core: ReloadingRanker, release: Release, source: ContextSource | None

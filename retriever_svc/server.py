@@ -19,7 +19,8 @@ Redis unreachable), polled every ``READINESS_POLL_S`` (:func:`watch_readiness`).
 directory with a ``manifest.json`` is verified first: a ``gcn/`` file that is missing or does not
 match its hash stops the start (exit 1, the file named).
 
-Stop (SIGTERM/SIGINT): health NOT_SERVING, ``server.stop(grace)`` drains in-flight calls, the
+Stop (SIGTERM/SIGINT): health NOT_SERVING, new calls (and received ones not yet begun) refused
+UNAVAILABLE, ``server.stop(grace)`` drains in-flight calls (``grpc_security.drain_and_stop``), the
 consumer finishes its batch, Redis is closed, the embedded redis-server is stopped.
 """
 
@@ -32,6 +33,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exitrank.artifacts import MANIFEST, ManifestError, verify_manifest
-from exitrank.grpc_security import bind, server_kwargs
+from exitrank.grpc_security import bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.observability import setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RetrieverMetrics
@@ -61,6 +63,7 @@ from retriever_svc.store import RedisStore
 log = logging.getLogger("retriever_svc")
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 READINESS_POLL_S = 0.5
+_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> its ServerGuard (draining)
 
 
 async def start_grpc(
@@ -76,6 +79,7 @@ async def start_grpc(
     pem = load_server_tls(tls)
     kwargs = with_telemetry(server_kwargs(limits or Limits(), mutual=tls.mutual), telemetry or ServerTelemetry())
     server = grpc.aio.server(**kwargs)
+    _GUARDS[server] = find_guard(kwargs["interceptors"])
     retriever_pb2_grpc.add_RetrieverServicer_to_server(
         RetrieverServicer(core=core, batch=config.ingest_batch), server
     )
@@ -183,7 +187,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
             log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
             watch.cancel()
             await health_servicer.enter_graceful_shutdown()
-            await server.stop(config.server.grace_s)
+            await drain_and_stop(server, _GUARDS.get(server), config.server.grace_s)
         finally:
             await consumer.stop()
             await follower.stop()
