@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 REPORT ?= reports/reproduce
 
-.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality clean
+.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality soak clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,11 @@ bench-retriever: install
 
 bench-gcn-quality: install
 	$(PY) -m bench.bench_gcn_quality --data $(DATA)/gowalla
+
+# ranker + retriever processes at their measured capacity for SOAK_S seconds: RSS samples, errors (RELIABILITY.md)
+SOAK_S ?= 300
+soak: install
+	$(PY) -m bench.soak --workdir $(RUNS)/soak --duration $(SOAK_S)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
