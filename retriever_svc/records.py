@@ -21,6 +21,7 @@ CONTEXT_K_RANGE = (0, 100)
 MAX_HISTORY_RANGE = (1, 200)
 MAX_GET_ITEMS = 10_000
 MAX_REPORTED_ERRORS = 10
+MAX_TIMESTAMP_MS = 2**53  # Redis keeps history timestamps as double scores: larger ones would not round-trip
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +87,9 @@ def check_interaction(event: Interaction) -> Interaction:
     check_id("item_id", event.item_id)
     if not math.isfinite(event.rating):
         raise InvalidArgument("rating", f"must be finite, got {event.rating}")
-    if event.timestamp_ms < 0:
-        raise InvalidArgument("timestamp_ms", f"must be >= 0, got {event.timestamp_ms}")
+    if not 0 <= event.timestamp_ms <= MAX_TIMESTAMP_MS:
+        raise InvalidArgument("timestamp_ms", f"must be in 0..{MAX_TIMESTAMP_MS} (ms since the epoch), "
+                              f"got {event.timestamp_ms}")
     return event
 
 

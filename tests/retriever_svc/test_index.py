@@ -110,7 +110,7 @@ async def test_validation_names_the_field_and_stores_nothing(published, store):
                                      Interaction("a", "i", 1.0, -1), Interaction("a", "i", 1.0, 1)])
     assert (result.accepted, result.rejected) == (1, 2)
     assert result.errors == ("interaction 0: rating must be finite, got nan",
-                             "interaction 1: timestamp_ms must be >= 0, got -1")
+                             "interaction 1: timestamp_ms must be in 0..9007199254740992 (ms since the epoch), got -1")
     assert await store.client.xlen(store.keys.stream) == before + 1
     items = await retriever.upsert_items([CatalogItem("z", "")], first_index=4)
     assert items.rejected == 1 and items.errors[0].startswith("item 4: title")
