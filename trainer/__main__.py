@@ -21,6 +21,10 @@
 
     # the paper's tables and figures on the real data (resumable), or a quick run of the same code
     .venv/bin/python -m trainer reproduce --data-root ../shared/data --out reports/reproduce [--quick]
+
+    # releases and periodic refits from the live log (trainer/refit.py): publish only when not worse
+    .venv/bin/python -m trainer publish --from artifacts --artifacts /srv/artifacts --redis-url redis://...
+    .venv/bin/python -m trainer refit --redis-url redis://... --artifacts /srv/artifacts --every 1h --heads-every 24h
 """
 
 from __future__ import annotations
@@ -178,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--bootstrap", type=int, default=1000)
     rep.add_argument("--no-progress", action="store_true")
     rep.set_defaults(func=_reproduce)
+
+    from trainer.refit import add_parsers as add_refit_parsers
+
+    add_refit_parsers(sub)  # refit (periodic, gated by evaluation) and publish (a release, a rollback)
     return parser
 
 
