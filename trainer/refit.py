@@ -14,10 +14,8 @@ has the release layout) and Redis's current embedding version by themselves; not
 
 One refit (:func:`refit_once`), under a lock file so runs never overlap:
 
-1. Pull the interaction log from the retriever's Redis (``retriever_svc.store.RedisStore``: every
-   user's history with ratings and timestamps, up to ``HISTORY_CAP`` newest per user, and the
-   catalog titles of the items in it; nothing is unpickled) and write a canonical data set
-   (``trainer.data.dataset.write_dataset``). Samples follow ``trainer.data.samples`` (chronological
+1. Pull the interaction log from the retriever's Redis and write a canonical data set
+   (``trainer.data.live_log.export_dataset``). Samples follow ``trainer.data.samples`` (chronological
    targets, explicit ratings >= ``--rating-threshold`` positive, or sampled negatives for implicit
    data), but each user's split is a hash of its id (8:1:1), so it never changes between refits:
    test users never trained the serving model, and the comparison below is fair.
@@ -47,11 +45,9 @@ whether the heads were refit, the data counts and the seconds taken.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -68,14 +64,9 @@ from typing import Any
 
 from exitrank.artifacts import (RELEASES, current_release, publish_release, read_manifest, verify_manifest,
                                 write_manifest)
+from trainer.data.live_log import RefitError, export_dataset
 
-HISTORY_CAP = 5000  # newest interactions read per user (the Lua reply is one table of this size)
-_CHUNK = 500
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-class RefitError(ValueError):
-    """A refit cannot run as configured (no release to refit, Redis unreachable, ...); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -105,64 +96,6 @@ class RefitConfig:
     keep_releases: int = 3
     keep_embedding_versions: int = 2
     progress: bool = False
-
-
-# ------------------------------------------------------------------------------------ the interaction log
-
-
-def export_dataset(redis_url: str, out: Path, *, prefix: str = "xr", rating_threshold: float = 4.0,
-                   seed: int = 0) -> dict[str, int]:
-    """The retriever's histories and catalog (Redis at ``redis_url``) as a canonical data set in ``out``.
-
-    Returns the row counts per file. Raises RefitError when Redis cannot be read or holds no history.
-    """
-    from retriever_svc.errors import StoreUnavailable
-    from trainer.data.dataset import DatasetMeta, write_dataset
-    from trainer.data.samples import SampleRule, build_samples
-
-    try:
-        items, interactions = asyncio.run(_pull_log(redis_url, prefix))
-    except StoreUnavailable as exc:
-        raise RefitError(f"cannot read the interaction log from Redis: {exc}") from exc
-    if not interactions:
-        raise RefitError(f"Redis (prefix {prefix!r}) holds no interaction histories: nothing to refit on")
-    implicit = all(x.rating == 1.0 for x in interactions)
-    rule = SampleRule(threshold=rating_threshold, implicit=implicit, seed=seed)
-    samples = [dataclasses.replace(s, split=stable_split(s.user_id)) for s in build_samples(interactions, rule)]
-    meta = DatasetMeta(name="refit", format="redis", implicit=implicit,
-                       rating_threshold=1.0 if implicit else rating_threshold,
-                       sample_rule={**dataclasses.replace(rule, kind="given").to_json(), "split": "hash(user_id) 8:1:1"})
-    return write_dataset(out, items=items, interactions=interactions, meta=meta, samples=samples)
-
-
-async def _pull_log(redis_url: str, prefix: str) -> tuple[list, list]:
-    """(catalog items, interactions) of every user with a history, in a few round trips per 500 users."""
-    from retriever_svc.store import RedisStore
-    from trainer.data.dataset import Interaction, Item
-
-    store = RedisStore.from_url(redis_url, prefix=prefix)
-    try:
-        users = sorted(await store.all_users())
-        interactions = []
-        for start in range(0, len(users), _CHUNK):
-            chunk = users[start : start + _CHUNK]
-            for user, rows in zip(chunk, await store.histories(chunk, HISTORY_CAP)):
-                interactions += [Interaction(user, item, rating, ts) for item, ts, rating in rows]
-        item_ids = sorted({x.item_id for x in interactions})
-        items = []
-        for start in range(0, len(item_ids), _CHUNK):
-            chunk = item_ids[start : start + _CHUNK]
-            for item_id, found in zip(chunk, await store.get_items(chunk)):
-                items.append(Item(item_id, found.title if found else "", dict(found.attributes) if found else {}))
-    finally:
-        await store.close()
-    return items, interactions
-
-
-def stable_split(user_id: str) -> str:
-    """train / valid / test by a hash of the user id (8:1:1): the same user, the same split, every refit."""
-    bucket = int(hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:8], 16) % 10
-    return "test" if bucket == 9 else "valid" if bucket == 8 else "train"
 
 
 # ------------------------------------------------------------------------------------ the candidate

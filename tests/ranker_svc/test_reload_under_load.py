@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import grpc
-import pytest
 
 from exitrank.artifacts import CURRENT, RELEASES, publish_release
 from exitrank.reliability import recording

@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from exitrank.reliability import recording
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
 from tests.conftest import await_ready, launch_service, stop_service
-from trainer.refit import RefitConfig, export_dataset, heads_due, parse_duration, publish, refit_once, stable_split
+from trainer.data.live_log import export_dataset, stable_split
+from trainer.refit import RefitConfig, heads_due, parse_duration, publish, refit_once, run_refits
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 PREFIX = "rf"
@@ -85,8 +87,6 @@ def _current_embedding(url: str) -> str:
 @pytest.fixture(scope="module")
 def stack(redis_server, tmp_path_factory):
     """The live stack: retriever-svc and ranker-svc processes, the release ROOT, the seeded log."""
-    import torch as _torch
-
     from trainer.pipeline import make_config, run_stages
 
     tmp = tmp_path_factory.mktemp("refit")
@@ -108,12 +108,12 @@ def stack(redis_server, tmp_path_factory):
         stub.UpsertItems(iter([common_pb2.Item(item_id=i, title=t) for i, t in TITLES.items()]), timeout=30)
         _ingest(stub, histories, range(0, 6))  # the log the first release is trained on
         export_dataset(url, tmp / "data0", prefix=PREFIX)
-        threads = _torch.get_num_threads()
-        _torch.set_num_threads(1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         try:
             run_stages(make_config(tmp / "data0", tmp / "build", overrides=FIT, k=1, max_history=3, progress=False))
         finally:
-            _torch.set_num_threads(threads)
+            torch.set_num_threads(threads)
         first = publish(tmp / "build", root, redis_url=url, prefix=PREFIX)  # what `trainer publish` does
         ranker = launch_service([str(bin_dir / "ranker-svc"), "serve", "--port", "0", "--retriever", address,
                                  "--artifacts", str(root / "current"), "--dtype", "float32", "--num-threads", "1",
@@ -241,3 +241,15 @@ def test_splits_are_stable_and_durations_parse():
     assert heads_due(manifest, 3600) and heads_due(manifest, 0)
     fresh = {"metrics": {"refit": {"heads_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}}
     assert not heads_due(fresh, 3600) and heads_due(fresh, 0)
+
+
+def test_the_loop_reports_a_failed_refit_and_goes_on(tmp_path, capsys):
+    """No release to refit: each tick prints a "failed" summary, and the loop keeps its schedule."""
+    stop = threading.Event()
+    timer = threading.Timer(0.35, stop.set)
+    timer.start()
+    last = run_refits(RefitConfig(redis_url="redis://127.0.0.1:1/0", artifacts=tmp_path / "none"), 0.1, stop=stop)
+    timer.join()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) >= 2 and all(line["decision"] == "failed" for line in lines)
+    assert "trainer publish" in last["reason"] and last == lines[-1]
