@@ -45,7 +45,7 @@ bench-gcn-quality: install
 # ranker + retriever processes at their measured capacity for SOAK_S seconds: RSS samples, errors (RELIABILITY.md)
 SOAK_S ?= 300
 soak: install
-	$(PY) -m bench.soak --workdir $(RUNS)/soak --duration $(SOAK_S)
+	$(PY) -m bench.soak --workdir $(RUNS)/soak --duration $(SOAK_S) --record
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

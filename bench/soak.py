@@ -39,6 +39,8 @@ from pathlib import Path
 
 from bench.common import emit, first_line, machine, run_load, say
 
+SOAK_TEST = "bench/soak.py (make soak)"  # the result file's test name (exitrank.reliability)
+
 BIN = Path(sys.executable).parent
 ADJECTIVES = ("sunny", "golden", "bright", "gloomy", "rusty", "dull")
 NOUNS = ("garden", "river", "castle", "story")
@@ -162,6 +164,25 @@ def soak(args: argparse.Namespace, ranker: subprocess.Popen, retriever: subproce
             "sample_s": args.sample_s, "rss_mb": rss, "rss_growth_mb": growth_mb, "rss_flat": flat}
 
 
+def record(result: dict) -> None:
+    """``result`` as the ``faults``/``soak`` row of ``runs/reliability`` (only when it passed)."""
+    from exitrank.reliability import recording
+
+    soak, ranker = result["soak"], result["soak"]["rss_mb"]["ranker"]
+    if soak["errors"] or not soak["rss_flat"]:
+        return
+    with recording(SOAK_TEST, "soak", area="faults") as row:
+        row.sent, row.refused = soak["requests"], soak["errors"]
+        row.measured = (f"{soak['duration_s']:.0f} s at the measured capacity ({soak['capacity_rps']} Rank/s, "
+                        f"{soak['concurrency']} closed-loop clients, {soak['candidates']} candidates; "
+                        f"{result['machine']['cores']} cores, load average {result['machine']['load_avg_1m']}): "
+                        f"{soak['requests']} Ranks at {soak['requests_per_s']}/s, 0 errors, p50 {soak['p50_ms']:.0f} ms, "
+                        f"p99 {soak['p99_ms']:.0f} ms; ranker RSS {ranker[0]:.0f} -> {ranker[-1]:.0f} MiB "
+                        f"(growth {soak['rss_growth_mb']['ranker']} MiB over {len(ranker)} samples, "
+                        f"{soak['sample_s']:.0f} s apart), retriever {soak['rss_mb']['retriever'][0]:.0f} -> "
+                        f"{soak['rss_mb']['retriever'][-1]:.0f} MiB; both exit 0")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, default=Path("runs/soak"))
@@ -172,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=8)
     parser.add_argument("--sample-s", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--timeout-s", type=float, default=10.0, help="each Rank's deadline")
+    parser.add_argument("--record", action="store_true",
+                        help="write the result as a reliability result file (RELIABILITY.md's table)")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     shutil.rmtree(work / "data", ignore_errors=True)
@@ -198,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
                 proc.send_signal(signal.SIGTERM)
                 codes[name] = proc.wait(60)
     out["exit_codes"] = codes
-    emit({"soak": out, "machine": machine()})
+    result = {"soak": out, "machine": machine()}
+    if args.record:
+        record(result)
+    emit(result)
     return 0 if out["errors"] == 0 and out["rss_flat"] and not any(codes.values()) else 1
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -111,7 +112,10 @@ def read_meta(ranker_dir: Path) -> dict:
     path = Path(ranker_dir) / META_FILE
     if not path.is_file():
         raise ArtifactError(f"{path} is missing: train the ranker first (trainer finetune-ranker)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # truncated or corrupted: name the file, not just the parse error
+        raise ArtifactError(f"{path} is not valid JSON ({exc}): the artifact is corrupted; re-run the trainer") from exc
 
 
 def write_meta(ranker_dir: Path, meta: dict) -> None:
@@ -211,6 +215,9 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
         causal_lm = AutoModelForCausalLM.from_pretrained(
             ranker_dir, local_files_only=True, dtype=dtype, use_safetensors=True
         )
+    except SafetensorError as exc:  # a truncated or corrupted weights file
+        files = ", ".join(f.name for f in sorted(ranker_dir.glob("model*.safetensors"))) or "model.safetensors"
+        raise ArtifactError(f"cannot load the model weights {files} in {ranker_dir}: {exc}") from exc
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"cannot load the model/tokenizer in {ranker_dir}: {exc}") from exc
     tokenizer.padding_side = "right"
@@ -245,7 +252,10 @@ def _load_heads(ranker_dir: Path, causal_lm: PreTrainedModel, exit_layers: list[
     path = ranker_dir / HEADS_FILE
     if not path.is_file():  # stage 1 artifact: heads are copies of the final head
         return heads
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({exc}): the artifact is corrupted") from exc
     dtype = causal_lm.get_output_embeddings().weight.dtype
     rows = torch.tensor(answer_ids)
     vocab = causal_lm.get_output_embeddings().out_features

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from retriever_svc.errors import EmbeddingsError
@@ -161,7 +162,7 @@ class GCNEmbeddings:
 
             with safe_open(str(tensors_path), framework="numpy") as handle:
                 stored_version = (handle.metadata() or {}).get("version")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a truncated file
             raise EmbeddingsError(f"cannot read embeddings in {src}: {exc}") from exc
         for key in ("user_ids", "item_ids", "version"):
             if key not in meta:
