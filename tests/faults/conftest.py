@@ -7,6 +7,8 @@ Everything is real: processes, redis-server, gRPC on loopback, the tiny Llama of
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
 import socket
 import subprocess
@@ -69,8 +71,15 @@ class RetrieverProcess:
         self.proc.send_signal(sig)
 
     def kill(self) -> None:
+        """SIGKILL the service and its embedded redis-server, as a crash of the whole pod would (a
+        killed service cannot stop its child; the AOF under ``root`` keeps the data)."""
+        children = [int(c) for task in Path(f"/proc/{self.proc.pid}/task").iterdir()
+                    for c in (task / "children").read_text().split()]
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
