@@ -8,6 +8,7 @@ over gRPC (serving) or from an in-memory index (training and offline evaluation)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,6 +19,8 @@ class HistoryItem:
     title: str
     rating: float
     timestamp_ms: int = 0
+    # the item's LightGCN vector (d,) when the ranker reads collaborative soft tokens, else None
+    embedding: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,9 @@ class UserContext:
     history: tuple[HistoryItem, ...] = ()
     neighbors: tuple[NeighborContext, ...] = ()
     embedding_version: str = ""
+    # the user's LightGCN vector (d,) when the ranker reads collaborative soft tokens, else None
+    user_embedding: Any = field(default=None, compare=False, repr=False)
+    vectors_version: str = ""  # the embedding version of the vectors ("" when none were asked for)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,3 +128,4 @@ class RankExample:
     item_id: str
     title: str
     label: int
+    item_embedding: Any = field(default=None, compare=False, repr=False)  # the target's vector (d,)

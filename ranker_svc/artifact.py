@@ -8,9 +8,15 @@
                                      the "Yes" and "No" rows only (all serving needs; older artifacts
                                      with (V, H) heads still load). Absent until stage 2: heads then
                                      start as copies of the final head's answer rows.
+    ranker/collab.safetensors        the collaborative soft-token projector (``ranker_svc.collab``),
+                                     when the prompt's ``collab`` mode is not "none"
     ranker/exitrank.json             {format, version, arch, num_layers, exit_layers, yes_token_id,
                                       no_token_id, heads_trained, head_rows, policy, policy_dtype,
-                                      prompt, metrics}
+                                      prompt, metrics, collab: {mode, dim, token_id, embedding_version}}
+
+A ranker with soft tokens is tied to the LightGCN version its projector was trained on
+(``collab.embedding_version``): vectors of another version live in another space, so serving
+asks the retriever for exactly that version and refuses to score with any other.
 
 ``policy_dtype`` is the dtype the policy was calibrated in (``trainer calibrate --dtype``): exit
 decisions depend on small probability differences, so serving should run in that dtype, and
@@ -34,6 +40,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from exitrank.types import HistoryItem, NeighborContext, UserContext
+from ranker_svc.collab import COLLAB_TOKEN, CollabProjector
 from ranker_svc.errors import ArtifactError
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import EarlyExitLM, ExitHead
@@ -42,6 +49,7 @@ from ranker_svc.prompt import PromptBuilder, PromptConfig
 FORMAT = 1
 META_FILE = "exitrank.json"
 HEADS_FILE = "exit_heads.safetensors"
+COLLAB_FILE = "collab.safetensors"
 
 
 @dataclass
@@ -56,6 +64,11 @@ class LoadedRanker:
     meta: dict
     context_split_ok: bool = True  # context + suffix tokenise as the full prompt (shared-context scoring)
 
+    @property
+    def collab(self) -> dict | None:
+        """``{mode, dim, token_id, embedding_version}`` of the soft tokens, or None (text only)."""
+        return self.meta.get("collab")
+
 
 def save_ranker(
     ranker_dir: Path,
@@ -66,13 +79,20 @@ def save_ranker(
     exit_layers: list[int],
     policy: ExitPolicy,
     metrics: dict | None = None,
+    collab: CollabProjector | None = None,
+    embedding_version: str = "",
 ) -> dict:
-    """Writes a backbone artifact (no trained heads yet); returns its ``exitrank.json``."""
+    """Writes a backbone artifact (no trained heads yet); returns its ``exitrank.json``.
+
+    ``collab``: the soft-token projector, trained on ``embedding_version``'s vectors (needed when
+    ``prompt.collab`` is not "none").
+    """
     ranker_dir = Path(ranker_dir)
     ranker_dir.mkdir(parents=True, exist_ok=True)
     causal_lm.save_pretrained(ranker_dir, safe_serialization=True)
     tokenizer.save_pretrained(ranker_dir)
     (ranker_dir / HEADS_FILE).unlink(missing_ok=True)
+    (ranker_dir / COLLAB_FILE).unlink(missing_ok=True)
     yes_id, no_id = check_answer_tokens(tokenizer, PromptBuilder(config=prompt))
     meta = {
         "format": FORMAT,
@@ -86,8 +106,29 @@ def save_ranker(
         "prompt": prompt.to_json(),
         "metrics": metrics or {},
     }
+    if prompt.collab != "none":
+        if collab is None or not embedding_version:
+            raise ArtifactError(f"prompt.collab={prompt.collab!r} needs the projector and its embedding version")
+        save_file({k: v.detach().cpu().contiguous() for k, v in collab.state_dict().items()},
+                  str(ranker_dir / COLLAB_FILE))
+        if collab.token_id != collab_token_id(tokenizer):
+            raise ArtifactError(f"the projector's token id {collab.token_id} is not {COLLAB_TOKEN!r} in the tokenizer")
+        meta["collab"] = {"mode": prompt.collab, "dim": collab.dim, "embedding_version": embedding_version,
+                          "token_id": collab.token_id}
     write_meta(ranker_dir, meta)
     return stamp_version(ranker_dir)
+
+
+def collab_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id of :data:`~ranker_svc.collab.COLLAB_TOKEN`, which must be a single token.
+
+    Raises:
+        ArtifactError: the tokenizer splits it (add it as a special token first).
+    """
+    ids = tokenizer(COLLAB_TOKEN, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ArtifactError(f"{COLLAB_TOKEN!r} is {len(ids)} tokens in this tokenizer; add it as a special token")
+    return ids[0]
 
 
 def save_heads(ranker_dir: Path, model: EarlyExitLM, *, metrics: dict | None = None) -> dict:
@@ -232,7 +273,8 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
     causal_lm.eval()
     heads = _load_heads(ranker_dir, causal_lm, meta["exit_layers"], (yes_id, no_id))
     model = EarlyExitLM(
-        causal_lm=causal_lm, yes_token_id=yes_id, no_token_id=no_id, exit_layers=meta["exit_layers"], heads=heads
+        causal_lm=causal_lm, yes_token_id=yes_id, no_token_id=no_id, exit_layers=meta["exit_layers"], heads=heads,
+        collab=_load_collab(ranker_dir, meta, tokenizer, prompt.config.collab, causal_lm),
     ).eval()
     return LoadedRanker(
         model=model,
@@ -243,6 +285,24 @@ def load_ranker(ranker_dir: Path, *, dtype: torch.dtype | None = None) -> Loaded
         meta=meta,
         context_split_ok=check_context_split(tokenizer, prompt),
     )
+
+
+def _load_collab(ranker_dir: Path, meta: dict, tokenizer, mode: str, causal_lm: PreTrainedModel
+                 ) -> CollabProjector | None:
+    """The soft-token projector the prompt's ``collab`` mode needs (None for text-only prompts)."""
+    recorded = meta.get("collab")
+    if mode == "none":
+        return None
+    if not recorded or recorded.get("mode") != mode or not (ranker_dir / COLLAB_FILE).is_file():
+        raise ArtifactError(f"the prompt uses collab={mode!r} but {ranker_dir} holds no matching {COLLAB_FILE}")
+    if collab_token_id(tokenizer) != recorded["token_id"]:
+        raise ArtifactError(f"{COLLAB_TOKEN!r} is not token {recorded['token_id']} in the tokenizer of {ranker_dir}")
+    projector = CollabProjector(int(recorded["dim"]), causal_lm.config.hidden_size, token_id=recorded["token_id"])
+    try:
+        projector.load_state_dict(load_file(str(ranker_dir / COLLAB_FILE)))
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise ArtifactError(f"cannot load {ranker_dir / COLLAB_FILE}: {exc}") from exc
+    return projector.to(causal_lm.get_input_embeddings().weight.dtype).eval()
 
 
 def _load_heads(ranker_dir: Path, causal_lm: PreTrainedModel, exit_layers: list[int],

@@ -41,11 +41,14 @@ class Engine(Protocol):
     shares_context: bool  # True: predict_shared encodes each context once
 
     def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
-                compaction: bool = True) -> tuple[Tensor, Tensor]:
-        """(B, T) right-padded prompts -> (ctr (B,) float32, exit_layer (B,) long) on the CPU."""
+                compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(B, T) right-padded prompts -> (ctr (B,) float32, exit_layer (B,) long) on the CPU.
+
+        ``soft``: (n, d) vectors of the prompts' virtual ids (collaborative soft tokens), or None."""
 
     def predict_shared(self, contexts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int) -> tuple[Tensor, Tensor]:
+                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int,
+                       soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Rows ``contexts[groups[i]] + suffixes[i]`` (groups nondecreasing), at most ``max_rows`` per pass."""
 
 
@@ -66,18 +69,20 @@ class TorchEngine:
         self.answer_layers = model.answer_layers
 
     def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
-                compaction: bool = True) -> tuple[Tensor, Tensor]:
+                compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         device = self.model.device
-        return self.model.predict(input_ids.to(device), attention_mask.to(device), policy, compaction=compaction)
+        return self.model.predict(input_ids.to(device), attention_mask.to(device), policy, compaction=compaction,
+                                  soft=soft)
 
     def predict_shared(self, contexts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int) -> tuple[Tensor, Tensor]:
+                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int,
+                       soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One (lazy) pass over all contexts, shared by the suffix rows' chunks of ``max_rows``."""
-        context = self.model.context_encoder(contexts)
+        context = self.model.context_encoder(contexts, soft)
         ctr, layer = [], []
         for start in range(0, len(suffixes), max_rows):
             c, l = self.model.predict_suffixes(context, suffixes[start : start + max_rows],
-                                               groups[start : start + max_rows], policy)
+                                               groups[start : start + max_rows], policy, soft=soft)
             ctr.append(c)
             layer.append(l)
         return torch.cat(ctr), torch.cat(layer)
@@ -90,7 +95,8 @@ def full_prompts(contexts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[
 
 
 def predict_in_batches(engine: Engine, prompts: Sequence[Sequence[int]], policy: ExitPolicy, *,
-                       batch_size: int, pad_id: int = 0, compaction: bool = True) -> tuple[Tensor, Tensor]:
+                       batch_size: int, pad_id: int = 0, compaction: bool = True,
+                       soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scores token-id prompts in batches of similar length (fewer pads); results in input order."""
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     ctr = torch.empty(len(prompts), dtype=torch.float32)
@@ -98,7 +104,7 @@ def predict_in_batches(engine: Engine, prompts: Sequence[Sequence[int]], policy:
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = pad_right([prompts[i] for i in chunk], pad_id)
-        c, l = engine.predict(input_ids, mask, policy, compaction=compaction)
+        c, l = engine.predict(input_ids, mask, policy, compaction=compaction, soft=soft)
         ctr[chunk], layer[chunk] = c, l
     return ctr, layer
 
@@ -124,7 +130,7 @@ def deepspeed_engine(loaded: LoadedRanker, *, tensor_parallel: int = 1, device: 
     ds = deepspeed.init_inference(model.causal_lm, dtype=dtype, replace_with_kernel_inject=False,
                                   tensor_parallel={"tp_size": tensor_parallel})
     wrapped = EarlyExitLM(causal_lm=ds.module, yes_token_id=model.yes_token_id, no_token_id=model.no_token_id,
-                          exit_layers=model.exit_layers, heads=model.heads).eval()
+                          exit_layers=model.exit_layers, heads=model.heads, collab=model.collab).eval()
     return TorchEngine(model=wrapped.to(target), name="deepspeed")
 
 

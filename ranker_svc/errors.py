@@ -6,6 +6,8 @@
     ├── InvalidArgument(field, msg)  INVALID_ARGUMENT  a request or config field is out of range
     ├── UnknownItems(item_ids)       NOT_FOUND         candidates the catalog does not hold
     ├── ContextUnavailable           UNAVAILABLE       the retriever cannot resolve candidate titles
+    │   └── EmbeddingVersionUnavailable FAILED_PRECONDITION the retriever no longer serves the
+    │                                  embedding version this ranker's soft tokens were trained on
     ├── Overloaded                   RESOURCE_EXHAUSTED too many requests are already waiting
     ├── DeadlineExceeded             DEADLINE_EXCEEDED the caller's deadline passed before scoring
     └── ArtifactError                FAILED_PRECONDITION the ranker artifact is missing or inconsistent
@@ -46,6 +48,16 @@ class UnknownItems(RankerError):
 
 class ContextUnavailable(RankerError):
     """The context source (retriever) cannot answer at all."""
+
+
+class EmbeddingVersionUnavailable(ContextUnavailable):
+    """The retriever cannot give the vectors of the version the ranker was trained with."""
+
+    def __init__(self, version: str, detail: str) -> None:
+        super().__init__(f"the ranker's soft tokens need LightGCN version {version!r}, which the retriever does not "
+                         f"serve ({detail}); publish a ranker retrained on the current version "
+                         "(trainer refit) or keep more versions in the retriever")
+        self.version = version
 
 
 class Overloaded(RankerError):

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
 from ranker_svc.exits import ExitPolicy, depth_learning_rates, run_exits
 from ranker_svc.prefix import (
     ContextKV,
@@ -178,6 +179,9 @@ class EarlyExitLM(nn.Module):
         no_token_id: vocabulary index b of "No".
         exit_layers: 1-based layers in 1..N-1 that get heads (default: :func:`default_exit_layers`).
         heads: trained heads keyed by ``str(layer)``; default: copies of the final head.
+        collab: the projector of collaborative soft tokens (``ranker_svc.collab``), or None. With
+            it, every entry point takes ``soft``: the (n, d) raw vectors that the prompts' virtual
+            ids (>= the vocabulary size) index.
     """
 
     def __init__(
@@ -188,9 +192,11 @@ class EarlyExitLM(nn.Module):
         no_token_id: int,
         exit_layers: Sequence[int] | None = None,
         heads: nn.ModuleDict | None = None,
+        collab: CollabProjector | None = None,
     ) -> None:
         super().__init__()
         self.causal_lm = causal_lm
+        self.collab = collab
         self.decoder = causal_lm.base_model
         self.num_layers = len(self.decoder.layers)
         layers = default_exit_layers(self.num_layers) if exit_layers is None else sorted(set(exit_layers))
@@ -224,11 +230,23 @@ class EarlyExitLM(nn.Module):
 
     # --- the layer loop -------------------------------------------------------------------------
 
-    def _embed(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Token embeddings of the right-padded batch, each row's length, rotary (cos, sin)."""
+    def soft_table(self) -> SoftTable | None:
+        """A fresh table for one call's soft tokens, or None for a text-only model."""
+        if self.collab is None:
+            return None
+        return SoftTable(vocab_size=self.causal_lm.get_input_embeddings().num_embeddings,
+                         placeholder_id=self.collab.token_id, dim=self.collab.dim)
+
+    def embed(self, input_ids: Tensor, soft: Tensor | None = None) -> Tensor:
+        """(B, T) ids -> (B, T, H) input embeddings; virtual ids take projected ``soft`` rows."""
+        return embed_tokens(self.causal_lm.get_input_embeddings(), self.collab, input_ids, soft)
+
+    def _embed(self, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None
+               ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """Input embeddings of the right-padded batch, each row's length, rotary (cos, sin)."""
         lengths = _right_padded_lengths(attention_mask)  # (B,)
         t = int(lengths.max())
-        hidden = self.causal_lm.get_input_embeddings()(input_ids[:, :t])  # (B, T, H)
+        hidden = self.embed(input_ids[:, :t], soft)  # (B, T, H)
         positions = torch.arange(t, device=hidden.device)[None]  # (1, T)
         rotary = self.decoder.rotary_emb(hidden, positions)  # 2 x (1, T, head_dim)
         return hidden, lengths, rotary
@@ -276,14 +294,14 @@ class EarlyExitLM(nn.Module):
 
     # --- training / calibration -------------------------------------------------------------------
 
-    def exit_hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def exit_hidden_states(self, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None) -> Tensor:
         """(B, T) ids + mask -> (B, E, H) last-token hidden states at each answering layer (pre-norm).
 
         E = len(answer_layers); the last entry is layer N before the final norm. The backbone is not
         differentiated here (``no_grad``): heads train on these states (paper 5.2, frozen backbone).
         """
         with torch.no_grad():
-            hidden, lengths, rotary = self._embed(input_ids, attention_mask)
+            hidden, lengths, rotary = self._embed(input_ids, attention_mask, soft)
             masks = self._masks(hidden)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             states = []
@@ -299,9 +317,9 @@ class EarlyExitLM(nn.Module):
             [self.head_logits(layer, states[:, i]) for i, layer in enumerate(self.answer_layers)], dim=1
         )
 
-    def forward_all_exits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward_all_exits(self, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None) -> Tensor:
         """(B, T) -> (B, E, 2) Yes/No logits of every answering layer's head (no early exit)."""
-        return self.answer_logits_from_states(self.exit_hidden_states(input_ids, attention_mask))
+        return self.answer_logits_from_states(self.exit_hidden_states(input_ids, attention_mask, soft))
 
     def exit_losses(self, states: Tensor, targets: Tensor) -> Tensor:
         r""":math:`L^{(\ell)}_{exit} = -\log p^{(\ell)}(y|x)` per exit head (see :meth:`ExitHead.loss`).
@@ -329,7 +347,7 @@ class EarlyExitLM(nn.Module):
 
     @torch.inference_mode()
     def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
-                compaction: bool = True) -> tuple[Tensor, Tensor]:
+                compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """CTR and exit layer of each right-padded prompt, exiting rows as soon as ``policy`` says they settled.
 
         Args:
@@ -341,23 +359,23 @@ class EarlyExitLM(nn.Module):
         Returns:
             ``(ctr (B,) float32 in (0, 1), exit_layer (B,) long, 1-based)``, on the CPU.
         """
-        runner = _PromptRunner(self, input_ids, attention_mask)
+        runner = _PromptRunner(self, input_ids, attention_mask, soft)
         return run_exits(runner, batch_size=input_ids.shape[0], answer_layers=self.answer_layers, policy=policy,
                          compaction=compaction)
 
-    def context_encoder(self, contexts: Sequence[Sequence[int]]) -> "ContextEncoder":
+    def context_encoder(self, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> "ContextEncoder":
         """R contexts (token ids, BOS first), to be advanced through the layers as deep as needed."""
-        return ContextEncoder(self, contexts)
+        return ContextEncoder(self, contexts, soft)
 
     @torch.inference_mode()
-    def encode_contexts(self, contexts: Sequence[Sequence[int]]) -> ContextKV:
+    def encode_contexts(self, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> ContextKV:
         """Runs R contexts through all N layers once; their K/V at every layer."""
-        return self.context_encoder(contexts).advance(self.num_layers)
+        return self.context_encoder(contexts, soft).advance(self.num_layers)
 
     @torch.inference_mode()
     def predict_suffixes(
         self, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]], groups: Sequence[int],
-        policy: ExitPolicy, *, compaction: bool = True,
+        policy: ExitPolicy, *, compaction: bool = True, soft: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """CTR and exit layer of each prompt ``context[groups[i]] + suffixes[i]``, contexts from the cache.
 
@@ -369,7 +387,7 @@ class EarlyExitLM(nn.Module):
             groups: (b,) nondecreasing context index of each suffix (rows of one request together).
             policy, compaction: as :meth:`predict`.
         """
-        runner = _SuffixRunner(self, context, suffixes, groups)
+        runner = _SuffixRunner(self, context, suffixes, groups, soft)
         return run_exits(runner, batch_size=len(suffixes), answer_layers=self.answer_layers, policy=policy,
                          compaction=compaction)
 
@@ -382,10 +400,10 @@ class ContextEncoder:
     :class:`~ranker_svc.prefix.ContextRecorder`).
     """
 
-    def __init__(self, model: EarlyExitLM, contexts: Sequence[Sequence[int]]) -> None:
+    def __init__(self, model: EarlyExitLM, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> None:
         self.model = model
         input_ids, mask = pad_right(contexts, 0, model.device)
-        self.hidden, lengths, self.rotary = model._embed(input_ids, mask)  # (R, C, H)
+        self.hidden, lengths, self.rotary = model._embed(input_ids, mask, soft)  # (R, C, H)
         self.masks = model._masks(self.hidden)
         self.recorder = ContextRecorder(model.num_layers, stop_after=model.num_layers - 1)
         self.kv = ContextKV(keys=self.recorder.keys, values=self.recorder.values,  # type: ignore[arg-type]
@@ -407,9 +425,10 @@ class ContextEncoder:
 class _PromptRunner:
     """:class:`~ranker_svc.exits.ExitRunner` over right-padded full prompts (positions 0..T-1)."""
 
-    def __init__(self, model: EarlyExitLM, input_ids: Tensor, attention_mask: Tensor) -> None:
+    def __init__(self, model: EarlyExitLM, input_ids: Tensor, attention_mask: Tensor,
+                 soft: Tensor | None = None) -> None:
         self.model = model
-        self.hidden, self.lengths, self.rotary = model._embed(input_ids, attention_mask)  # (B, T, H)
+        self.hidden, self.lengths, self.rotary = model._embed(input_ids, attention_mask, soft)  # (B, T, H)
         self.masks = model._masks(self.hidden)
         self.done = 0  # layers run so far
 
@@ -435,7 +454,7 @@ class _SuffixRunner:
     """
 
     def __init__(self, model: EarlyExitLM, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]],
-                 groups: Sequence[int]) -> None:
+                 groups: Sequence[int], soft: Tensor | None = None) -> None:
         self.model = model
         self.encoder = context if isinstance(context, ContextEncoder) else None
         self.context = context.kv if isinstance(context, ContextEncoder) else context
@@ -443,7 +462,7 @@ class _SuffixRunner:
         input_ids, mask = pad_right(suffixes, 0, device)
         self.lengths = _right_padded_lengths(mask)  # (b,)
         self.groups = torch.as_tensor(list(groups), dtype=torch.long)  # (b,) on the CPU: spans are Python
-        self.hidden = model.causal_lm.get_input_embeddings()(input_ids[:, : int(self.lengths.max())])  # (b, S, H)
+        self.hidden = model.embed(input_ids[:, : int(self.lengths.max())], soft)  # (b, S, H)
         offsets = torch.as_tensor(self.context.lengths, device=device)[self.groups.to(device)]  # (b,)
         self.positions = offsets[:, None] + torch.arange(self.hidden.shape[1], device=device)[None]  # (b, S)
         self.rotary = model.decoder.rotary_emb(self.hidden, self.positions)  # 2 x (b, S, head_dim)

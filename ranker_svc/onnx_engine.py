@@ -14,6 +14,10 @@ and sequence axes. Causal (and sliding-window) masks are built inside each graph
 length, so a graph needs only ``(input_ids | hidden, lengths)``. Providers: CUDA when ONNX Runtime
 offers it and a GPU is present, else CPU. No context sharing: each candidate is a full prompt.
 
+Collaborative soft tokens: for a model with a projector, the first graph takes ``inputs_embeds``
+(B, T, H) instead of ids; the engine embeds the tokens and projects the soft-token vectors in
+PyTorch (one embedding lookup and a two-layer MLP) and hands ONNX Runtime the embeddings.
+
     engine = OnnxEngine.from_loaded(load_ranker(path), export_dir=Path("/tmp/onnx"))
 """
 
@@ -45,15 +49,16 @@ STAMP = "segments.json"
 class Segment(nn.Module):
     """Decoder layers ``[start, stop)`` (0-based start, 1-based stop) and the head answering at ``stop``."""
 
-    def __init__(self, model: EarlyExitLM, start: int, stop: int) -> None:
+    def __init__(self, model: EarlyExitLM, start: int, stop: int, *, from_embeds: bool = False) -> None:
         super().__init__()
         self.model, self.start, self.stop = model, start, stop
+        self.from_ids = start == 0 and not from_embeds
         config = model.causal_lm.config
         self.window = getattr(config, "sliding_window", None) or 0
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
         model = self.model
-        hidden = model.causal_lm.get_input_embeddings()(x) if self.start == 0 else x  # (B, T, H)
+        hidden = model.causal_lm.get_input_embeddings()(x) if self.from_ids else x  # (B, T, H)
         t = hidden.shape[1]
         positions = torch.arange(t, device=hidden.device)[None]  # (1, T)
         rotary = model.decoder.rotary_emb(hidden, positions)
@@ -80,6 +85,7 @@ def export_segments(model: EarlyExitLM, export_dir: Path, *, stamp: dict) -> lis
     export_dir.mkdir(parents=True, exist_ok=True)
     bounds = segment_bounds(model.answer_layers)
     paths = [export_dir / f"segment_{i}_{start}_{stop}.onnx" for i, (start, stop) in enumerate(bounds)]
+    from_embeds = model.collab is not None
     stamp_path = export_dir / STAMP
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp and all(p.is_file() for p in paths):
         return paths
@@ -89,16 +95,16 @@ def export_segments(model: EarlyExitLM, export_dir: Path, *, stamp: dict) -> lis
     lengths = torch.tensor([8, 5])
     hidden = fp32.causal_lm.get_input_embeddings()(ids).detach()
     for path, (start, stop) in zip(paths, bounds):
-        segment = Segment(fp32, start, stop).eval()
+        segment = Segment(fp32, start, stop, from_embeds=from_embeds).eval()
         last = stop == fp32.num_layers
-        name = "input_ids" if start == 0 else "hidden"
+        name = "input_ids" if segment.from_ids else "inputs_embeds" if start == 0 else "hidden"
         outputs = ["logits"] if last else ["hidden_out", "logits"]
         axes = {name: {0: "batch", 1: "tokens"}, "lengths": {0: "batch"}, "logits": {0: "batch"}}
         if not last:
             axes["hidden_out"] = {0: "batch", 1: "tokens"}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(segment, (ids if start == 0 else hidden, lengths), str(path), input_names=[name, "lengths"],
+            torch.onnx.export(segment, (ids if segment.from_ids else hidden, lengths), str(path), input_names=[name, "lengths"],
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     stamp_path.write_text(json.dumps(stamp))
     return paths
@@ -120,13 +126,15 @@ class OnnxEngine:
         answer_layers: the 1-based layer each segment ends at (the last is the model's depth).
         pad_id: token id for padding full prompts.
         num_threads: ONNX Runtime intra-op threads (0: torch's current setting).
+        embedder: for graphs that start from embeddings, ``(ids, soft) -> (B, T, H)`` (the model's
+            :meth:`~ranker_svc.model.EarlyExitLM.embed`); None: the first graph takes ids.
     """
 
     name = "onnx"
     shares_context = False
 
     def __init__(self, *, paths: Sequence[Path], answer_layers: Sequence[int], pad_id: int = 0,
-                 num_threads: int = 0) -> None:
+                 num_threads: int = 0, embedder=None) -> None:
         if len(paths) != len(answer_layers):
             raise ValueError("one segment graph per answering layer")
         options = ort.SessionOptions()
@@ -137,38 +145,49 @@ class OnnxEngine:
         self.answer_layers = tuple(answer_layers)
         self.num_layers = self.answer_layers[-1]
         self.pad_id = pad_id
+        self.embedder = embedder
 
     @classmethod
     def from_loaded(cls, loaded: LoadedRanker, *, export_dir: Path | None = None, num_threads: int = 0) -> "OnnxEngine":
         """Exports ``loaded.model`` (cached under ``export_dir`` by artifact version) and opens the sessions."""
         model = loaded.model
         export_dir = Path(export_dir) if export_dir else Path(tempfile.mkdtemp(prefix="exitrank-onnx-"))
-        stamp = {"version": loaded.version, "answer_layers": list(model.answer_layers), "opset": OPSET}
+        stamp = {"version": loaded.version, "answer_layers": list(model.answer_layers), "opset": OPSET,
+                 "from_embeds": model.collab is not None}
         paths = export_segments(model, export_dir / loaded.version, stamp=stamp)
         log.info("onnx engine: %d segments in %s, providers %s", len(paths), export_dir, onnx_providers())
+        embedder = None
+        if model.collab is not None:
+            def embedder(ids: Tensor, soft: Tensor | None) -> np.ndarray:
+                with torch.inference_mode():
+                    return model.embed(ids.to(model.device), soft).float().cpu().numpy()
         return cls(paths=paths, answer_layers=model.answer_layers, pad_id=loaded.tokenizer.pad_token_id or 0,
-                   num_threads=num_threads)
+                   num_threads=num_threads, embedder=embedder)
 
     def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
-                compaction: bool = True) -> tuple[Tensor, Tensor]:
-        runner = _OnnxRunner(self, input_ids, attention_mask)
+                compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        runner = _OnnxRunner(self, input_ids, attention_mask, soft)
         return run_exits(runner, batch_size=input_ids.shape[0], answer_layers=self.answer_layers, policy=policy,
                          compaction=compaction)
 
     def predict_shared(self, contexts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int) -> tuple[Tensor, Tensor]:
+                       groups: Sequence[int], policy: ExitPolicy, *, max_rows: int,
+                       soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Full prompts (context + suffix per row): the graphs take no KV cache."""
         return predict_in_batches(self, full_prompts(contexts, suffixes, groups), policy, batch_size=max_rows,
-                                  pad_id=self.pad_id)
+                                  pad_id=self.pad_id, soft=soft)
 
 
 class _OnnxRunner:
     """:class:`~ranker_svc.exits.ExitRunner` over the segment sessions (NumPy between segments)."""
 
-    def __init__(self, engine: OnnxEngine, input_ids: Tensor, attention_mask: Tensor) -> None:
+    def __init__(self, engine: OnnxEngine, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None
+                 ) -> None:
         self.engine = engine
         lengths = _right_padded_lengths(attention_mask)
-        self.x = input_ids[:, : int(lengths.max())].cpu().numpy().astype(np.int64)  # ids, later (b, T, H) hidden
+        ids = input_ids[:, : int(lengths.max())]
+        # ids (or embeddings, for graphs that start from them), later (b, T, H) hidden states
+        self.x = engine.embedder(ids, soft) if engine.embedder else ids.cpu().numpy().astype(np.int64)
         self.lengths = lengths.cpu().numpy().astype(np.int64)
         self.segment = 0
 

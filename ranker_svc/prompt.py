@@ -21,6 +21,11 @@ The context ends in a non-space character and the suffix starts with a newline, 
 tokenises ``context + suffix`` exactly as the two parts (checked per tokenizer at load time,
 ``ranker_svc.artifact.check_context_split``).
 
+Collaborative soft tokens (``collab``, ``ranker_svc.collab``): ``user`` adds the line
+``User profile: <|cf|>`` after the instruction; ``full`` also follows every history title and the
+target's title with `` <|cf|>``. :meth:`PromptBuilder.context_vectors` and
+:meth:`PromptBuilder.target_vectors` list the vectors of those slots in the order they appear.
+
 Titles are untrusted catalog text. :func:`sanitize_title` makes each one a single bounded line
 that cannot impersonate the answer: control and format characters become spaces, double quotes
 become single quotes (titles are quoted), whitespace collapses, long titles are cut to
@@ -41,7 +46,7 @@ import unicodedata
 from dataclasses import asdict, dataclass
 
 from exitrank.types import HistoryItem, UserContext
-
+from ranker_svc.collab import COLLAB_TOKEN, MODES
 
 
 def answer_pattern(answers: tuple[str, ...]) -> re.Pattern:
@@ -69,6 +74,7 @@ class PromptConfig:
         num_neighbors: similar users requested when a request says 0 (the paper uses 4).
         answer_yes / answer_no: the answer strings that follow the prompt (one token each).
         template: 2 (the question in the shared context) or 1 (the question after the target).
+        collab: collaborative soft tokens: ``none`` (the paper's text-only prompt), ``user``, ``full``.
     """
 
     instruction: str = (
@@ -84,8 +90,11 @@ class PromptConfig:
     answer_yes: str = " Yes"
     answer_no: str = " No"
     template: int = 2
+    collab: str = "none"
 
     def __post_init__(self) -> None:
+        if self.collab not in MODES:
+            raise ValueError(f"prompt.collab must be one of {', '.join(MODES)}, got {self.collab!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"prompt.template must be one of {TEMPLATES}, got {self.template!r}")
         if self.rating_style not in ("binary", "stars"):
@@ -118,7 +127,7 @@ def sanitize_title(title: str, max_chars: int, answers: re.Pattern = _ANSWER_WOR
     ``answers``: :func:`answer_pattern` of the configured answers (default Yes/No)."""
     text = unicodedata.normalize("NFKC", title)
     text = "".join(" " if unicodedata.category(ch).startswith("C") else ch for ch in text)
-    text = " ".join(text.replace('"', "'").split())
+    text = " ".join(text.replace('"', "'").replace(COLLAB_TOKEN, " ").split())
     if len(text) > max_chars:
         text = text[: max_chars - 3].rstrip() + "..."
     text = answers.sub(lambda m: m.group(0).lower(), text)
@@ -139,7 +148,10 @@ class PromptBuilder:
     def context_text(self, ctx: UserContext) -> str:
         """Instruction, similar users' interactions, then the user's own history (the shared part)."""
         cfg = self.config
-        lines = [f"Instruction: {cfg.instruction}", "Examples:"]
+        lines = [f"Instruction: {cfg.instruction}"]
+        if cfg.collab != "none":
+            lines.append(f"User profile: {COLLAB_TOKEN}")
+        lines.append("Examples:")
         neighbors = ctx.neighbors[:MAX_NEIGHBORS]
         if not neighbors:
             lines.append("none")
@@ -157,12 +169,29 @@ class PromptBuilder:
     def target_text(self, title: str) -> str:
         """The candidate, last; the prompt ends so that the next token is the answer."""
         shown = sanitize_title(title, self.config.max_title_chars, self._answers)
+        slot = f" {COLLAB_TOKEN}" if self.config.collab == "full" else ""
         if self.config.template == 1:
-            return f'\nTarget item: "{shown}"\n{QUESTION} Answer:'
-        return f'\nTarget item: "{shown}"\nAnswer:'
+            return f'\nTarget item: "{shown}"{slot}\n{QUESTION} Answer:'
+        return f'\nTarget item: "{shown}"{slot}\nAnswer:'
 
     def full_text(self, ctx: UserContext, title: str) -> str:
         return self.context_text(ctx) + self.target_text(title)
+
+    def context_vectors(self, ctx: UserContext) -> list:
+        """The vectors of the context's soft-token slots, in prompt order (empty for ``none``)."""
+        cfg = self.config
+        if cfg.collab == "none":
+            return []
+        vectors = [ctx.user_embedding]
+        if cfg.collab == "full":
+            for neighbor in ctx.neighbors[:MAX_NEIGHBORS]:
+                vectors += [h.embedding for h in neighbor.history[-cfg.neighbor_history:]]
+            vectors += [h.embedding for h in ctx.history[-cfg.max_history:]]
+        return vectors
+
+    def target_vectors(self, embedding) -> list:
+        """The vectors of the target suffix's slots: ``[embedding]`` in ``full`` mode, else none."""
+        return [embedding] if self.config.collab == "full" else []
 
     def answer_text(self, label: int) -> str:
         """The string that follows the prompt for a 0/1 label (" Yes" for 1)."""
@@ -176,10 +205,11 @@ class PromptBuilder:
 
     def _interaction(self, item: HistoryItem) -> str:
         title = sanitize_title(item.title or item.item_id, self.config.max_title_chars, self._answers)
+        slot = f" {COLLAB_TOKEN}" if self.config.collab == "full" else ""
         if self.config.rating_style == "stars":
-            return f'rated "{title}" with {item.rating:g} stars'
+            return f'rated "{title}"{slot} with {item.rating:g} stars'
         verb = "liked" if item.rating >= self.config.like_threshold else "disliked"
-        return f'{verb} "{title}"'
+        return f'{verb} "{title}"{slot}'
 
 
 def _user_label(index: int) -> str:

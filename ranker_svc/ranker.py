@@ -33,16 +33,24 @@ from exitrank.observability.tracing import span
 from exitrank.types import ExitDecision, RankExample, RankResult, ScoredItem, UserContext
 from ranker_svc.artifact import LoadedRanker
 from ranker_svc.batching import MicroBatcher
+from ranker_svc.collab import COLLAB_HISTORY, SoftTable
 from ranker_svc.config import BatchingConfig
 from ranker_svc.engine import Engine, TorchEngine, full_prompts, predict_in_batches
-from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, Overloaded, UnknownItems
+from ranker_svc.errors import (
+    ContextUnavailable,
+    DeadlineExceeded,
+    EmbeddingVersionUnavailable,
+    InvalidArgument,
+    Overloaded,
+    UnknownItems,
+)
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import pad_right
 from ranker_svc.prompt import MAX_NEIGHBORS
 
 log = logging.getLogger(__name__)
 MAX_ID_BYTES = 128
-__all__ = ["ContextSource", "RankObserver", "Ranker", "ScoreJob", "encode_prompt", "pad_right"]
+__all__ = ["ContextSource", "RankObserver", "Ranker", "ScoreJob", "encode_examples", "encode_prompt", "pad_right"]
 
 
 class ContextSource(Protocol):
@@ -56,7 +64,11 @@ class ContextSource(Protocol):
         """
 
     async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
-        """Titles of the known ids (unknown ids absent); raises ContextUnavailable when unreachable."""
+        """Titles of the known ids (unknown ids absent); raises ContextUnavailable when unreachable.
+
+        For a ranker with soft tokens both calls also take ``embedding_version`` (the contexts then
+        carry that version's vectors), and ``get_item_vectors(item_ids, embedding_version=,
+        timeout_s=)`` gives the candidates' vectors; see ``ranker_svc.retriever_client``."""
 
 
 class RankObserver(Protocol):
@@ -76,6 +88,7 @@ class ScoreJob:
     context: UserContext
     titles: tuple[str, ...]
     policy: ExitPolicy
+    embeddings: tuple = ()  # the candidates' LightGCN vectors (soft tokens), or () for text only
 
 
 class Ranker:
@@ -108,6 +121,8 @@ class Ranker:
         config = self.model.causal_lm.config
         self.max_tokens = int(getattr(config, "max_position_embeddings", 2048))
         self.pad_id = self.tokenizer.pad_token_id or 0
+        # soft tokens read one LightGCN version's vectors: every look-up asks for that version
+        self.pinned_version: str | None = loaded.collab["embedding_version"] if loaded.collab else None
         self._model_lock = threading.Lock()
         self.batcher: MicroBatcher[ScoreJob, list[ExitDecision]] = MicroBatcher(
             run=self.score_jobs, max_wait_s=self.batching.max_wait_ms / 1e3, max_rows=self.batching.max_batch_rows,
@@ -135,8 +150,9 @@ class Ranker:
         self, examples: list[RankExample], policy: ExitPolicy | None = None, *, batch_size: int = 32
     ) -> list[ExitDecision]:
         """CTR and exit layer per example, in order; ``policy`` None: the calibrated one."""
-        texts = [self.prompt.full_text(ex.context, ex.title) for ex in examples]
-        return self.score_texts(texts, policy, batch_size=batch_size)
+        table = self.model.soft_table()
+        encoded = encode_examples(examples, self.prompt, self.tokenizer, self.max_tokens, table)
+        return self._score_encoded(encoded, policy, batch_size, None, table)
 
     def score_texts(
         self, texts: list[str], policy: ExitPolicy | None = None, *, batch_size: int = 32,
@@ -144,16 +160,23 @@ class Ranker:
     ) -> list[ExitDecision]:
         """Scores rendered prompts, batching rows of similar length (fewer pads), in input order.
 
-        ``deadline`` (a ``time.perf_counter()`` value): refuse if it has passed once the model is ours.
+        Text-only models (soft tokens need vectors: use :meth:`score_examples`). ``deadline`` (a
+        ``time.perf_counter()`` value): refuse if it has passed once the model is ours.
         """
-        policy = self.check_policy(policy or self.policy)
-        if not texts:
-            return []
         encoded = [encode_prompt(self.tokenizer, t, self.max_tokens) for t in texts]
+        return self._score_encoded(encoded, policy, batch_size, deadline, None)
+
+    def _score_encoded(self, encoded: list[list[int]], policy: ExitPolicy | None, batch_size: int,
+                       deadline: float | None, table: SoftTable | None) -> list[ExitDecision]:
+        policy = self.check_policy(policy or self.policy)
+        if not encoded:
+            return []
+        soft = table.tensor() if table is not None else None
         with self._model_lock:
             if deadline is not None and time.perf_counter() >= deadline:
                 raise DeadlineExceeded("the deadline passed while waiting for the model")
-            ctr, layer = predict_in_batches(self.engine, encoded, policy, batch_size=batch_size, pad_id=self.pad_id)
+            ctr, layer = predict_in_batches(self.engine, encoded, policy, batch_size=batch_size, pad_id=self.pad_id,
+                                            soft=soft)
         return _decisions(ctr, layer)
 
     def score_candidates(self, context: UserContext, titles: Sequence[str], policy: ExitPolicy | None = None) -> list[ExitDecision]:
@@ -175,16 +198,19 @@ class Ranker:
         out: list[list[ExitDecision] | BaseException] = [[] for _ in jobs]
         with self._model_lock:
             for policy, members in by_policy.items():
-                encoded = [self.encode_job(jobs[i]) for i in members]
+                table = self.model.soft_table()  # one table for the group: virtual ids never collide
+                encoded = [self.encode_job(jobs[i], table) for i in members]
+                soft = table.tensor() if table is not None else None
                 contexts = [context for context, _ in encoded]
                 suffixes = [s for _, job_suffixes in encoded for s in job_suffixes]
                 groups = [g for g, (_, job_suffixes) in enumerate(encoded) for _ in job_suffixes]
                 if self.shared_context:
                     ctr, layer = self.engine.predict_shared(contexts, suffixes, groups, policy,
-                                                            max_rows=self.batching.max_batch_rows)
+                                                            max_rows=self.batching.max_batch_rows, soft=soft)
                 else:
                     ctr, layer = predict_in_batches(self.engine, full_prompts(contexts, suffixes, groups), policy,
-                                                    batch_size=self.batching.batch_size, pad_id=self.pad_id)
+                                                    batch_size=self.batching.batch_size, pad_id=self.pad_id,
+                                                    soft=soft)
                 decisions = _decisions(ctr, layer)
                 start = 0
                 for i, (_, job_suffixes) in zip(members, encoded):
@@ -192,22 +218,30 @@ class Ranker:
                     start += len(job_suffixes)
         return out
 
-    def encode_job(self, job: ScoreJob) -> tuple[list[int], list[list[int]]]:
+    def encode_job(self, job: ScoreJob, table: SoftTable | None = None) -> tuple[list[int], list[list[int]]]:
         """``(context ids, suffix ids per candidate)``; without context sharing, ``([], full prompt ids)``.
 
         A context too long for ``max_position_embeddings`` with the longest suffix keeps its first
         token (BOS) and its end (the user's own history and the question), like :func:`encode_prompt`.
+        ``table``: soft-token slots are bound to the context's and each candidate's vectors there.
         """
+        targets = self._target_vectors(job)
         if not self.shared_context:
-            return [], [encode_prompt(self.tokenizer, self.prompt.full_text(job.context, t), self.max_tokens)
-                        for t in job.titles]
+            examples = [RankExample(job.context, "", t, 0, e) for t, e in zip(job.titles, targets)]
+            return [], encode_examples(examples, self.prompt, self.tokenizer, self.max_tokens, table)
         context = self.tokenizer(self.prompt.context_text(job.context))["input_ids"]
-        targets = [self.prompt.target_text(t) for t in job.titles]
-        suffixes = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
+        suffixes = self.tokenizer([self.prompt.target_text(t) for t in job.titles], add_special_tokens=False)["input_ids"]
         budget = self.max_tokens - max(len(s) for s in suffixes)
         if len(context) > budget:
             context = context[:1] + context[len(context) - budget + 1 :]
+        if table is not None:
+            context = table.bind(context, self.prompt.context_vectors(job.context))
+            suffixes = [table.bind(s, self.prompt.target_vectors(e)) for s, e in zip(suffixes, targets)]
         return context, suffixes
+
+    @staticmethod
+    def _target_vectors(job: ScoreJob) -> tuple:
+        return job.embeddings if job.embeddings else (None,) * len(job.titles)
 
     def check_policy(self, policy: ExitPolicy) -> ExitPolicy:
         if policy.min_layer > self.num_layers:
@@ -255,6 +289,7 @@ class Ranker:
             lookups = asyncio.gather(self._context(user_id, k, timeout_s), self._titles(candidates, timeout_s))
             try:
                 ctx, titles = await asyncio.wait_for(lookups, None if deadline is None else deadline - started)
+                vectors = await self._item_vectors(candidates, timeout_s)  # cached by the titles' look-up
             except TimeoutError as exc:
                 raise DeadlineExceeded("the deadline passed while fetching context and titles") from exc
         missing = [i for i in candidates if i not in titles]
@@ -263,7 +298,8 @@ class Ranker:
         retrieval_used = ctx is not None and bool(ctx.neighbors)
         ctx = ctx or UserContext(user_id=user_id)
         retrieved = time.perf_counter()
-        job = ScoreJob(ctx, tuple(titles[i] for i in candidates), policy)
+        job = ScoreJob(ctx, tuple(titles[i] for i in candidates), policy,
+                       tuple(vectors.get(i) for i in candidates) if vectors else ())
         with span("ranker.score", attributes={"ranker.candidates": len(candidates)}):
             decisions = await self.batcher.submit(job, rows=len(candidates), deadline=deadline)
         done = time.perf_counter()
@@ -299,9 +335,13 @@ class Ranker:
     async def _context(self, user_id: str, k: int, timeout_s: float | None) -> UserContext | None:
         if self.context_source is None:
             return None
+        pin = {} if self.pinned_version is None else {"embedding_version": self.pinned_version}
+        history = self.prompt.config.max_history if self.pinned_version is None else \
+            max(self.prompt.config.max_history, COLLAB_HISTORY)  # the user's fold-in window
         try:
-            return await self.context_source.get_context(user_id, k, self.prompt.config.max_history,
-                                                         timeout_s=timeout_s)
+            return await self.context_source.get_context(user_id, k, history, timeout_s=timeout_s, **pin)
+        except EmbeddingVersionUnavailable:
+            raise  # soft tokens of another version would be read as noise: refuse, never guess
         except Exception:  # noqa: BLE001 - a failing retriever must not fail ranking
             log.warning("context source failed for user %r; ranking without retrieval", user_id, exc_info=True)
             return None
@@ -309,12 +349,21 @@ class Ranker:
     async def _titles(self, item_ids: list[str], timeout_s: float | None) -> dict[str, str]:
         if self.context_source is None:
             raise ContextUnavailable("no context source configured: candidate titles cannot be resolved")
+        pin = {} if self.pinned_version is None else {"embedding_version": self.pinned_version}
         try:
-            return await self.context_source.get_titles(item_ids, timeout_s=timeout_s)
+            return await self.context_source.get_titles(item_ids, timeout_s=timeout_s, **pin)
         except ContextUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - translated at the boundary
             raise ContextUnavailable(f"catalog look-up failed: {exc}") from exc
+
+
+    async def _item_vectors(self, item_ids: list[str], timeout_s: float | None) -> dict | None:
+        """The candidates' vectors of the pinned version (soft tokens), or None for text-only models."""
+        if self.pinned_version is None or self.context_source is None:
+            return None
+        return await self.context_source.get_item_vectors(item_ids, embedding_version=self.pinned_version,
+                                                          timeout_s=timeout_s)
 
 
 def _check_id(field: str, value: str) -> None:
@@ -324,6 +373,19 @@ def _check_id(field: str, value: str) -> None:
         raise InvalidArgument(field, f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
     if any(unicodedata.category(ch) == "Cc" for ch in value):
         raise InvalidArgument(field, "must not contain control characters")
+
+
+def encode_examples(examples: Sequence[RankExample], prompt, tokenizer, max_tokens: int,
+                    table: SoftTable | None = None) -> list[list[int]]:
+    """Each example's full prompt as token ids; with ``table``, its soft-token slots bound to the
+    context's vectors and the target's (``RankExample.item_embedding``)."""
+    out = []
+    for ex in examples:
+        ids = encode_prompt(tokenizer, prompt.full_text(ex.context, ex.title), max_tokens)
+        if table is not None:
+            ids = table.bind(ids, prompt.context_vectors(ex.context) + prompt.target_vectors(ex.item_embedding))
+        out.append(ids)
+    return out
 
 
 def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:

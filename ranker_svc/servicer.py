@@ -32,6 +32,7 @@ _CRITERIA = {
 _STATUS = (  # most specific first
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.UnknownItems, grpc.StatusCode.NOT_FOUND),
+    (errors.EmbeddingVersionUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ContextUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
