@@ -22,6 +22,11 @@ The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_ce
 retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``). It accepts replies
 up to the retriever's default send limit (16 MiB, ``Limits.max_send_bytes``) rather than gRPC's
 client default of 4 MiB, which a GetContext at its bounds (100 neighbours x 200 titles) exceeds.
+
+Collaborative soft tokens: a ranker trained on embedding version V passes ``embedding_version=V``;
+contexts and items then carry V's vectors (candidate vectors cached per version beside the titles),
+and a retriever that no longer keeps V, or answers another version, raises
+:class:`EmbeddingVersionUnavailable` instead of returning vectors the model cannot read.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import grpc
+import numpy as np
 
 from exitrank.grpc_security import open_channel
 from exitrank.observability import tracing
@@ -40,7 +46,7 @@ from exitrank.security import Limits, load_client_tls
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.config import RetrieverConfig
-from ranker_svc.errors import ContextUnavailable
+from ranker_svc.errors import ContextUnavailable, EmbeddingVersionUnavailable
 
 log = logging.getLogger(__name__)
 GET_ITEMS_CHUNK = 10_000  # the retriever's GetItems limit
@@ -161,6 +167,7 @@ class RetrieverClient:
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)])
         self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
         self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
+        self._vectors = VectorCache(capacity=config.title_cache_size)  # (version, item) -> vector
         self.breaker = CircuitBreaker(failures=config.breaker_failures, cooldown_s=config.breaker_cooldown_s)
 
     async def close(self) -> None:
@@ -196,56 +203,115 @@ class RetrieverClient:
         return self.config.timeout_s if timeout_s is None else max(0.0, min(self.config.timeout_s, timeout_s))
 
     async def get_context(self, user_id: str, k: int, max_history: int, *,
-                          timeout_s: float | None = None) -> UserContext | None:
+                          timeout_s: float | None = None, embedding_version: str | None = None) -> UserContext | None:
         request = retriever_pb2.ContextRequest(
-            user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY))
+            user_id=user_id, k=min(k, MAX_RETRIEVER_K), max_history=max(1, min(max_history, MAX_RETRIEVER_HISTORY)),
+            with_embeddings=embedding_version is not None, embedding_version=embedding_version or "",
         )
         if not self.breaker.allow():
             return None
         try:
             reply = await self._call("exitrank.v1.Retriever/GetContext", self._stub.GetContext, request, self._timeout(timeout_s))
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and embedding_version is not None:
+                raise EmbeddingVersionUnavailable(embedding_version, exc.details() or "") from exc
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 log.warning("GetContext(%r) failed: %s %s", user_id, exc.code().name, exc.details())
             return None
+        _check_version(embedding_version, reply.vectors_version)
         ctx = _user_context(reply)
         for item in ctx.history + tuple(h for n in ctx.neighbors for h in n.history):
             self.titles.put(item.item_id, item.title)
         return ctx
 
-    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
+    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None,
+                         embedding_version: str | None = None) -> dict[str, str]:
+        """Titles of the known ids; with ``embedding_version`` a miss also fetches (and caches)
+        the item's vector of that version, and an id whose vector is not cached counts as a miss."""
         found: dict[str, str] = {}
         misses = []
         for item_id in item_ids:
             title = self.titles.get(item_id)
-            if title is None:
+            if title is None or (embedding_version is not None and (embedding_version, item_id) not in self._vectors):
                 misses.append(item_id)
             else:
                 found[item_id] = title
         for start in range(0, len(misses), GET_ITEMS_CHUNK):
-            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK], self._timeout(timeout_s)))
+            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK], self._timeout(timeout_s),
+                                           embedding_version))
         return found
 
-    async def _fetch(self, item_ids: list[str], timeout_s: float) -> dict[str, str]:
+    async def get_item_vectors(self, item_ids: Sequence[str], *, embedding_version: str,
+                               timeout_s: float | None = None) -> dict[str, np.ndarray | None]:
+        """The items' vectors of ``embedding_version`` (None for items the version lacks)."""
+        await self.get_titles(item_ids, timeout_s=timeout_s, embedding_version=embedding_version)
+        return {i: self._vectors.get((embedding_version, i)) for i in item_ids}
+
+    async def _fetch(self, item_ids: list[str], timeout_s: float, embedding_version: str | None = None
+                     ) -> dict[str, str]:
         if not self.breaker.allow():
             raise ContextUnavailable(f"{self._open_message()}; {len(item_ids)} candidate titles are not cached")
+        request = retriever_pb2.GetItemsRequest(item_ids=item_ids, with_embeddings=embedding_version is not None,
+                                                embedding_version=embedding_version or "")
         try:
-            reply = await self._call("exitrank.v1.Retriever/GetItems", self._stub.GetItems,
-                                     retriever_pb2.GetItemsRequest(item_ids=item_ids), timeout_s)
+            reply = await self._call("exitrank.v1.Retriever/GetItems", self._stub.GetItems, request, timeout_s)
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and embedding_version is not None:
+                raise EmbeddingVersionUnavailable(embedding_version, exc.details() or "") from exc
             raise ContextUnavailable(
                 f"retriever at {self.config.target or 'the configured channel'} could not resolve "
                 f"candidate titles: {exc.code().name} {exc.details()}"
             ) from exc
+        _check_version(embedding_version, reply.vectors_version)
         out = {}
         for item in reply.items:
             self.titles.put(item.item_id, item.title)
+            if embedding_version is not None:
+                self._vectors.put((embedding_version, item.item_id), _vector(item.embedding))
             out[item.item_id] = item.title
         return out
 
 
+class VectorCache:
+    """A bounded LRU of items' vectors per embedding version (they never change within one)."""
+
+    _MISSING = object()
+
+    def __init__(self, *, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], np.ndarray | None] = OrderedDict()
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._entries
+
+    def get(self, key: tuple[str, str]) -> np.ndarray | None:
+        value = self._entries.get(key)
+        if key in self._entries:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: tuple[str, str], vector: np.ndarray | None) -> None:
+        if self.capacity == 0:
+            return
+        self._entries[key] = vector
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+
+def _check_version(asked: str | None, answered: str) -> None:
+    """A pinned version must be the one that answered (an empty pin takes the current one)."""
+    if asked and answered != asked:
+        raise EmbeddingVersionUnavailable(asked, f"the retriever answered with version {answered!r}")
+
+
+def _vector(values) -> np.ndarray | None:
+    return np.asarray(values, dtype=np.float32) if len(values) else None
+
+
 def _history(items: Sequence[common_pb2.HistoryItem]) -> tuple[HistoryItem, ...]:
-    return tuple(HistoryItem(h.item_id, h.title, float(h.rating), int(h.timestamp_ms)) for h in items)
+    return tuple(HistoryItem(h.item_id, h.title, float(h.rating), int(h.timestamp_ms), _vector(h.embedding))
+                 for h in items)
 
 
 def _user_context(reply: retriever_pb2.UserContext) -> UserContext:
@@ -254,4 +320,6 @@ def _user_context(reply: retriever_pb2.UserContext) -> UserContext:
         history=_history(reply.history),
         neighbors=tuple(NeighborContext(n.user_id, float(n.score), _history(n.history)) for n in reply.neighbors),
         embedding_version=reply.embedding_version,
+        user_embedding=_vector(reply.user_embedding),
+        vectors_version=reply.vectors_version,
     )

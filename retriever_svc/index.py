@@ -41,8 +41,9 @@ import gc
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ import numpy as np
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from retriever_svc.config import IndexConfig
 from retriever_svc.embeddings import GCNEmbeddings
-from retriever_svc.errors import InvalidArgument, UnknownUser
+from retriever_svc.errors import EmbeddingsError, InvalidArgument, UnknownUser
 from retriever_svc.records import (
     CONTEXT_K_RANGE,
     MAX_GET_ITEMS,
@@ -72,16 +73,17 @@ from retriever_svc.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 _FOLD_CHUNK = 2000
+_KEPT_VECTOR_VERSIONS = 2  # older versions whose items stay in memory for pinned rankers
 
 
 @dataclass(frozen=True)
-class _Snapshot:
-    """One published embedding version, as requests see it."""
+class _Vectors:
+    """One embedding version's items: what fold-in and collaborative soft tokens read."""
 
     version: str
     item_row: dict[str, int]
     basis: np.ndarray  # (I, d) fold-in basis f
-    users: VectorIndex
+    items: np.ndarray  # (I, d) final item embeddings
 
     def fold_in(self, item_ids: Iterable[str]) -> np.ndarray | None:
         """e_u = sum_{i in N_u} f_i / sqrt(|N_u|) over the known distinct items; (d,) or None."""
@@ -89,6 +91,17 @@ class _Snapshot:
         if not rows:
             return None
         return self.basis[rows].sum(axis=0) / math.sqrt(len(rows))
+
+    def item(self, item_id: str) -> np.ndarray | None:
+        row = self.item_row.get(item_id)
+        return None if row is None else self.items[row]
+
+
+@dataclass(frozen=True)
+class _Snapshot(_Vectors):
+    """One published embedding version, as requests see it: its items and its user index."""
+
+    users: VectorIndex = None  # type: ignore[assignment]
 
 
 class Retriever:
@@ -109,6 +122,7 @@ class Retriever:
         self._lock = asyncio.Lock()  # serialises fold-in writes, remote updates and swaps
         self._touched: set[str] = set()  # users folded in since the version was last confirmed
         self._titles: dict[str, str] = {}
+        self._kept_vectors: OrderedDict[str, _Vectors] = OrderedDict()  # older versions' items
 
     @property
     def embedding_version(self) -> str:
@@ -194,7 +208,8 @@ class Retriever:
             return None
         items = await self.store.load_version(version, with_users=False)
         item_row = {item: row for row, item in enumerate(items.item_ids)}
-        return _Snapshot(version, item_row, items.fold_in_basis(), users), extra["after"]
+        return _Snapshot(version=version, item_row=item_row, basis=items.fold_in_basis(), items=items.item,
+                         users=users), extra["after"]
 
     def _cache_path(self, version: str) -> Path | None:
         cache = self.config.cache_dir
@@ -237,7 +252,8 @@ class Retriever:
             hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search,
         )
         item_row = {item: row for row, item in enumerate(emb.item_ids)}
-        return _Snapshot(emb.version, item_row, emb.fold_in_basis(), users)
+        return _Snapshot(version=emb.version, item_row=item_row, basis=emb.fold_in_basis(), items=emb.item,
+                         users=users)
 
     async def _fold_in_missing(self, snap: _Snapshot, touched: set[str]) -> int:
         """Fold in users with a history but no vector in ``snap`` (new since the fit; every
@@ -316,14 +332,19 @@ class Retriever:
         self._remember_titles({item.item_id: item.title for item in valid})
         return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
 
-    async def get_items(self, item_ids: Sequence[str]) -> tuple[list[CatalogItem], list[str]]:
-        """(found items in request order, missing ids)."""
+    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None
+                        ) -> tuple[list[CatalogItem], list[str]]:
+        """(found items in request order, missing ids); with ``embedding_version`` ("" for the
+        current one) each item carries its vector of that version (None when the fit lacks it)."""
         if len(item_ids) > MAX_GET_ITEMS:
             raise InvalidArgument("item_ids", f"at most {MAX_GET_ITEMS} ids, got {len(item_ids)}")
         for j, item_id in enumerate(item_ids):
             check_id(f"item_ids[{j}]", item_id)
+        vectors = None if embedding_version is None else await self.vectors(embedding_version)
         found = await self.store.get_items(item_ids)
         items = [item for item in found if item is not None]
+        if vectors is not None:
+            items = [replace(item, embedding=vectors.item(item.item_id)) for item in items]
         self._remember_titles({item.item_id: item.title for item in items})
         return items, [i for i, item in zip(item_ids, found) if item is None]
 
@@ -350,12 +371,56 @@ class Retriever:
             raise UnknownUser(user_id, self._why_no_embedding(snap))
         return Neighbors(tuple(snap.users.search(user_id, k)), snap.version)
 
-    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext:
+    def vectors_version(self, requested: str) -> str:
+        """The version whose vectors answer a request for ``requested`` ("" = the current)."""
+        return requested or self.embedding_version
+
+    async def vectors(self, version: str) -> _Vectors:
+        """The items of embedding ``version`` ("" or the current one: the published snapshot's;
+        an older one still kept in Redis: read once, then cached for the next few calls).
+
+        A ranker trained on an older version keeps reading that version's vectors until its
+        retrained successor is published, so a refit never feeds it another space's vectors.
+
+        Raises:
+            EmbeddingsError: the version is not (completely) stored any more.
+        """
+        snap = self._snapshot
+        if snap is not None and version in ("", snap.version):
+            return snap
+        if not version:
+            raise EmbeddingsError("no embedding version is loaded yet (publish a LightGCN fit)")
+        cached = self._kept_vectors.get(version)
+        if cached is None:
+            try:
+                emb = await self.store.load_version(version, with_users=False)
+            except (EmbeddingsError, KeyError) as exc:
+                raise EmbeddingsError(f"embedding version {version!r} is not kept by this retriever any more "
+                                      f"(current: {snap.version if snap else 'none'}); publish the ranker "
+                                      f"retrained on the current version, or keep more versions "
+                                      f"(index.keep_versions)") from exc
+            cached = _Vectors(version=version, item_row={i: r for r, i in enumerate(emb.item_ids)},
+                              basis=emb.fold_in_basis(), items=emb.item)
+            self._kept_vectors[version] = cached
+            while len(self._kept_vectors) > _KEPT_VECTOR_VERSIONS:
+                self._kept_vectors.popitem(last=False)
+        self._kept_vectors.move_to_end(version)
+        return cached
+
+    async def get_context(self, user_id: str, k: int, max_history: int, *,
+                          embedding_version: str | None = None) -> UserContext:
         """The user's newest ``max_history`` interactions and its k nearest users' (one round
-        trip to Redis for all histories)."""
+        trip to Redis for all histories).
+
+        ``embedding_version`` ("" for the current one): the context also carries the vectors of
+        that version for collaborative soft tokens: each history item's, and the user's, folded
+        in from the returned history (the rule of a user's embedding between refits, over the
+        interactions the prompt shows).
+        """
         check_id("user_id", user_id)
         check_range("k", k, CONTEXT_K_RANGE)
         check_range("max_history", max_history, MAX_HISTORY_RANGE)
+        vectors = None if embedding_version is None else await self.vectors(embedding_version)
         snap = self._snapshot
         embedded = snap is not None and user_id in snap.users
         neighbors = snap.users.search(user_id, k) if embedded and k else []
@@ -365,12 +430,14 @@ class Retriever:
         titles = await self._titles_of({item for history in rows for item, _, _ in history})
         return UserContext(
             user_id=user_id,
-            history=_history(rows[0], titles),
+            history=_history(rows[0], titles, vectors),
             neighbors=tuple(
-                NeighborContext(n, score, _history(h, titles))
+                NeighborContext(n, score, _history(h, titles, vectors))
                 for (n, score), h in zip(neighbors, rows[1:])
             ),
             embedding_version=snap.version if embedded else "",
+            user_embedding=vectors.fold_in(item for item, _, _ in rows[0]) if vectors else None,
+            vectors_version=vectors.version if vectors else "",
         )
 
     @staticmethod
@@ -381,5 +448,7 @@ class Retriever:
                 "ingested interactions is with an item the fit knows")
 
 
-def _history(rows: list[HistoryRow], titles: dict[str, str]) -> tuple[HistoryItem, ...]:
-    return tuple(HistoryItem(item, titles.get(item, ""), rating, ts) for item, ts, rating in rows)
+def _history(rows: list[HistoryRow], titles: dict[str, str], vectors: _Vectors | None = None
+             ) -> tuple[HistoryItem, ...]:
+    return tuple(HistoryItem(item, titles.get(item, ""), rating, ts, vectors.item(item) if vectors else None)
+                 for item, ts, rating in rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 from retriever_svc.errors import InvalidArgument
 
@@ -41,6 +42,7 @@ class CatalogItem:
     item_id: str
     title: str
     attributes: dict[str, str] = field(default_factory=dict)
+    embedding: Any = field(default=None, compare=False, repr=False)  # (d,) when asked for, else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,11 +44,16 @@ class RetrieverCore(Protocol):
     async def nearest_users(self, user_id: str, k: int) -> Neighbors:
         """The k most similar users by cosine of their embeddings."""
 
-    async def get_context(self, user_id: str, k: int, max_history: int) -> UserContext:
+    async def get_context(self, user_id: str, k: int, max_history: int, *,
+                          embedding_version: str | None = None) -> UserContext:
         """The user's recent history and its k nearest users' histories."""
 
-    async def get_items(self, item_ids: Sequence[str]) -> tuple[list[CatalogItem], list[str]]:
+    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None
+                        ) -> tuple[list[CatalogItem], list[str]]:
         """Catalog entries found (request order) and the ids missing."""
+
+    def vectors_version(self, requested: str) -> str:
+        """The embedding version that answers a request for ``requested`` ("" = the current)."""
 
 
 def _status_of(exc: Exception) -> grpc.StatusCode:
@@ -108,8 +113,11 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
 
     @_aborts_on_error
     async def GetContext(self, request: retriever_pb2.ContextRequest, context):
-        answer = await self._core.get_context(request.user_id, request.k, request.max_history)
+        version = request.embedding_version if request.with_embeddings else None
+        answer = await self._core.get_context(request.user_id, request.k, request.max_history,
+                                              embedding_version=version)
         return retriever_pb2.UserContext(
+            user_embedding=_floats(answer.user_embedding), vectors_version=answer.vectors_version,
             user_id=answer.user_id,
             history=_history(answer.history),
             neighbors=[
@@ -123,13 +131,16 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
 
     @_aborts_on_error
     async def GetItems(self, request: retriever_pb2.GetItemsRequest, context):
-        found, missing = await self._core.get_items(list(request.item_ids))
+        version = request.embedding_version if request.with_embeddings else None
+        found, missing = await self._core.get_items(list(request.item_ids), embedding_version=version)
         return retriever_pb2.GetItemsResponse(
             items=[
-                common_pb2.Item(item_id=i.item_id, title=i.title, attributes=i.attributes)
+                common_pb2.Item(item_id=i.item_id, title=i.title, attributes=i.attributes,
+                                embedding=_floats(i.embedding))
                 for i in found
             ],
             missing_item_ids=missing,
+            vectors_version=self._core.vectors_version(version) if version is not None else "",
         )
 
     async def _drain(
@@ -167,7 +178,13 @@ def _summary(result: IngestResult) -> retriever_pb2.IngestSummary:
 def _history(items: Sequence[HistoryItem]) -> list[common_pb2.HistoryItem]:
     return [
         common_pb2.HistoryItem(
-            item_id=h.item_id, title=h.title, rating=h.rating, timestamp_ms=h.timestamp_ms
+            item_id=h.item_id, title=h.title, rating=h.rating, timestamp_ms=h.timestamp_ms,
+            embedding=_floats(h.embedding),
         )
         for h in items
     ]
+
+
+def _floats(vector) -> list[float]:
+    """A vector as a repeated float field (empty for None)."""
+    return [] if vector is None else vector.tolist()

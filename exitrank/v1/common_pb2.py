@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xitrank/v1/common.proto\x12\x0b\x65xitrank.v1\"U\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"\x90\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x35\n\nattributes\x18\x03 \x03(\x0b\x32!.exitrank.v1.Item.AttributesEntry\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xitrank/v1/common.proto\x12\x0b\x65xitrank.v1\"U\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\"\xa3\x01\n\x04Item\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x35\n\nattributes\x18\x03 \x03(\x0b\x32!.exitrank.v1.Item.AttributesEntry\x12\x11\n\tembedding\x18\x04 \x03(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"f\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0e\n\x06rating\x18\x03 \x01(\x02\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x03\x12\x11\n\tembedding\x18\x05 \x03(\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INTERACTION']._serialized_start=41
   _globals['_INTERACTION']._serialized_end=126
   _globals['_ITEM']._serialized_start=129
-  _globals['_ITEM']._serialized_end=273
-  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=224
-  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=273
-  _globals['_HISTORYITEM']._serialized_start=275
-  _globals['_HISTORYITEM']._serialized_end=358
+  _globals['_ITEM']._serialized_end=292
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_start=243
+  _globals['_ITEM_ATTRIBUTESENTRY']._serialized_end=292
+  _globals['_HISTORYITEM']._serialized_start=294
+  _globals['_HISTORYITEM']._serialized_end=396
 # @@protoc_insertion_point(module_scope)

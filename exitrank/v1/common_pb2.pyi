@@ -1,7 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -19,7 +19,7 @@ class Interaction(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("item_id", "title", "attributes")
+    __slots__ = ("item_id", "title", "attributes", "embedding")
     class AttributesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,19 +30,23 @@ class Item(_message.Message):
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     attributes: _containers.ScalarMap[str, str]
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., attributes: _Optional[_Mapping[str, str]] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class HistoryItem(_message.Message):
-    __slots__ = ("item_id", "title", "rating", "timestamp_ms")
+    __slots__ = ("item_id", "title", "rating", "timestamp_ms", "embedding")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     RATING_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_MS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     rating: float
     timestamp_ms: int
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp_ms: _Optional[int] = ...) -> None: ...
+    embedding: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp_ms: _Optional[int] = ..., embedding: _Optional[_Iterable[float]] = ...) -> None: ...

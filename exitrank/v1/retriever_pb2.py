@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from exitrank.v1 import common_pb2 as exitrank_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xitrank/v1/retriever.proto\x12\x0b\x65xitrank.v1\x1a\x18\x65xitrank/v1/common.proto\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"1\n\x13NearestUsersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"*\n\x08Neighbor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"[\n\x14NearestUsersResponse\x12(\n\tneighbors\x18\x01 \x03(\x0b\x32\x15.exitrank.v1.Neighbor\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\t\"A\n\x0e\x43ontextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0bmax_history\x18\x03 \x01(\x05\"\\\n\x0fNeighborContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12)\n\x07history\x18\x03 \x03(\x0b\x32\x18.exitrank.v1.HistoryItem\"\x95\x01\n\x0bUserContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12)\n\x07history\x18\x02 \x03(\x0b\x32\x18.exitrank.v1.HistoryItem\x12/\n\tneighbors\x18\x03 \x03(\x0b\x32\x1c.exitrank.v1.NeighborContext\x12\x19\n\x11\x65mbedding_version\x18\x04 \x01(\t\"#\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"N\n\x10GetItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.exitrank.v1.Item\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t2\xf0\x02\n\tRetriever\x12@\n\x06Ingest\x12\x18.exitrank.v1.Interaction\x1a\x1a.exitrank.v1.IngestSummary(\x01\x12>\n\x0bUpsertItems\x12\x11.exitrank.v1.Item\x1a\x1a.exitrank.v1.IngestSummary(\x01\x12S\n\x0cNearestUsers\x12 .exitrank.v1.NearestUsersRequest\x1a!.exitrank.v1.NearestUsersResponse\x12\x43\n\nGetContext\x12\x1b.exitrank.v1.ContextRequest\x1a\x18.exitrank.v1.UserContext\x12G\n\x08GetItems\x12\x1c.exitrank.v1.GetItemsRequest\x1a\x1d.exitrank.v1.GetItemsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x65xitrank/v1/retriever.proto\x12\x0b\x65xitrank.v1\x1a\x18\x65xitrank/v1/common.proto\"C\n\rIngestSummary\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x10\n\x08rejected\x18\x02 \x01(\x04\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"1\n\x13NearestUsersRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"*\n\x08Neighbor\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"[\n\x14NearestUsersResponse\x12(\n\tneighbors\x18\x01 \x03(\x0b\x32\x15.exitrank.v1.Neighbor\x12\x19\n\x11\x65mbedding_version\x18\x02 \x01(\t\"u\n\x0e\x43ontextRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x13\n\x0bmax_history\x18\x03 \x01(\x05\x12\x17\n\x0fwith_embeddings\x18\x04 \x01(\x08\x12\x19\n\x11\x65mbedding_version\x18\x05 \x01(\t\"\\\n\x0fNeighborContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12)\n\x07history\x18\x03 \x03(\x0b\x32\x18.exitrank.v1.HistoryItem\"\xc6\x01\n\x0bUserContext\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12)\n\x07history\x18\x02 \x03(\x0b\x32\x18.exitrank.v1.HistoryItem\x12/\n\tneighbors\x18\x03 \x03(\x0b\x32\x1c.exitrank.v1.NeighborContext\x12\x19\n\x11\x65mbedding_version\x18\x04 \x01(\t\x12\x16\n\x0euser_embedding\x18\x05 \x03(\x02\x12\x17\n\x0fvectors_version\x18\x06 \x01(\t\"W\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x17\n\x0fwith_embeddings\x18\x02 \x01(\x08\x12\x19\n\x11\x65mbedding_version\x18\x03 \x01(\t\"g\n\x10GetItemsResponse\x12 \n\x05items\x18\x01 \x03(\x0b\x32\x11.exitrank.v1.Item\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t\x12\x17\n\x0fvectors_version\x18\x03 \x01(\t2\xf0\x02\n\tRetriever\x12@\n\x06Ingest\x12\x18.exitrank.v1.Interaction\x1a\x1a.exitrank.v1.IngestSummary(\x01\x12>\n\x0bUpsertItems\x12\x11.exitrank.v1.Item\x1a\x1a.exitrank.v1.IngestSummary(\x01\x12S\n\x0cNearestUsers\x12 .exitrank.v1.NearestUsersRequest\x1a!.exitrank.v1.NearestUsersResponse\x12\x43\n\nGetContext\x12\x1b.exitrank.v1.ContextRequest\x1a\x18.exitrank.v1.UserContext\x12G\n\x08GetItems\x12\x1c.exitrank.v1.GetItemsRequest\x1a\x1d.exitrank.v1.GetItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NEARESTUSERSRESPONSE']._serialized_start=234
   _globals['_NEARESTUSERSRESPONSE']._serialized_end=325
   _globals['_CONTEXTREQUEST']._serialized_start=327
-  _globals['_CONTEXTREQUEST']._serialized_end=392
-  _globals['_NEIGHBORCONTEXT']._serialized_start=394
-  _globals['_NEIGHBORCONTEXT']._serialized_end=486
-  _globals['_USERCONTEXT']._serialized_start=489
-  _globals['_USERCONTEXT']._serialized_end=638
-  _globals['_GETITEMSREQUEST']._serialized_start=640
-  _globals['_GETITEMSREQUEST']._serialized_end=675
-  _globals['_GETITEMSRESPONSE']._serialized_start=677
-  _globals['_GETITEMSRESPONSE']._serialized_end=755
-  _globals['_RETRIEVER']._serialized_start=758
-  _globals['_RETRIEVER']._serialized_end=1126
+  _globals['_CONTEXTREQUEST']._serialized_end=444
+  _globals['_NEIGHBORCONTEXT']._serialized_start=446
+  _globals['_NEIGHBORCONTEXT']._serialized_end=538
+  _globals['_USERCONTEXT']._serialized_start=541
+  _globals['_USERCONTEXT']._serialized_end=739
+  _globals['_GETITEMSREQUEST']._serialized_start=741
+  _globals['_GETITEMSREQUEST']._serialized_end=828
+  _globals['_GETITEMSRESPONSE']._serialized_start=830
+  _globals['_GETITEMSRESPONSE']._serialized_end=933
+  _globals['_RETRIEVER']._serialized_start=936
+  _globals['_RETRIEVER']._serialized_end=1304
 # @@protoc_insertion_point(module_scope)

@@ -42,14 +42,18 @@ class NearestUsersResponse(_message.Message):
     def __init__(self, neighbors: _Optional[_Iterable[_Union[Neighbor, _Mapping]]] = ..., embedding_version: _Optional[str] = ...) -> None: ...
 
 class ContextRequest(_message.Message):
-    __slots__ = ("user_id", "k", "max_history")
+    __slots__ = ("user_id", "k", "max_history", "with_embeddings", "embedding_version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     MAX_HISTORY_FIELD_NUMBER: _ClassVar[int]
+    WITH_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     max_history: int
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., max_history: _Optional[int] = ...) -> None: ...
+    with_embeddings: bool
+    embedding_version: str
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., max_history: _Optional[int] = ..., with_embeddings: _Optional[bool] = ..., embedding_version: _Optional[str] = ...) -> None: ...
 
 class NeighborContext(_message.Message):
     __slots__ = ("user_id", "score", "history")
@@ -62,27 +66,37 @@ class NeighborContext(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., score: _Optional[float] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ...) -> None: ...
 
 class UserContext(_message.Message):
-    __slots__ = ("user_id", "history", "neighbors", "embedding_version")
+    __slots__ = ("user_id", "history", "neighbors", "embedding_version", "user_embedding", "vectors_version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    USER_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history: _containers.RepeatedCompositeFieldContainer[_common_pb2.HistoryItem]
     neighbors: _containers.RepeatedCompositeFieldContainer[NeighborContext]
     embedding_version: str
-    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[NeighborContext, _Mapping]]] = ..., embedding_version: _Optional[str] = ...) -> None: ...
+    user_embedding: _containers.RepeatedScalarFieldContainer[float]
+    vectors_version: str
+    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[NeighborContext, _Mapping]]] = ..., embedding_version: _Optional[str] = ..., user_embedding: _Optional[_Iterable[float]] = ..., vectors_version: _Optional[str] = ...) -> None: ...
 
 class GetItemsRequest(_message.Message):
-    __slots__ = ("item_ids",)
+    __slots__ = ("item_ids", "with_embeddings", "embedding_version")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    WITH_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    with_embeddings: bool
+    embedding_version: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., with_embeddings: _Optional[bool] = ..., embedding_version: _Optional[str] = ...) -> None: ...
 
 class GetItemsResponse(_message.Message):
-    __slots__ = ("items", "missing_item_ids")
+    __slots__ = ("items", "missing_item_ids", "vectors_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    VECTORS_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]
     missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    vectors_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ..., vectors_version: _Optional[str] = ...) -> None: ...

@@ -40,7 +40,7 @@ async def _serve(url: str, prefix: str, emb=None):
         await consumer.stop()
         await store.close()
 
-    return SimpleNamespace(stub=stub, channel=channel, store=store, close=close)
+    return SimpleNamespace(stub=stub, channel=channel, store=store, close=close, retriever=retriever)
 
 
 @pytest.fixture(scope="module")
@@ -197,3 +197,57 @@ async def test_redis_down_is_unavailable(tmp_path, clustered):
     finally:
         await service.close()
         server.stop()
+
+
+async def test_context_and_items_carry_vectors_when_asked(svc):
+    import numpy as np
+
+    await _until(lambda: svc.stub.NearestUsers(retriever_pb2.NearestUsersRequest(user_id="c0u1", k=1)))
+    plain = await svc.stub.GetContext(retriever_pb2.ContextRequest(user_id="c0u1", k=1, max_history=3))
+    assert not plain.user_embedding and not plain.history[0].embedding and plain.vectors_version == ""
+    ctx = await svc.stub.GetContext(retriever_pb2.ContextRequest(user_id="c0u1", k=1, max_history=3,
+                                                                 with_embeddings=True))
+    row = {i: r for r, i in enumerate(svc.emb.item_ids)}
+    assert ctx.vectors_version == svc.emb.version
+    for h in [*ctx.history, *ctx.neighbors[0].history]:
+        np.testing.assert_allclose(h.embedding, svc.emb.item[row[h.item_id]], rtol=1e-6)
+    rows = [row[h.item_id] for h in ctx.history]  # the user's vector: the fold-in of what it shows
+    np.testing.assert_allclose(ctx.user_embedding, svc.emb.item_foldin[rows].sum(0) / np.sqrt(len(rows)), rtol=1e-5)
+    items = await svc.stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=["c2i1", "nope"], with_embeddings=True,
+                                                                  embedding_version=svc.emb.version))
+    assert items.vectors_version == svc.emb.version and list(items.missing_item_ids) == ["nope"]
+    np.testing.assert_allclose(items.items[0].embedding, svc.emb.item[row["c2i1"]], rtol=1e-6)
+    for call in (svc.stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=["c2i1"], with_embeddings=True,
+                                                                 embedding_version="gcn-gone")),
+                 svc.stub.GetContext(retriever_pb2.ContextRequest(user_id="c0u1", k=1, max_history=3,
+                                                                  with_embeddings=True, embedding_version="gcn-gone"))):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'gcn-gone' is not kept" in err.value.details()
+
+
+async def test_a_pinned_version_is_served_beside_the_new_one_until_dropped(redis_server, unique_prefix, clustered):
+    import numpy as np
+
+    first, history = clustered(seed=0)
+    service = await _serve(redis_server.url, unique_prefix("pin"), first)
+    try:
+        await service.stub.UpsertItems(common_pb2.Item(item_id=i, title=f"T {i}") for i in first.item_ids)
+        second, third = clustered(seed=1), clustered(seed=2)
+        core = service.retriever
+        await core.load_embeddings(second[0])
+        old = await service.stub.GetItems(retriever_pb2.GetItemsRequest(
+            item_ids=["c0i0"], with_embeddings=True, embedding_version=first.version))
+        new = await service.stub.GetItems(retriever_pb2.GetItemsRequest(item_ids=["c0i0"], with_embeddings=True))
+        assert old.vectors_version == first.version and new.vectors_version == second[0].version
+        np.testing.assert_allclose(old.items[0].embedding, first.item[0], rtol=1e-6)
+        np.testing.assert_allclose(new.items[0].embedding, second[0].item[0], rtol=1e-6)
+        await core.load_embeddings(third[0])  # keep_versions=2: the first version goes
+        core._kept_vectors.clear()  # forget what this replica read, as a fresh replica would
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await service.stub.GetItems(retriever_pb2.GetItemsRequest(
+                item_ids=["c0i0"], with_embeddings=True, embedding_version=first.version))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        await service.close()
