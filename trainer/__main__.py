@@ -58,7 +58,7 @@ def _fit_config(args: argparse.Namespace):
     overrides = {
         "gcn": {"layers": args.gcn_layers, "dim": args.gcn_dim, "epochs": args.gcn_epochs, "lr": args.gcn_lr},
         "tune": {"arch": args.arch, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                 "max_train": args.max_train, "lora": args.lora or None},
+                 "max_train": args.max_train, "lora": args.lora or None, "collab": args.collab_tokens},
         "heads": {"exit_layers": tuple(args.exit_layers) if args.exit_layers else None, "lambda0": args.lambda0,
                   "beta": args.beta, "epochs": args.heads_epochs, "max_train": args.max_train},
         "calibrate": {"auc_budget_points": args.auc_budget, "margin_sigmas": args.auc_margin_sigmas,
@@ -84,7 +84,8 @@ def _eval(args: argparse.Namespace) -> dict:
     from trainer.eval import EvalConfig, run
 
     cfg = EvalConfig(data=args.data, artifacts=args.artifacts, report=args.report, max_samples=args.max_samples,
-                     seed=args.seed, batch_size=args.batch_size, bootstrap=args.bootstrap, k=args.k)
+                     seed=args.seed, batch_size=args.batch_size, bootstrap=args.bootstrap, k=args.k,
+                     collab_artifacts=args.collab_artifacts)
     report = run(cfg)
     return {"report": str(Path(args.report) / "report.json"),
             "auc": {row["name"]: round(row["auc"], 4) for row in report["configs"]}}
@@ -110,6 +111,8 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--max-train", type=int, help="cap on training samples (tune and fit-heads)")
     t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    t.add_argument("--collab-tokens", choices=("none", "user", "full"),
+                   help="LightGCN embeddings as soft tokens in the prompt (default none: text only)")
     h = p.add_argument_group("fit-heads")
     h.add_argument("--exit-layers", type=int, nargs="+")
     h.add_argument("--lambda0", type=float, help="base learning rate of the exit heads")
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--bootstrap", type=int, default=1000)
     ev.add_argument("--k", type=int, default=4)
+    ev.add_argument("--collab-artifacts", type=Path,
+                    help="artifacts trained with --collab-tokens: adds the gcn_retrieval+collab_tokens rows")
     ev.set_defaults(func=_eval)
 
     rep = sub.add_parser("reproduce", help="the paper's tables and figures on the real data, one report")

@@ -59,9 +59,10 @@ class PolicyPoint:
                 "loss_se": self.loss_se}
 
 
-def exit_probabilities(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
+def exit_probabilities(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32,
+                       soft: torch.Tensor | None = None) -> torch.Tensor:
     """(N, E) P(yes) of every answering layer's head (bidimensional softmax), rows in input order."""
-    states = exit_states(model, ids, pad_id, batch_size=batch_size)  # (N, E, H)
+    states = exit_states(model, ids, pad_id, batch_size=batch_size, soft=soft)  # (N, E, H)
     with torch.no_grad():
         return model.answer_logits_from_states(states).float().softmax(-1)[..., 0]
 
@@ -121,9 +122,11 @@ def calibrate(
     loaded = load_ranker(ranker_dir, dtype=torch_dtype)
     model = loaded.model
     max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
+    table = model.soft_table()
     ids, _ = encode_examples(valid, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
-                             answer_ids=(model.yes_token_id, model.no_token_id))
-    p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size)
+                             answer_ids=(model.yes_token_id, model.no_token_id), table=table)
+    p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size,
+                               soft=table.tensor() if table is not None else None)
     full_auc = auc(labels, p_yes[:, -1].tolist())
     points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers), model.exit_layers))
     best = choose(points, full_auc, auc_budget_points / 100.0, margin_sigmas)

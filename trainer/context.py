@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from exitrank.types import Event, HistoryItem, NeighborContext, RankExample, Sample, UserContext
+from ranker_svc.collab import COLLAB_HISTORY
 from trainer.data.dataset import Dataset, Interaction, graph_interactions
 
 if TYPE_CHECKING:
@@ -43,10 +44,16 @@ class OfflineContexts:
         max_history: history length of the user and of each neighbour (15 in the paper).
         cache: remember each user's neighbours (training); False searches for every sample, as
             serving does for every request (timed evaluation).
+        vectors: LightGCN user/item vectors for collaborative soft tokens: when given, contexts
+            carry ``user_embedding``, history items and examples their items' vectors (None for
+            ids the fit lacks), as the retriever's GetContext does for such rankers. The user's
+            vector is the fold-in of the sample's own history (the items before its target,
+            ``retriever_svc.index``'s rule), not the fitted row: the graph holds training
+            targets, so a fitted user vector would already know the answer of its training samples.
     """
 
     def __init__(self, dataset: Dataset, gcn: "GCNEmbeddings | None", *, k: int = 4, max_history: int = 15,
-                 cache: bool = True) -> None:
+                 cache: bool = True, vectors: "GCNEmbeddings | None" = None) -> None:
         if k < 0 or max_history < 1:
             raise ValueError("OfflineContexts needs k >= 0 and max_history >= 1")
         self.dataset = dataset
@@ -62,6 +69,22 @@ class OfflineContexts:
             self._index = VectorIndex(list(gcn.user_ids), gcn.user)
         self._known = set(gcn.user_ids) if gcn is not None else set()
         self._neighbors: dict[str, tuple[NeighborContext, ...]] = {}
+        self.vectors = vectors
+        self._item_row = {i: r for r, i in enumerate(vectors.item_ids)} if vectors is not None else {}
+
+    def user_vector(self, events: Sequence[Event]):
+        """The fold-in of these interactions' known distinct items (d,), or None."""
+        if self.vectors is None:
+            return None
+        rows = sorted({self._item_row[e.item_id] for e in events if e.item_id in self._item_row})
+        if not rows:
+            return None
+        return self.vectors.fold_in_basis()[rows].sum(axis=0) / np.sqrt(len(rows))
+
+    def item_vector(self, item_id: str):
+        """The item's soft-token vector (d,), or None."""
+        row = self._item_row.get(item_id)
+        return None if row is None else self.vectors.item[row]
 
     @staticmethod
     def _recent_graph_histories(graph: Sequence[Interaction], n: int) -> dict[str, tuple[Interaction, ...]]:
@@ -71,7 +94,7 @@ class OfflineContexts:
         return {u: tuple(sorted(xs, key=lambda x: x.timestamp_ms)[-n:]) for u, xs in by_user.items()}
 
     def _item(self, item_id: str, rating: float, timestamp_ms: int) -> HistoryItem:
-        return HistoryItem(item_id, self.dataset.title(item_id), rating, timestamp_ms)
+        return HistoryItem(item_id, self.dataset.title(item_id), rating, timestamp_ms, self.item_vector(item_id))
 
     def graph_histories(self) -> dict[str, tuple[HistoryItem, ...]]:
         """Every graph user's recent interactions (what its neighbours' prompts show), with titles."""
@@ -106,11 +129,12 @@ class OfflineContexts:
             history=self.history(sample.history),
             neighbors=self.neighbors(sample.user_id) if retrieval else (),
             embedding_version=self.gcn.version if (retrieval and self.gcn is not None) else "",
+            user_embedding=self.user_vector(sample.history[-COLLAB_HISTORY:]),
         )
 
     def example(self, sample: Sample, *, retrieval: bool) -> RankExample:
         return RankExample(self.context(sample, retrieval=retrieval), sample.item_id,
-                           self.dataset.title(sample.item_id), sample.label)
+                           self.dataset.title(sample.item_id), sample.label, self.item_vector(sample.item_id))
 
     def examples(self, split: str, *, retrieval: bool, limit: int | None = None, seed: int = 0) -> list[RankExample]:
         """``RankExample`` rows for one split, in data set order; ``limit`` keeps a seeded random subset."""

@@ -1,6 +1,8 @@
 """Offline evaluation on the test split: AUC with a bootstrap interval, requests/s and exit depth.
 
-Four configurations share one trained artifact (the paper's Table 2/3 rows): ``no_retrieval`` and
+Four configurations share one trained artifact (``--collab-artifacts`` adds two more from a
+second one, trained with collaborative soft tokens: ``gcn_retrieval+collab_tokens`` with and
+without early exit) (the paper's Table 2/3 rows): ``no_retrieval`` and
 ``gcn_retrieval`` (the user's history alone, or plus its k=4 GCN-nearest users), each with the full
 depth (``ExitPolicy(disabled=True)``) and with the calibrated early-exit policy (``+early_exit``).
 
@@ -57,6 +59,7 @@ class EvalConfig:
     k: int = 4
     max_history: int = 15
     split: str = "test"
+    collab_artifacts: Path | None = None  # a second artifact trained with --collab-tokens
 
 
 def auc_with_ci(labels: Sequence[int], scores: Sequence[float], *, resamples: int = 1000, seed: int = 0,
@@ -122,6 +125,27 @@ def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name
     }
 
 
+def collab_rows(cfg: EvalConfig, dataset: Dataset, samples: list[Sample]) -> list[dict]:
+    """``gcn_retrieval+collab_tokens`` with and without early exit: the collab artifact's ranker,
+    its own LightGCN fit giving the neighbours and the soft tokens' vectors."""
+    from exitrank.artifacts import verify_manifest
+    from ranker_svc.artifact import load_ranker
+    from ranker_svc.ranker import Ranker
+    from retriever_svc.embeddings import GCNEmbeddings
+
+    root = Path(cfg.collab_artifacts)
+    verify_manifest(root)
+    ranker = Ranker(loaded=load_ranker(root / "ranker"))
+    if ranker.pinned_version is None:
+        raise ValueError(f"{root}/ranker reads no soft tokens: train it with `trainer fit --collab-tokens full`")
+    gcn = GCNEmbeddings.load(root)
+    if gcn.version != ranker.pinned_version:
+        raise ValueError(f"{root}: the ranker was trained on embeddings {ranker.pinned_version}, gcn/ holds {gcn.version}")
+    contexts = OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, cache=False, vectors=gcn)
+    return [run_config(ranker, contexts, samples, name=name, retrieval="gcn", early_exit=early, cfg=cfg)
+            for name, early in (("gcn_retrieval+collab_tokens", False), ("gcn_retrieval+collab_tokens+early_exit", True))]
+
+
 def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
     """Scores the four configurations and returns the report object (see the module docstring)."""
     from exitrank.artifacts import verify_manifest
@@ -139,6 +163,8 @@ def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
         raise ValueError(f"the {cfg.split!r} split of {cfg.data} is empty: nothing to evaluate")
     rows = [run_config(ranker, contexts, samples, name=n, retrieval=r, early_exit=e, cfg=cfg)
             for n, r, e in CONFIGS]
+    if cfg.collab_artifacts is not None:
+        rows += collab_rows(cfg, dataset, samples)
     for row in rows:
         del row["ctr"]  # per-sample scores: for callers comparing configs, not for the report
     labels = Counter(s.label for s in samples)

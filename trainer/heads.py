@@ -38,14 +38,17 @@ from trainer.tune import auc, batches, encode_examples
 FULL_VOCAB_HEAD_PARAMS = 50_000_000
 
 
-def exit_states(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32) -> torch.Tensor:
-    """(N, E, H) last-token hidden states at every answering layer, rows in input order."""
+def exit_states(model: EarlyExitLM, ids: list[list[int]], pad_id: int, *, batch_size: int = 32,
+                soft: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, E, H) last-token hidden states at every answering layer, rows in input order.
+
+    ``soft``: the vectors the prompts' virtual ids index (collaborative soft tokens), or None."""
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths share a batch
     out: list[torch.Tensor | None] = [None] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         input_ids, mask = pad_right([ids[i] for i in chunk], pad_id, model.answer_ids.device)
-        states = model.exit_hidden_states(input_ids, mask)  # (b, E, H)
+        states = model.exit_hidden_states(input_ids, mask, soft)  # (b, E, H)
         for row, i in enumerate(chunk):
             out[i] = states[row]
     return torch.stack(out)  # type: ignore[arg-type]
@@ -78,12 +81,14 @@ def fit_heads(
     started = time.perf_counter()
     loaded = load_ranker(ranker_dir, dtype=torch.float32)
     model = _fresh_heads(loaded.model, exit_layers, full_vocab)
-    model.causal_lm.requires_grad_(False)
+    model.requires_grad_(False)  # the backbone and the soft-token projector stay frozen
     model.heads.requires_grad_(True)
     max_tokens = int(getattr(model.causal_lm.config, "max_position_embeddings", 2048))
+    table = model.soft_table()
     ids, targets = encode_examples(train, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
-                                   answer_ids=(model.yes_token_id, model.no_token_id))
-    states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0)  # (N, E, H)
+                                   answer_ids=(model.yes_token_id, model.no_token_id), table=table)
+    states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0,
+                         soft=table.tensor() if table is not None else None)  # (N, E, H)
     optimizer = model.configure_head_optimizer(lambda0=lambda0, beta=beta)
     losses = _train_heads(model, optimizer, states, targets, epochs=epochs, batch_size=batch_size,
                           seed=seed, progress=progress)
@@ -113,7 +118,7 @@ def _fresh_heads(model: EarlyExitLM, exit_layers: list[int] | None, full_vocab: 
     rows = None if full_vocab else (model.yes_token_id, model.no_token_id)
     heads = nn.ModuleDict({str(layer): ExitHead.from_final(model.causal_lm, rows=rows) for layer in layers})
     return EarlyExitLM(causal_lm=model.causal_lm, yes_token_id=model.yes_token_id, no_token_id=model.no_token_id,
-                       exit_layers=layers, heads=heads)
+                       exit_layers=layers, heads=heads, collab=model.collab)
 
 
 def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batch_size, seed, progress) -> np.ndarray:

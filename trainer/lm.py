@@ -118,6 +118,18 @@ def ensure_answer_tokens(
     return missing
 
 
+def ensure_collab_token(tokenizer: PreTrainedTokenizerFast, model: PreTrainedModel) -> int:
+    """Makes :data:`~ranker_svc.collab.COLLAB_TOKEN` one special token (growing the embeddings
+    when it is new); returns its id."""
+    from ranker_svc.collab import COLLAB_TOKEN  # noqa: PLC0415
+
+    if len(tokenizer(COLLAB_TOKEN, add_special_tokens=False)["input_ids"]) != 1:
+        tokenizer.add_special_tokens({"additional_special_tokens": [COLLAB_TOKEN]})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return tokenizer.convert_tokens_to_ids(COLLAB_TOKEN)
+
+
 def answer_token_ids(tokenizer: PreTrainedTokenizerFast, answers: Sequence[str] = ANSWERS) -> tuple[int, int]:
     """The ids of the (single-token) answer strings, "Yes" first."""
     ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]

@@ -55,6 +55,8 @@ class TuneSection:
     batch_size: int = 16
     max_train: int | None = 2000  # the paper tunes few-shot (< 10 % of the training data)
     lora: bool | None = None  # None: LoRA only for large base models
+    collab: str = "none"  # collaborative soft tokens: none (the paper's prompt) | user | full
+    amp: bool = False  # bfloat16 autocast while tuning (AMX CPUs, GPUs)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class FitConfig:
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {"gcn": {"epochs": 20}, "tune": {"preset": "tiny", "epochs": 1, "max_train": 2000},
              "heads": {"epochs": 1, "max_train": 2000}, "calibrate": {"max_valid": 500}},
-    "small": {"gcn": {"epochs": 40}, "tune": {"preset": "small", "epochs": 2, "lr": 1e-3, "max_train": 20000},
+    "small": {"gcn": {"epochs": 40}, "tune": {"preset": "small", "epochs": 2, "lr": 1e-3, "max_train": 20000, "amp": True},
               "heads": {"epochs": 2, "max_train": 20000}, "calibrate": {"max_valid": 4000}},
 }
 
@@ -134,7 +136,7 @@ def stage_fit_gcn(cfg: FitConfig, dataset: Dataset) -> dict:
     """LightGCN on the training graph; writes ``ARTIFACTS/gcn``."""
     from trainer.gcn import fit_gcn
 
-    pairs = graph_pairs(dataset)
+    pairs = graph_pairs(dataset, all_targets=cfg.tune.collab != "none")  # soft tokens: no answer in the graph
     if not pairs:
         raise ValueError(f"{cfg.data} has no graph interactions (positives outside valid/test targets)")
     settings = {k: v for k, v in asdict(cfg.gcn).items() if v is not None}
@@ -149,12 +151,14 @@ def _contexts(cfg: FitConfig, dataset: Dataset) -> OfflineContexts:
 
     if not (Path(cfg.out) / "gcn").is_dir():
         raise FileNotFoundError(f"{cfg.out}/gcn is missing: run `trainer fit-gcn` (or `trainer fit`) first")
-    return OfflineContexts(dataset, GCNEmbeddings.load(cfg.out), k=cfg.k, max_history=cfg.max_history)
+    gcn = GCNEmbeddings.load(cfg.out)
+    vectors = gcn if cfg.tune.collab != "none" else None
+    return OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, vectors=vectors)
 
 
 def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
     """Instruction-tune the decoder on retrieval-augmented training examples; writes ``ARTIFACTS/ranker``."""
-    from trainer.tune import instruction_tune
+    from trainer.tune import infer_prompt_config, instruction_tune
 
     contexts = _contexts(cfg, dataset)
     t = cfg.tune
@@ -162,9 +166,13 @@ def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
     valid = contexts.examples("valid", retrieval=True, limit=cfg.calibrate.max_valid, seed=cfg.seed)
     _say(f"tune: {len(train)} train / {len(valid)} valid examples, preset {t.preset}, arch {t.arch}")
     base_model = Path(t.base_model) if t.base_model else None
+    prompt = replace(infer_prompt_config(train), collab=t.collab)
+    vectors = contexts.vectors
     return instruction_tune(train, out_dir=cfg.out, valid=valid or None, preset=t.preset, arch=t.arch,
                             base_model=base_model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
-                            lora=t.lora, seed=cfg.seed, progress=cfg.progress)
+                            lora=t.lora, seed=cfg.seed, progress=cfg.progress, prompt=prompt, amp=t.amp,
+                            collab_dim=vectors.dim if vectors is not None else 0,
+                            embedding_version=vectors.version if vectors is not None else "")
 
 
 def stage_fit_heads(cfg: FitConfig, dataset: Dataset) -> dict:

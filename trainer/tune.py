@@ -33,8 +33,10 @@ from ranker_svc.artifact import load_ranker, save_ranker
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import default_exit_layers
 from ranker_svc.prompt import PromptBuilder, PromptConfig
-from ranker_svc.ranker import Ranker, encode_prompt, pad_right
-from trainer.lm import answer_token_ids, build_model, build_tokenizer, load_base_model
+from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
+from ranker_svc.ranker import Ranker, pad_right
+from ranker_svc.ranker import encode_examples as ranker_examples
+from trainer.lm import answer_token_ids, build_model, build_tokenizer, ensure_collab_token, load_base_model
 
 LORA_AUTO_PARAMS = 50_000_000  # above this, full fine-tuning on CPU is impractical: use LoRA
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -50,10 +52,14 @@ def infer_prompt_config(examples: list[RankExample]) -> PromptConfig:
 
 
 def encode_examples(
-    examples: list[RankExample], builder: PromptBuilder, tokenizer, *, max_tokens: int, answer_ids: tuple[int, int]
+    examples: list[RankExample], builder: PromptBuilder, tokenizer, *, max_tokens: int, answer_ids: tuple[int, int],
+    table: SoftTable | None = None,
 ) -> tuple[list[list[int]], torch.Tensor]:
-    """Prompt token ids per example and (N,) answer targets (" Yes" id for label 1, else " No")."""
-    ids = [encode_prompt(tokenizer, builder.full_text(ex.context, ex.title), max_tokens) for ex in examples]
+    """Prompt token ids per example and (N,) answer targets (" Yes" id for label 1, else " No").
+
+    ``table``: soft-token slots are bound to the examples' vectors there (``ranker_svc.collab``).
+    """
+    ids = ranker_examples(examples, builder, tokenizer, max_tokens, table)
     targets = torch.tensor([answer_ids[0] if ex.label else answer_ids[1] for ex in examples], dtype=torch.long)
     return ids, targets
 
@@ -65,9 +71,13 @@ def batches(n: int, batch_size: int, *, shuffle: bool, rng: random.Random) -> li
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def answer_loss(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """:math:`-\\log p(y|x)` at each row's last real token, full vocabulary, mean over the batch."""
-    hidden = causal_lm.base_model(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+def answer_loss(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
+                projector: CollabProjector | None = None, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """:math:`-\\log p(y|x)` at each row's last real token, full vocabulary, mean over the batch.
+
+    With ``projector``, virtual ids take its projection of ``soft`` (trained with the model)."""
+    embeds = embed_tokens(causal_lm.get_input_embeddings(), projector, input_ids, soft)
+    hidden = causal_lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
     rows = torch.arange(hidden.shape[0])
     last = hidden[rows, mask.sum(dim=1) - 1]  # (B, H)
     logits = causal_lm.get_output_embeddings()(last).float()  # (B, V)
@@ -96,6 +106,8 @@ def instruction_tune(
     prompt: PromptConfig | None = None,
     vocab_size: int = 2048,
     amp: bool = False,
+    collab_dim: int = 0,
+    embedding_version: str = "",
 ) -> dict:
     """Trains the answer token and writes ``out_dir/ranker/``; returns metrics.
 
@@ -105,6 +117,9 @@ def instruction_tune(
         prompt: rendering settings; default :func:`infer_prompt_config` on ``train``.
         amp: bfloat16 autocast for the forward and backward passes (weights and optimiser stay
             float32); ~1.5x faster for the small preset on CPUs with AMX.
+        collab_dim, embedding_version: for a prompt with collaborative soft tokens
+            (``prompt.collab`` "user" or "full"), the width of the LightGCN vectors the examples
+            carry and their version; the projector is trained with the model.
     """
     if not train:
         raise ValueError("train must hold at least one example")
@@ -119,9 +134,12 @@ def instruction_tune(
     lr = lr or (2e-4 if use_lora else 3e-3 if base_model is None else 2e-5)
     trainable = _attach_lora(causal_lm) if use_lora else causal_lm
     max_tokens = int(getattr(causal_lm.config, "max_position_embeddings", 2048))
-    ids, targets = encode_examples(train, builder, tokenizer, max_tokens=max_tokens, answer_ids=answer_ids)
+    projector, table = _collab(prompt, tokenizer, causal_lm, collab_dim, embedding_version)
+    ids, targets = encode_examples(train, builder, tokenizer, max_tokens=max_tokens, answer_ids=answer_ids,
+                                   table=table)
+    soft = table.tensor() if table is not None else None
     losses = _train(causal_lm, trainable, ids, targets, tokenizer.pad_token_id or 0, epochs=epochs, lr=lr,
-                    batch_size=batch_size, seed=seed, progress=progress, amp=amp)
+                    batch_size=batch_size, seed=seed, progress=progress, amp=amp, projector=projector, soft=soft)
     if use_lora:
         causal_lm = trainable.merge_and_unload()
     metrics = {"train_loss": losses[-1], "epoch_losses": losses, "lr": lr, "lora": use_lora,
@@ -129,7 +147,8 @@ def instruction_tune(
     ranker_dir = Path(out_dir) / "ranker"
     save_ranker(ranker_dir, causal_lm=causal_lm.eval(), tokenizer=tokenizer, prompt=prompt,
                 exit_layers=default_exit_layers(causal_lm.config.num_hidden_layers),
-                policy=ExitPolicy(disabled=True), metrics={"tune": metrics})
+                policy=ExitPolicy(disabled=True), metrics={"tune": metrics},
+                collab=projector.eval() if projector is not None else None, embedding_version=embedding_version)
     if valid:
         metrics["valid_auc"] = evaluate_auc(ranker_dir, valid, batch_size=batch_size)
     metrics["seconds"] = time.perf_counter() - started
@@ -152,6 +171,19 @@ def _backbone(train, builder, base_model, preset, arch, seed, vocab_size):
     return tokenizer, build_model(tokenizer, preset=preset, arch=arch, seed=seed)
 
 
+def _collab(prompt: PromptConfig, tokenizer, causal_lm: PreTrainedModel, dim: int, embedding_version: str
+            ) -> tuple[CollabProjector | None, SoftTable | None]:
+    """The projector and the examples' soft-token table for a prompt with soft tokens, else (None, None)."""
+    if prompt.collab == "none":
+        return None, None
+    if dim < 1 or not embedding_version:
+        raise ValueError(f"prompt.collab={prompt.collab!r} needs collab_dim and embedding_version")
+    token_id = ensure_collab_token(tokenizer, causal_lm)
+    projector = CollabProjector(dim, causal_lm.config.hidden_size, token_id=token_id)
+    table = SoftTable(vocab_size=causal_lm.get_input_embeddings().num_embeddings, placeholder_id=token_id, dim=dim)
+    return projector, table
+
+
 def _attach_lora(causal_lm: PreTrainedModel):
     from peft import LoraConfig, get_peft_model
 
@@ -160,10 +192,14 @@ def _attach_lora(causal_lm: PreTrainedModel):
 
 
 def _train(causal_lm, trainable, ids, targets, pad_id, *, epochs, lr, batch_size, seed, progress,
-           amp: bool = False) -> list[float]:
+           amp: bool = False, projector: CollabProjector | None = None, soft: torch.Tensor | None = None
+           ) -> list[float]:
     """AdamW with warm-up and cosine decay; returns the mean loss of each epoch."""
     rng = random.Random(seed)
     params = [p for p in trainable.parameters() if p.requires_grad]
+    if projector is not None:
+        params += list(projector.parameters())
+        projector.train()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     steps = epochs * math.ceil(len(ids) / batch_size)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
@@ -175,7 +211,7 @@ def _train(causal_lm, trainable, ids, targets, pad_id, *, epochs, lr, batch_size
         for chunk in batches(len(ids), batch_size, shuffle=True, rng=rng):
             input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = answer_loss(causal_lm, input_ids, mask, targets[chunk])
+                loss = answer_loss(causal_lm, input_ids, mask, targets[chunk], projector, soft)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -101,3 +101,24 @@ def test_flags_override_the_preset():
         from trainer.pipeline import make_config
 
         make_config("d", "o", preset="huge")
+
+
+def test_collab_tokens_fit_and_evaluate_beside_the_text_only_model(pipeline, tmp_path):
+    """``fit --collab-tokens full`` writes a pinned projector over a target-free graph; ``eval
+    --collab-artifacts`` adds its two rows beside the text-only four."""
+    data, art, _, _, _ = pipeline
+    collab, rep = tmp_path / "collab", tmp_path / "report"
+    ok("fit", "--data", data, "--out", collab, "--preset", "tiny", "--seed", 0, "--no-progress", "--max-train", 48,
+       "--epochs", 1, "--gcn-epochs", 3, "--heads-epochs", 1, "--max-valid", 40, "--collab-tokens", "full")
+    meta = json.loads((collab / "ranker/exitrank.json").read_text())
+    gcn = json.loads((collab / "gcn/meta.json").read_text())
+    assert meta["collab"]["mode"] == "full" and meta["collab"]["embedding_version"] == gcn["version"]
+    assert "ranker/collab.safetensors" in verify_manifest(collab)["files"]
+    text_gcn = json.loads((art / "gcn/meta.json").read_text())
+    assert gcn["interactions"] < text_gcn["interactions"]  # no training target is in the collab graph
+    ok("eval", "--data", data, "--artifacts", art, "--collab-artifacts", collab, "--report", rep,
+       "--max-samples", 40, "--bootstrap", 50)
+    names = [c["name"] for c in json.loads((rep / "report.json").read_text())["configs"]]
+    assert names == [n for n, _, _ in CONFIGS] + ["gcn_retrieval+collab_tokens", "gcn_retrieval+collab_tokens+early_exit"]
+    bad = trainer("eval", "--data", data, "--artifacts", art, "--collab-artifacts", art, "--report", rep)
+    assert bad.returncode == 2 and "reads no soft tokens" in bad.stderr

@@ -27,7 +27,8 @@ def test_every_table_and_figure_for_every_data_set(quick_run):
     markdown = (cfg.out / "report.md").read_text()
     for name, ds in report["datasets"].items():
         assert [c["name"] for c in ds["configs"]] == ["no_retrieval", "no_retrieval+early_exit", "gcn_retrieval",
-                                                      "gcn_retrieval+early_exit"]
+                                                      "gcn_retrieval+early_exit", "gcn_retrieval+collab_tokens",
+                                                      "gcn_retrieval+collab_tokens+early_exit"]
         for row in ds["configs"]:
             assert 0 <= row["auc_ci95"][0] <= row["auc"] <= row["auc_ci95"][1] <= 1
             assert row["requests_per_s"] > 0 and 1 <= row["mean_exit_layer"] <= ds["num_layers"]
@@ -51,5 +52,5 @@ def test_every_table_and_figure_for_every_data_set(quick_run):
 def test_a_second_run_reuses_every_stage_and_reports_the_same(quick_run):
     cfg, first = quick_run
     again = reproduce(cfg)
-    assert again["stages_reused"] == again["stages"] == 18
+    assert again["stages_reused"] == again["stages"] == 24
     assert again["table2"] == first["table2"] and again["figures"] == first["figures"]

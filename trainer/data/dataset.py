@@ -244,9 +244,14 @@ def read_test_pairs(root: str | Path) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------- graph
 
 
-def graph_interactions(dataset: Dataset) -> list[Interaction]:
-    """The LightGCN graph's interactions (module docstring: no valid/test targets, positives only)."""
-    held_out = {(s.user_id, s.item_id) for s in dataset.samples if s.split != "train"}
+def graph_interactions(dataset: Dataset, *, all_targets: bool = False) -> list[Interaction]:
+    """The LightGCN graph's interactions (module docstring: no valid/test targets, positives only).
+
+    ``all_targets``: leave out the training samples' targets too, so that no sample's answer is
+    in the graph. Rankers that read the embeddings themselves (collaborative soft tokens) need
+    this: a training target inside the graph pulls the item's vector toward the user's, and the
+    model would learn an agreement that test samples never show."""
+    held_out = {(s.user_id, s.item_id) for s in dataset.samples if all_targets or s.split != "train"}
     threshold = None if dataset.meta.implicit else dataset.meta.rating_threshold
     return [
         x for x in dataset.interactions
@@ -254,10 +259,10 @@ def graph_interactions(dataset: Dataset) -> list[Interaction]:
     ]
 
 
-def graph_pairs(dataset: Dataset) -> list[tuple[str, str]]:
+def graph_pairs(dataset: Dataset, *, all_targets: bool = False) -> list[tuple[str, str]]:
     """``(user_id, item_id)`` edges of the LightGCN training graph, deduplicated, in file order."""
     seen: dict[tuple[str, str], None] = {}
-    for x in graph_interactions(dataset):
+    for x in graph_interactions(dataset, all_targets=all_targets):
         seen.setdefault((x.user_id, x.item_id), None)
     return list(seen)
 

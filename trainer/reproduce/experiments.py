@@ -50,6 +50,7 @@ def config_rows(rankers: dict, contexts: dict, samples: list[Sample], cfg: EvalC
         ("llm_no_retrieval", "none", "none", False), ("llm_no_retrieval+early_exit", "none", "none", True),
         ("gcn_retriever", "gcn", "gcn", False), ("gcn_earlyexit", "gcn", "gcn", True),
         ("llm_retriever", "gcn", "llm", False), ("gcn_last_layer", "gcn", "last", False),
+        ("gcn_collab", "collab", "collab", False), ("gcn_collab_earlyexit", "collab", "collab", True),
     )
     return {name: run_config(rankers[model], contexts[retriever], samples, name=name, retrieval=retriever,
                              early_exit=early, cfg=cfg)
@@ -108,9 +109,11 @@ def exit_sweeps(ranker, examples: list[RankExample], speed: int, batch_size: int
     from trainer.tune import auc, encode_examples
 
     model, labels = ranker.model, [ex.label for ex in examples]
+    table = model.soft_table()
     ids, _ = encode_examples(examples, ranker.prompt, ranker.tokenizer, max_tokens=ranker.max_tokens,
-                             answer_ids=(model.yes_token_id, model.no_token_id))
-    p_yes = exit_probabilities(model, ids, ranker.pad_id, batch_size=batch_size)
+                             answer_ids=(model.yes_token_id, model.no_token_id), table=table)
+    p_yes = exit_probabilities(model, ids, ranker.pad_id, batch_size=batch_size,
+                               soft=table.tensor() if table is not None else None)
 
     def point(policy: ExitPolicy, **label) -> dict:
         ctr, layers = simulate_exits(p_yes, model.answer_layers, policy)

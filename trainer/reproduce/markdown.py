@@ -48,7 +48,8 @@ def dataset_section(name: str, report: dict) -> list[str]:
     lines += ["", "Paired differences (DeLong): GCN retrieval over none " + _noise(c["gcn_over_none"])
               + "; GCN over LLM retriever " + _noise(c["gcn_over_llm_retriever"])
               + "; average over last layer " + _noise(c["average_over_last_layer"])
-              + "; early exit over full depth " + _noise(c["exit_over_full"]) + ".", "",
+              + "; early exit over full depth " + _noise(c["exit_over_full"])
+              + "; collab tokens over text-only retrieval " + _noise(c["collab_over_text"]) + ".", "",
               f"**Figure 2**: retrieval per request, LLM retriever {f2['llm_p50_ms']:.2f} ms against GCN retriever "
               f"{f2['gcn_p50_ms']:.3f} ms (medians over {f2['users']} users): {f2['speedup']:.0f}× faster.", ""]
     plots = report["plots"][name]

@@ -15,11 +15,14 @@ from trainer.reproduce.plan import PAPER, TALLREC_TEST
 
 TABLE2 = (("deepfm", "DeepFM"), ("din", "DIN"), ("gru4rec", "GRU4Rec"), ("sasrec", "SASRec"),
           ("llm_no_retrieval", "LLM, no retrieval (TALLRec)"), ("llm_retriever", "LLM-retriever"),
-          ("gcn_retriever", "GCN-retriever"), ("gcn_earlyexit", "GCN-earlyexit"))
+          ("gcn_retriever", "GCN-retriever"), ("gcn_earlyexit", "GCN-earlyexit"),
+          ("gcn_collab", "GCN-retriever + collab tokens (ours)"),
+          ("gcn_collab_earlyexit", "GCN-retriever + collab tokens + early exit (ours)"))
 TABLE4 = (("none", "llm_no_retrieval"), ("none+early_exit", "llm_no_retrieval+early_exit"),
           ("gcn", "gcn_retriever"), ("gcn+early_exit", "gcn_earlyexit"))
 EVAL_NAMES = {"llm_no_retrieval": "no_retrieval", "llm_no_retrieval+early_exit": "no_retrieval+early_exit",
-              "gcn_retriever": "gcn_retrieval", "gcn_earlyexit": "gcn_retrieval+early_exit"}
+              "gcn_retriever": "gcn_retrieval", "gcn_earlyexit": "gcn_retrieval+early_exit",
+              "gcn_collab": "gcn_retrieval+collab_tokens", "gcn_collab_earlyexit": "gcn_retrieval+collab_tokens+early_exit"}
 
 
 def _row(row: dict) -> dict:
@@ -51,6 +54,12 @@ def sections(name: str, ds: dict) -> dict:
     }
     goals["early_exit_within_0.3_points_at_2x"] = (goals["early_exit_auc_loss_points"] <= 0.3
                                                    and goals["early_exit_speedup"] >= 2.0)
+    collab = ds["comparisons"]["collab_over_text"]
+    goals["collab_over_text_points"] = collab["diff_points"]
+    goals["collab_beats_text_beyond_noise"] = collab["diff_points"] > 0 and collab["significant"]
+    c_full, c_exit = rows["gcn_collab"], rows["gcn_collab_earlyexit"]
+    goals["collab_early_exit_auc_loss_points"] = 100 * (c_full["auc"] - c_exit["auc"])
+    goals["collab_early_exit_speedup"] = c_exit["requests_per_s"] / c_full["requests_per_s"]
     if name == "tallrec-book":
         best = max(r["auc"] for r in table2)
         goals.update(best_auc=best, beats_tallrec_7b_256=100 * best > TALLREC_TEST["tallrec_7b_256"])

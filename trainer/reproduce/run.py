@@ -6,6 +6,8 @@ Per data set (``DIR/<name>/``), each a stage of ``StageCache`` (skipped when its
 2. ``gcn``: LightGCN on the training graph, exporting the last-layer users too (Table 3).
 3. ``ranker-gcn``: tune + exit heads + calibration with the k=4 GCN neighbours in every prompt.
 4. ``ranker-none``: the same without neighbours (the TALLRec-style row of Table 2).
+4b. ``gcn-collab`` + ``ranker-collab``: LightGCN on the graph without any sample's target, and the
+   k=4 ranker that also reads its vectors as soft tokens (``--collab-tokens full``, beyond the paper).
 5. ``baselines``: DeepFM, DIN, GRU4Rec and SASRec on the same training samples.
 6. ``measure``: every table and figure's measurements (``experiments``).
 
@@ -65,29 +67,30 @@ def stage_data(plan: DatasetPlan, cfg: ReproduceConfig, out: Path) -> dict:
             "data_hash": data_hash(out)}
 
 
-def stage_gcn(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Path) -> dict:
+def stage_gcn(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Path, *, all_targets: bool = False) -> dict:
     from trainer.data.dataset import graph_pairs, load_dataset
     from trainer.gcn import fit_gcn
 
-    emb = fit_gcn(graph_pairs(load_dataset(data)), epochs=plan.gcn_epochs, seed=cfg.seed,
+    emb = fit_gcn(graph_pairs(load_dataset(data), all_targets=all_targets), epochs=plan.gcn_epochs, seed=cfg.seed,
                   progress=cfg.progress, user_variants=("last",))
     emb.save(out)
     return {"version": emb.version, "users": len(emb.user_ids), "items": len(emb.item_ids),
             "seconds": emb.meta["metrics"]["seconds"]}
 
 
-def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceConfig, k: int, out: Path) -> dict:
+def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceConfig, k: int, out: Path,
+                 collab: str = "none") -> dict:
     from trainer.pipeline import make_config, run_stages
 
     shutil.copytree(gcn_dir / "gcn", out / "gcn")
-    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train},
+    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train, "collab": collab},
                  "heads": {"epochs": plan.heads_epochs, "max_train": plan.train},
                  "calibrate": {"max_valid": plan.valid}}
     fit_cfg = make_config(data, out, preset=plan.preset, seed=cfg.seed, overrides=overrides, k=k,
                           max_history=MAX_HISTORY, progress=cfg.progress)
     manifest = run_stages(fit_cfg, ("tune", "fit-heads", "calibrate"))
     metrics = manifest["metrics"]
-    return {"version": manifest["version"], "k": k,
+    return {"version": manifest["version"], "k": k, "collab": collab,
             "tune_seconds": metrics["tune"]["seconds"], "heads_seconds": metrics["fit-heads"]["seconds"],
             "calibrate_seconds": metrics["calibrate"]["seconds"], "valid_auc": metrics["tune"].get("valid_auc"),
             "policy": metrics["calibrate"]["policy"], "calibration_png": str(out / "calibration.png")}
@@ -110,7 +113,7 @@ def stage_baselines(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Pa
     return result
 
 
-def stage_measure(data: Path, gcn_dir: Path, ranker_dirs: dict[str, Path], baselines: dict,
+def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: dict[str, Path], baselines: dict,
                   plan: DatasetPlan, cfg: ReproduceConfig, out: Path) -> dict:
     from ranker_svc.artifact import load_ranker
     from ranker_svc.ranker import Ranker
@@ -130,9 +133,12 @@ def stage_measure(data: Path, gcn_dir: Path, ranker_dirs: dict[str, Path], basel
     started = time.perf_counter()
     llm = LLMRetriever(rankers["gcn"].model.causal_lm, rankers["gcn"].tokenizer).user_vectors(histories)
     llm_embed_seconds = time.perf_counter() - started
+    collab_gcn = GCNEmbeddings.load(collab_gcn_dir)
     contexts = {"none": gcn_contexts, "gcn": gcn_contexts,
                 "llm": OfflineContexts(dataset, llm, k=K, max_history=MAX_HISTORY, cache=False),
-                "last": OfflineContexts(dataset, gcn.with_users("last"), k=K, max_history=MAX_HISTORY)}
+                "last": OfflineContexts(dataset, gcn.with_users("last"), k=K, max_history=MAX_HISTORY),
+                "collab": OfflineContexts(dataset, collab_gcn, k=K, max_history=MAX_HISTORY, cache=False,
+                                          vectors=collab_gcn)}
     labels = [s.label for s in samples]
     rows = experiments.config_rows(rankers, contexts, samples, eval_cfg)
     rows.update(experiments.baseline_rows({n: np.asarray(b["ctr"]) for n, b in baselines.items()}, labels, eval_cfg))
@@ -155,6 +161,9 @@ def stage_measure(data: Path, gcn_dir: Path, ranker_dirs: dict[str, Path], basel
         "gcn_over_llm_retriever": experiments.paired(labels, rows["gcn_retriever"]["ctr"], rows["llm_retriever"]["ctr"]),
         "average_over_last_layer": experiments.paired(labels, rows["gcn_retriever"]["ctr"], rows["gcn_last_layer"]["ctr"]),
         "exit_over_full": experiments.paired(labels, rows["gcn_earlyexit"]["ctr"], rows["gcn_retriever"]["ctr"]),
+        "collab_over_text": experiments.paired(labels, rows["gcn_collab"]["ctr"], rows["gcn_retriever"]["ctr"]),
+        "collab_exit_over_full": experiments.paired(labels, rows["gcn_collab_earlyexit"]["ctr"],
+                                                    rows["gcn_collab"]["ctr"]),
     }
     return result
 
@@ -166,17 +175,22 @@ def run_dataset(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache) -> d
                      lambda out: stage_data(plan, cfg, out))
     gcn = cache.run(f"{plan.name}/gcn", {**settings, "data": data.fingerprint},
                     lambda out: stage_gcn(data.dir, plan, cfg, out))
-    rankers = {name: cache.run(f"{plan.name}/ranker-{name}", {**settings, "gcn": gcn.fingerprint, "k": k},
-                               lambda out, k=k: stage_ranker(data.dir, gcn.dir, plan, cfg, k, out))
-               for name, k in (("gcn", K), ("none", 0))}
+    collab_gcn = cache.run(f"{plan.name}/gcn-collab", {**settings, "data": data.fingerprint, "all_targets": True},
+                           lambda out: stage_gcn(data.dir, plan, cfg, out, all_targets=True))
+    rankers = {name: cache.run(f"{plan.name}/ranker-{name}", {**settings, "gcn": g.fingerprint, "k": k, **extra},
+                               lambda out, k=k, g=g, extra=extra: stage_ranker(data.dir, g.dir, plan, cfg, k, out,
+                                                                              **extra))
+               for name, k, g, extra in (("gcn", K, gcn, {}), ("none", 0, gcn, {}),
+                                         ("collab", K, collab_gcn, {"collab": "full"}))}
     baselines = cache.run(f"{plan.name}/baselines", {**settings, "data": data.fingerprint},
                           lambda out: stage_baselines(data.dir, plan, cfg, out))
     inputs = {**settings, "bootstrap": cfg.bootstrap, "baselines": baselines.fingerprint,
               **{f"ranker-{n}": r.fingerprint for n, r in rankers.items()}}
     measured = cache.run(f"{plan.name}/measure", inputs,
-                         lambda out: stage_measure(data.dir, gcn.dir, {n: r.dir for n, r in rankers.items()},
+                         lambda out: stage_measure(data.dir, gcn.dir, collab_gcn.dir,
+                                                   {n: r.dir for n, r in rankers.items()},
                                                    baselines.result, plan, cfg, out))
-    stages = [data, gcn, *rankers.values(), baselines, measured]
+    stages = [data, gcn, collab_gcn, *rankers.values(), baselines, measured]
     return {"plan": plan.to_json(), "data": data.result, "gcn": gcn.result,
             "rankers": {n: r.result for n, r in rankers.items()},
             "baseline_seconds": {n: b["seconds"] for n, b in baselines.result.items()},
