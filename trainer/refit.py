@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -206,6 +207,7 @@ def evaluate(serving: Path, candidate: Path, data_dir: Path, cfg: RefitConfig) -
     scores = {}
     for name, path in (("serving", serving), ("candidate", candidate)):
         scores[name], versions = score_release(path, dataset, samples)
+        gc.collect()  # the scored model (a reference cycle with its batcher) goes before the next one loads
         auc, ci = auc_with_ci(labels, scores[name], resamples=200, seed=cfg.seed)
         out[name] = {"release": path.name, **versions, "auc": round(auc, 4), "auc_ci95": [round(ci[0], 4), round(ci[1], 4)]}
     diff, se = paired_auc_difference(labels, scores["candidate"], scores["serving"])
@@ -388,7 +390,9 @@ def _say(message: str) -> None:
 def add_parsers(sub) -> None:
     """``trainer refit`` and ``trainer publish`` on the trainer's subcommand parser."""
     p = sub.add_parser("refit", help="refit from the live interaction log; publish only when not worse")
-    p.add_argument("--redis-url", required=True, help="the retrievers' Redis (histories, catalog, embeddings)")
+    env_url = os.environ.get("EXITRANK_REDIS_URL")  # a secret: keep it out of the process list
+    p.add_argument("--redis-url", required=env_url is None, default=env_url,
+                   help="the retrievers' Redis (histories, catalog, embeddings); default $EXITRANK_REDIS_URL")
     p.add_argument("--redis-prefix", default="xr", help="their key prefix (default xr)")
     p.add_argument("--artifacts", type=Path, required=True, help="release ROOT (releases/, current)")
     when = p.add_mutually_exclusive_group()
@@ -414,7 +418,8 @@ def add_parsers(sub) -> None:
     pub = sub.add_parser("publish", help="make an artifact directory the current release (first release, rollback)")
     pub.add_argument("--from", dest="src", type=Path, required=True, help="a complete artifact directory")
     pub.add_argument("--artifacts", type=Path, required=True, help="release ROOT (releases/, current)")
-    pub.add_argument("--redis-url", help="also make its embeddings Redis's current version")
+    pub.add_argument("--redis-url", default=env_url,
+                     help="also make its embeddings Redis's current version; default $EXITRANK_REDIS_URL")
     pub.add_argument("--redis-prefix", default="xr")
     pub.add_argument("--keep-releases", type=int, default=3)
     pub.set_defaults(func=lambda a: publish(a.src, a.artifacts, redis_url=a.redis_url, prefix=a.redis_prefix,

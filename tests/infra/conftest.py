@@ -37,13 +37,23 @@ def expand():
     return run
 
 
-@pytest.fixture(scope="session")
-def trainer_commands() -> dict[str, argparse.ArgumentParser]:
-    """The ``trainer`` CLI's subcommands and their parsers."""
+@pytest.fixture
+def trainer_commands(monkeypatch):
+    """trainer_commands(env)[name] -> the ``trainer`` CLI's subcommand parser, built with exactly
+    ``env``'s EXITRANK_* variables set (flags take their defaults from the environment)."""
+    import os
+
     from trainer.__main__ import build_parser
 
-    actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(actions[0].choices)
+    def run(env: dict[str, str]) -> dict[str, argparse.ArgumentParser]:
+        for name in [n for n in os.environ if n.startswith("EXITRANK_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        actions = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(actions[0].choices)
+
+    return run
 
 
 @pytest.fixture

@@ -53,10 +53,13 @@ def test_compose_commands_parse_with_the_real_clis(console_scripts, check_retrie
         assert ranker.retriever.target == f"retriever:{config.server.port}"
         assert any(p.endswith(f":{ranker.server.port}") for p in services[name]["ports"])
     refit = services["refit"]["command"]
-    assert refit[:2] == ["trainer", "refit"] and "--once" in refit and _flag(refit, "--data") == "/data"
-    if "refit" in trainer_commands:  # built separately; once it exists its flags must parse
-        trainer_commands["refit"].parse_args(refit[2:])
+    assert refit[:2] == ["trainer", "refit"] and "--once" in refit and _flag(refit, "--artifacts") == "/artifacts"
+    assert "../artifacts:/artifacts" in services["refit"]["volumes"]  # writable: it publishes releases there
+    for name in ("retriever", "ranker", "ranker-cuda"):  # the services read the release the refit publishes
+        assert _flag(services[name]["command"], "--artifacts") == "/artifacts/current"
     assert services["refit"]["environment"]["EXITRANK_REDIS_URL"] == config.redis.url
+    args = trainer_commands(services["refit"]["environment"])["refit"].parse_args(refit[2:])
+    assert args.redis_url == config.redis.url and str(args.artifacts) == "/artifacts" and args.once
 
 
 @pytest.mark.parametrize("name, service", [("retriever", "exitrank.v1.Retriever"), ("ranker", "exitrank.v1.Ranker"),

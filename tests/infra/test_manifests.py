@@ -135,7 +135,8 @@ def test_retriever_args_and_redis_url_reach_the_real_cli(check_retriever_argv, e
     assert config.server.port == 50051 and config.server.host == "0.0.0.0"
     assert config.server.grace_s < resources[("Deployment", "retriever")]["spec"]["template"]["spec"][
         "terminationGracePeriodSeconds"]
-    assert str(config.artifacts.dir) in {m["mountPath"] for m in container["volumeMounts"]}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert str(config.artifacts.dir.parent) in mounts and config.artifacts.dir.name == "current"  # the release link
 
 
 def test_external_redis_cluster_overlay_gives_a_cluster_url(expand):
@@ -157,13 +158,16 @@ def test_refit_cronjob_runs_the_trainer_with_the_redis_secret(console_scripts, t
     assert cron["concurrencyPolicy"] == "Forbid"  # two refits never publish over each other
     container = _container("CronJob", "refit")
     assert container["command"] == ["trainer"] and "trainer" in console_scripts
-    assert container["args"][:1] == ["refit"] and "--data" in container["args"] and "--once" in container["args"]
-    if "refit" in trainer_commands:  # the refit CLI lands separately; once it does, its flags must parse
-        trainer_commands["refit"].parse_args(container["args"][1:])
+    assert container["args"][:1] == ["refit"] and "--once" in container["args"]
     env = _environment(container, resources, expand)
     assert env["EXITRANK_REDIS_URL"] == "redis://:secret-password@redis:6379/0"
+    args = trainer_commands(env)["refit"].parse_args(container["args"][1:])  # the URL from the secret, not argv
+    assert args.redis_url == env["EXITRANK_REDIS_URL"] and args.once
     mounts = {m["name"]: m for m in container["volumeMounts"]}
-    assert mounts["data"]["mountPath"] == "/data" and not mounts["artifacts"].get("readOnly", False)
+    assert mounts["artifacts"]["mountPath"] == str(args.artifacts) and not mounts["artifacts"].get("readOnly", False)
+    for kind, name in (("Deployment", "ranker"), ("Deployment", "retriever")):  # they serve what it publishes
+        served = _container(kind, name)["args"]
+        assert served[served.index("--artifacts") + 1] == f"{args.artifacts}/current"
 
 
 def test_secret_example_defines_the_key_every_pod_reads():
