@@ -45,6 +45,7 @@ async def test_rank_survives_a_hung_and_a_dead_retriever_and_recovers(request, s
     with recording(request.node.nodeid, "retriever down", area="faults") as row:
         try:
             async with Load(f"127.0.0.1:{running.port}", lambda n: rank_request(stack_artifacts, n)) as load:
+                warmed = await _until_retrieval(load, 0.0)  # the first retrieval: past the channel's first connect
                 await asyncio.sleep(1.5)
                 paused = time.monotonic()
                 retriever_process.signal(signal.SIGSTOP)  # hung: calls time out
@@ -65,7 +66,7 @@ async def test_rank_survives_a_hung_and_a_dead_retriever_and_recovers(request, s
                 after_restart = await _until_retrieval(load, ready)
                 await asyncio.sleep(1.0)
                 end = time.monotonic()
-            warm, hung = _phase(load, 0, paused), _phase(load, paused + 1.0, resumed)
+            warm, hung = _phase(load, warmed, paused), _phase(load, paused + 1.0, resumed)
             dead, back = _phase(load, killed + 0.5, restarted), _phase(load, ready + after_restart + 0.3, end)
             assert all(r.code == grpc.StatusCode.OK for r in load.results), {r.details for r in load.results}
             assert warm["with_retrieval"] == warm["calls"] > 0 and back["with_retrieval"] == back["calls"] > 0

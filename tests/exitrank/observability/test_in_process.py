@@ -110,10 +110,10 @@ async def test_retriever_metrics_follow_the_stream_and_the_version(artifacts_dir
 
         consumer.start()  # recovers its own 2 pending entries, then reads the other 3
 
-        async def drained():
+        async def drained():  # one scrape reads XINFO before the applied counter: wait for both to settle
             m = await tools.ascrape(port)
-            return m if tools.sample(m, "exitrank_retriever_stream_applied", "exitrank_retriever_stream_applied_total") \
-                == 5 else None
+            applied = tools.sample(m, "exitrank_retriever_stream_applied", "exitrank_retriever_stream_applied_total")
+            return m if applied == 5 and tools.sample(m, "exitrank_retriever_stream_pending") == 0 else None
 
         third = await tools.until(drained)
         assert tools.sample(third, "exitrank_retriever_stream_lag") == 0
