@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 REPORT ?= reports/reproduce
 
-.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality soak clean
+.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ bench-retriever: install
 
 bench-gcn-quality: install
 	$(PY) -m bench.bench_gcn_quality --data $(DATA)/gowalla
+
+# the ranker on a CUDA device, a 7B-shaped decoder with random bf16 weights (not part of `bench`: needs a GPU)
+bench-gpu: install
+	$(PY) bench/bench_gpu.py
 
 # ranker + retriever processes at their measured capacity for SOAK_S seconds: RSS samples, errors (RELIABILITY.md)
 SOAK_S ?= 300

@@ -116,22 +116,26 @@ def serving_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def deepspeed_engine(loaded: LoadedRanker, *, tensor_parallel: int = 1, device: str = "auto") -> TorchEngine:
-    """The layer loop over ``deepspeed.init_inference(...)``'s module (imported only when asked for).
+def deepspeed_model(model: EarlyExitLM, *, tensor_parallel: int = 1, device: str = "auto") -> EarlyExitLM:
+    """``model``'s decoder under ``deepspeed.init_inference`` with the same heads (imported only when asked for).
 
     ``dtype`` is passed explicitly (DeepSpeed's default is fp16, which CPUs do not run well) and
     ``replace_with_kernel_inject=False`` keeps transformers' own layers, which the loop steps through.
     """
     import deepspeed  # noqa: PLC0415 - heavy, optional
 
-    model = loaded.model
     dtype = model.causal_lm.get_output_embeddings().weight.dtype
-    target = serving_device(device)
     ds = deepspeed.init_inference(model.causal_lm, dtype=dtype, replace_with_kernel_inject=False,
                                   tensor_parallel={"tp_size": tensor_parallel})
     wrapped = EarlyExitLM(causal_lm=ds.module, yes_token_id=model.yes_token_id, no_token_id=model.no_token_id,
                           exit_layers=model.exit_layers, heads=model.heads, collab=model.collab).eval()
-    return TorchEngine(model=wrapped.to(target), name="deepspeed")
+    return wrapped.to(serving_device(device))
+
+
+def deepspeed_engine(loaded: LoadedRanker, *, tensor_parallel: int = 1, device: str = "auto") -> TorchEngine:
+    """The layer loop over ``deepspeed.init_inference(...)``'s module (:func:`deepspeed_model`)."""
+    return TorchEngine(model=deepspeed_model(loaded.model, tensor_parallel=tensor_parallel, device=device),
+                       name="deepspeed")
 
 
 def build_engine(name: str, loaded: LoadedRanker, *, tensor_parallel: int = 1, device: str = "auto",
