@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from bench.common import emit, first_line, machine, run_load, say

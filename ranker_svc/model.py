@@ -12,7 +12,8 @@ The pieces, top-down:
     3. ``EarlyExitLM``: drives any ``AutoModelForCausalLM`` decoder (Llama, Qwen2, Mistral families)
        layer by layer, checks the exit heads, and removes settled rows from the batch; over full
        prompts, or over candidate suffixes of a context encoded once (``ranker_svc.prefix``).
-    4. Two ``ExitRunner`` s for ``ranker_svc.exits.run_exits``: full prompts and cached-context suffixes.
+    4. ``ranker_svc.runners``: the contexts' lazy encoder and two ``ExitRunner`` s for
+       ``ranker_svc.exits.run_exits``, over full prompts and over cached-context suffixes.
 
 Batches are RIGHT-padded (real tokens first). Under a causal mask a real token only attends to
 positions before it, which are all real, so the padding never reaches the answer position and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,16 +33,12 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+if TYPE_CHECKING:
+    from ranker_svc.runners import ContextEncoder
+
 from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
 from ranker_svc.exits import ExitPolicy, depth_learning_rates, run_exits
-from ranker_svc.prefix import (
-    ContextKV,
-    ContextRecorder,
-    KVRecorded,
-    SuffixCache,
-    prefix_attention_enabled,
-    spans_of,
-)
+from ranker_svc.prefix import ContextKV
 
 DEFAULT_EXIT_COUNT = 6
 
@@ -359,12 +357,16 @@ class EarlyExitLM(nn.Module):
         Returns:
             ``(ctr (B,) float32 in (0, 1), exit_layer (B,) long, 1-based)``, on the CPU.
         """
-        runner = _PromptRunner(self, input_ids, attention_mask, soft)
+        from ranker_svc.runners import PromptRunner  # noqa: PLC0415
+
+        runner = PromptRunner(self, input_ids, attention_mask, soft)
         return run_exits(runner, batch_size=input_ids.shape[0], answer_layers=self.answer_layers, policy=policy,
                          compaction=compaction)
 
     def context_encoder(self, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> "ContextEncoder":
         """R contexts (token ids, BOS first), to be advanced through the layers as deep as needed."""
+        from ranker_svc.runners import ContextEncoder  # noqa: PLC0415 - the runners drive this class
+
         return ContextEncoder(self, contexts, soft)
 
     @torch.inference_mode()
@@ -387,108 +389,11 @@ class EarlyExitLM(nn.Module):
             groups: (b,) nondecreasing context index of each suffix (rows of one request together).
             policy, compaction: as :meth:`predict`.
         """
-        runner = _SuffixRunner(self, context, suffixes, groups, soft)
+        from ranker_svc.runners import SuffixRunner  # noqa: PLC0415
+
+        runner = SuffixRunner(self, context, suffixes, groups, soft)
         return run_exits(runner, batch_size=len(suffixes), answer_layers=self.answer_layers, policy=policy,
                          compaction=compaction)
-
-
-class ContextEncoder:
-    """The contexts of a batch of requests, advanced through the decoder on demand (one pass in total).
-
-    ``advance(l)`` runs the contexts through layers ``done..l-1`` and records their keys and values;
-    shared by every suffix chunk of the batch. The last layer only records K/V (see
-    :class:`~ranker_svc.prefix.ContextRecorder`).
-    """
-
-    def __init__(self, model: EarlyExitLM, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> None:
-        self.model = model
-        input_ids, mask = pad_right(contexts, 0, model.device)
-        self.hidden, lengths, self.rotary = model._embed(input_ids, mask, soft)  # (R, C, H)
-        self.masks = model._masks(self.hidden)
-        self.recorder = ContextRecorder(model.num_layers, stop_after=model.num_layers - 1)
-        self.kv = ContextKV(keys=self.recorder.keys, values=self.recorder.values,  # type: ignore[arg-type]
-                            lengths=lengths.tolist())
-        self.done = 0
-
-    @torch.inference_mode()
-    def advance(self, layers: int) -> ContextKV:
-        """K/V of layers 0..``layers``-1 are recorded; returns the (shared, growing) :class:`ContextKV`."""
-        for index in range(self.done, layers):
-            try:
-                self.hidden = self.model._prompt_layer(index, self.hidden, self.masks, self.rotary, cache=self.recorder)
-            except KVRecorded:  # the last layer: its K/V are all the suffixes need
-                pass
-        self.done = max(self.done, layers)
-        return self.kv
-
-
-class _PromptRunner:
-    """:class:`~ranker_svc.exits.ExitRunner` over right-padded full prompts (positions 0..T-1)."""
-
-    def __init__(self, model: EarlyExitLM, input_ids: Tensor, attention_mask: Tensor,
-                 soft: Tensor | None = None) -> None:
-        self.model = model
-        self.hidden, self.lengths, self.rotary = model._embed(input_ids, attention_mask, soft)  # (B, T, H)
-        self.masks = model._masks(self.hidden)
-        self.done = 0  # layers run so far
-
-    def answer(self, layer: int) -> Tensor:
-        for index in range(self.done, layer):
-            self.hidden = self.model._prompt_layer(index, self.hidden, self.masks, self.rotary)
-        self.done = layer
-        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
-        return self.model.p_yes(layer, self.hidden[rows, self.lengths - 1])  # (b,)
-
-    def keep(self, rows: Tensor) -> None:
-        rows = rows.to(self.hidden.device)
-        self.lengths = self.lengths[rows]
-        self.hidden = self.hidden[rows][:, : int(self.lengths.max())]  # (b', T', H) compacted and trimmed
-        self.masks = self.model._masks(self.hidden)
-
-
-class _SuffixRunner:
-    """:class:`~ranker_svc.exits.ExitRunner` over candidate suffixes of cached contexts.
-
-    Suffix token j of a row whose context has C tokens sits at position C + j: RoPE is applied there,
-    and attention covers the context's cached K/V plus the row's own earlier suffix tokens.
-    """
-
-    def __init__(self, model: EarlyExitLM, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]],
-                 groups: Sequence[int], soft: Tensor | None = None) -> None:
-        self.model = model
-        self.encoder = context if isinstance(context, ContextEncoder) else None
-        self.context = context.kv if isinstance(context, ContextEncoder) else context
-        device = model.device
-        input_ids, mask = pad_right(suffixes, 0, device)
-        self.lengths = _right_padded_lengths(mask)  # (b,)
-        self.groups = torch.as_tensor(list(groups), dtype=torch.long)  # (b,) on the CPU: spans are Python
-        self.hidden = model.embed(input_ids[:, : int(self.lengths.max())], soft)  # (b, S, H)
-        offsets = torch.as_tensor(self.context.lengths, device=device)[self.groups.to(device)]  # (b,)
-        self.positions = offsets[:, None] + torch.arange(self.hidden.shape[1], device=device)[None]  # (b, S)
-        self.rotary = model.decoder.rotary_emb(self.hidden, self.positions)  # 2 x (b, S, head_dim)
-        self.done = 0
-
-    def answer(self, layer: int) -> Tensor:
-        if self.encoder is not None:
-            self.encoder.advance(layer)  # the contexts only go as deep as some row does
-        cache = SuffixCache(self.context, spans_of(self.groups, self.context.lengths))
-        with prefix_attention_enabled(self.model.causal_lm.config):
-            for index in range(self.done, layer):
-                self.hidden = self.model._layer(index, self.hidden, mask=None, positions=self.positions,
-                                                rotary=self.rotary, cache=cache)
-        self.done = layer
-        rows = torch.arange(self.hidden.shape[0], device=self.hidden.device)
-        return self.model.p_yes(layer, self.hidden[rows, self.lengths - 1])  # (b,)
-
-    def keep(self, rows: Tensor) -> None:
-        self.groups = self.groups[rows.cpu()]
-        rows = rows.to(self.hidden.device)
-        self.lengths = self.lengths[rows]
-        s = int(self.lengths.max())
-        self.hidden = self.hidden[rows][:, :s]  # (b', S', H)
-        self.positions = self.positions[rows][:, :s]
-        cos, sin = self.rotary
-        self.rotary = (cos[rows][:, :s], sin[rows][:, :s])
 
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

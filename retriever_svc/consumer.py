@@ -17,12 +17,11 @@ other's in-flight entries, so each event is applied by one replica (give each a 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Sequence
 
+from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import RedisConfig
 from retriever_svc.errors import InvalidArgument, StoreUnavailable
 from retriever_svc.index import Retriever
@@ -33,7 +32,7 @@ from retriever_svc.stream import StreamEntry, decode_event
 log = logging.getLogger(__name__)
 
 
-class StreamConsumer:
+class StreamConsumer(BackgroundLoop):
     """Runs the consumer loop as an asyncio task until :meth:`stop`.
 
     Args:
@@ -42,23 +41,14 @@ class StreamConsumer:
         config: the ``redis`` section (group, consumer name, batch size, timings).
     """
 
+    task_name = "retriever-stream-consumer"
+
     def __init__(self, *, retriever: Retriever, store: RedisStore, config: RedisConfig) -> None:
         self.retriever = retriever
         self.store = store
         self.config = config
         self.applied = 0  # entries acknowledged by this process
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self.run(), name="retriever-stream-consumer")
-        return self._task
-
-    async def stop(self) -> None:
-        """Finish the batch in hand, then return (a blocked read ends within ``block_ms``)."""
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
+        super().__init__()
 
     async def run(self) -> None:
         backoff, started, last_claim = 0.1, False, time.monotonic()
@@ -120,9 +110,6 @@ class StreamConsumer:
         self.applied += len(entries)
         return len(entries)
 
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
 
 
 def _valid(entry_id: str, fields: dict[bytes, bytes]) -> Interaction | None:

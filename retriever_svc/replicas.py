@@ -16,11 +16,10 @@ change under a replica without its own consumer seeing them, and this loop follo
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 
+from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import IndexConfig, RedisConfig
 from retriever_svc.errors import EmbeddingsError, StoreUnavailable
 from retriever_svc.index import Retriever
@@ -29,7 +28,7 @@ from retriever_svc.store import RedisStore
 log = logging.getLogger(__name__)
 
 
-class ReplicaFollower:
+class ReplicaFollower(BackgroundLoop):
     """Runs the follow loop as an asyncio task until :meth:`stop`.
 
     Args:
@@ -39,6 +38,8 @@ class ReplicaFollower:
         index: the ``index`` section (``version_poll_s``).
     """
 
+    task_name = "retriever-replica-follower"
+
     def __init__(self, *, retriever: Retriever, store: RedisStore, redis: RedisConfig,
                  index: IndexConfig) -> None:
         self.retriever = retriever
@@ -46,17 +47,7 @@ class ReplicaFollower:
         self.redis = redis
         self.index = index
         self.remote_updates = 0  # users copied from peers' fold-ins
-        self._stopping = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self.run(), name="retriever-replica-follower")
-        return self._task
-
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
+        super().__init__()
 
     async def run(self) -> None:
         after: str | None = None
@@ -88,7 +79,3 @@ class ReplicaFollower:
                 self.remote_updates += await self.retriever.apply_remote_updates(version, users)
             after = entry_id
         return after
-
-    async def _sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)

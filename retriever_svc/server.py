@@ -42,7 +42,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from exitrank.artifacts import MANIFEST, ManifestError, verify_manifest
+from exitrank.artifacts import MANIFEST, verify_manifest
 from exitrank.grpc_security import bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.observability import setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry

@@ -1,8 +1,14 @@
-"""Fixtures for the retriever tests: the asyncio backend, a store per test, clustered embeddings."""
+"""Fixtures for the retriever tests: the asyncio backend, a store per test, clustered embeddings, and
+``retriever-svc`` as a real process (:func:`start_retriever`)."""
 
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +17,32 @@ from retriever_svc.embeddings import GCNEmbeddings
 from retriever_svc.store import RedisStore
 
 _prefixes = itertools.count()
+CLI = Path(sys.executable).with_name("retriever-svc")
+
+
+def start_retriever(*args: str) -> tuple[subprocess.Popen, str]:
+    """``retriever-svc serve --port 0 ARGS`` as a real process: (the process, its address) once it listens.
+
+    Its stderr goes to an unnamed temporary file, never a pipe that a long run could fill (and so
+    block the server); :func:`stderr_of` reads it.
+    """
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the process
+    proc = subprocess.Popen([str(CLI), "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout=60)
+    if not lines or not lines[0].startswith("retriever listening on "):
+        proc.kill()
+        pytest.fail(f"retriever-svc did not start: {lines}; stderr: {stderr_of(proc)}")
+    return proc, lines[0].split()[-1]
+
+
+def stderr_of(proc: subprocess.Popen, tail: int = 2000) -> str:
+    """The last ``tail`` characters a :func:`start_retriever` process wrote to stderr."""
+    proc.log.seek(0)  # type: ignore[attr-defined]
+    return proc.log.read()[-tail:]  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,8 @@ NOT_SERVING only when it has nothing to answer from (no embeddings and no Redis)
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import pytest
@@ -22,8 +19,8 @@ from exitrank.redis_server import EmbeddedRedis
 from exitrank.reliability import recording
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.store import Keys
+from tests.retriever_svc.conftest import start_retriever
 
-CLI = Path(sys.executable).with_name("retriever-svc")
 BATCH = 25
 ITEMS = [f"c{c}i{j}" for c in range(3) for j in range(5)]  # the clustered fit's items
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -33,19 +30,6 @@ def _event(n: int) -> tuple[str, str, int, float]:
     """Event n: user d<n // 10>'s (n % 10)-th distinct item, so every (user, item) pair is unique."""
     user = n // 10
     return f"d{user}", ITEMS[(user + n % 10) % len(ITEMS)], n + 1, float(1 + n % 5)
-
-
-def _start(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(CLI), "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=60)
-    if not lines or not lines[0].startswith("retriever listening on "):
-        proc.kill()
-        pytest.fail(f"retriever-svc did not start: {lines}")
-    return proc, lines[0].split()[-1]
 
 
 class Ingester(threading.Thread):
@@ -176,7 +160,7 @@ def test_killed_retriever_loses_no_acknowledged_interaction(tmp_path, artifacts)
     art, emb = artifacts
     with EmbeddedRedis(tmp_path / "redis") as server:
         args = ("--artifacts", str(art), "--redis-url", server.url, "--consumer", "r1")
-        proc, address = _start(*args)
+        proc, address = start_retriever(*args)
         ingester = Ingester(address, retry=False)
         ingester.start()
         try:
@@ -185,7 +169,7 @@ def test_killed_retriever_loses_no_acknowledged_interaction(tmp_path, artifacts)
             proc.wait(timeout=10)
             ingester.join(timeout=10)
             assert ingester.failures == 1 and len(ingester.acked) >= 20 * BATCH
-            proc, address = _start(*args)  # same consumer name: re-reads what it left pending
+            proc, address = start_retriever(*args)  # same consumer name: re-reads what it left pending
             _assert_all_applied(server.url, ingester.acked, emb.version)
             with grpc.insecure_channel(address) as channel:
                 stub = retriever_pb2_grpc.RetrieverStub(channel)
@@ -203,7 +187,7 @@ def test_redis_restart_while_ingesting_10000_applies_each_acked_event_once(reque
     art, emb = artifacts
     total = 10_000
     server = EmbeddedRedis(tmp_path / "redis").start()
-    proc, address = _start("--artifacts", str(art), "--redis-url", server.url, "--consumer", "r1")
+    proc, address = start_retriever("--artifacts", str(art), "--redis-url", server.url, "--consumer", "r1")
     ingester, prober = Ingester(address, retry=True, total=total, batch=100), Prober(address)
     with recording(request.node.nodeid, "Redis restart", area="faults") as row:
         try:
@@ -242,7 +226,7 @@ def test_redis_restart_while_ingesting_10000_applies_each_acked_event_once(reque
 
 def test_health_is_not_serving_only_while_nothing_can_answer(request, tmp_path):
     server = EmbeddedRedis(tmp_path / "redis").start()
-    proc, address = _start("--artifacts", str(tmp_path / "none"), "--redis-url", server.url)  # no embeddings
+    proc, address = start_retriever("--artifacts", str(tmp_path / "none"), "--redis-url", server.url)  # no embeddings
     statuses: list[int] = []
     with recording(request.node.nodeid, "Redis restart", area="faults") as row:
         try:

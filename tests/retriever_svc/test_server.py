@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,21 +13,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
+from tests.retriever_svc.conftest import start_retriever, stderr_of
 
-CLI = Path(sys.executable).with_name("retriever-svc")
-
-
-def _start(*args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([str(CLI), "serve", "--port", "0", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout=60)
-    if not lines or not lines[0].startswith("retriever listening on "):
-        proc.kill()
-        pytest.fail(f"no listening line: {lines}; stderr: {proc.stderr.read()[-2000:]}")
-    return proc, lines[0].split()[-1]
 
 
 def _redis_child(pid: int) -> int:
@@ -43,7 +28,7 @@ def _redis_child(pid: int) -> int:
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     proc.send_signal(sig)
     try:
-        assert proc.wait(timeout=30) == 0, proc.stderr.read()[-2000:]
+        assert proc.wait(timeout=30) == 0, stderr_of(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -66,7 +51,7 @@ def test_serves_stops_cleanly_and_keeps_data(tmp_path, clustered, brute_force):
     emb, _ = clustered()
     emb.save(tmp_path / "artifacts")
     args = ("--artifacts", str(tmp_path / "artifacts"), "--data-dir", str(tmp_path / "data"))
-    proc, address = _start(*args)
+    proc, address = start_retriever(*args)
     redis_pid = _redis_child(proc.pid)
     with grpc.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
@@ -90,7 +75,7 @@ def test_serves_stops_cleanly_and_keeps_data(tmp_path, clustered, brute_force):
     _stop(proc)
     assert not Path(f"/proc/{redis_pid}").exists()  # the embedded redis-server is gone
 
-    proc, address = _start(*args)  # same data dir: the AOF kept the ingested user
+    proc, address = start_retriever(*args)  # same data dir: the AOF kept the ingested user
     try:
         again = _nearest(address, "late")
         assert again.embedding_version == emb.version
@@ -100,7 +85,7 @@ def test_serves_stops_cleanly_and_keeps_data(tmp_path, clustered, brute_force):
 
 
 def test_temporary_data_dir_is_removed(tmp_path):
-    proc, address = _start("--artifacts", str(tmp_path / "none"))
+    proc, address = start_retriever("--artifacts", str(tmp_path / "none"))
     redis_pid = _redis_child(proc.pid)
     data_dir = Path(os.readlink(f"/proc/{redis_pid}/cwd"))
     assert data_dir.is_dir()
