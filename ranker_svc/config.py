@@ -94,6 +94,7 @@ class ExitsConfig:
     window: int | None = None
     min_layer: int | None = None
     disabled: bool | None = None
+    confidence: float | None = None
 
     def overrides(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

@@ -48,6 +48,12 @@ class ExitPolicy:
 
     ``confidence``: exit when :math:`\max(P_\ell(\text{yes}), P_\ell(\text{no})) \ge \tau`.
 
+    ``confidence`` (the field, beyond the paper): a row also exits, under either criterion, at an
+    exit layer where :math:`\max(P_\ell(\text{yes}), P_\ell(\text{no})) \ge c`. With the delta
+    criterion this lets a head that is already sure answer before the window of discrepancies
+    exists (the delta test cannot fire before the third exit layer), while rows still in doubt
+    wait for the trend to settle. 0 turns it off (the paper's criterion alone).
+
     Args:
         criterion: ``"probability_delta"`` (default) or ``"confidence"``.
         threshold: :math:`\tau` in (0, 1] (default 0.05).
@@ -55,6 +61,7 @@ class ExitPolicy:
         min_layer: no exit before this 1-based decoder layer; 0 means no minimum. Discrepancies
             are still recorded below it, so the window is full when exits become allowed.
         disabled: never exit early; every row runs the full depth.
+        confidence: :math:`c`, 0 (off) or in (0.5, 1]: also exit where the head is this sure.
 
     Raises:
         InvalidArgument: naming ``exit_policy.<field>`` when a field is out of range.
@@ -65,6 +72,7 @@ class ExitPolicy:
     window: int = 2
     min_layer: int = 0
     disabled: bool = False
+    confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if self.criterion not in CRITERIA:
@@ -79,13 +87,17 @@ class ExitPolicy:
             raise InvalidArgument("exit_policy.window", f"must be in 1..{MAX_WINDOW}, got {self.window}")
         if self.min_layer < 0:
             raise InvalidArgument("exit_policy.min_layer", f"must be >= 0 (0: no minimum), got {self.min_layer}")
+        c = self.confidence
+        if not (isinstance(c, (int, float)) and math.isfinite(c) and (c == 0 or 0.5 < c <= 1.0)):
+            raise InvalidArgument("exit_policy.confidence", f"must be 0 (off) or in (0.5, 1], got {c!r}")
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, row: dict) -> "ExitPolicy":
-        known = {k: row[k] for k in ("criterion", "threshold", "window", "min_layer", "disabled") if k in row}
+        known = {k: row[k] for k in ("criterion", "threshold", "window", "min_layer", "disabled", "confidence")
+                 if k in row}
         return cls(**known)
 
 
@@ -125,12 +137,15 @@ def exit_step(policy: ExitPolicy, state: ExitState, p_yes: Tensor, layer: int) -
         ``(exit_mask (B,) bool, new_state)``; ``new_state`` covers all B rows (the caller compacts).
     """
     p_yes = p_yes.float()
+    sure = torch.maximum(p_yes, 1.0 - p_yes)  # (B,) max(P(yes), P(no))
     # (B,) True where the criterion holds
     if policy.criterion == "confidence":
-        settled = torch.maximum(p_yes, 1.0 - p_yes) >= policy.threshold
+        settled = sure >= policy.threshold
         new_state = state
     else:
         settled, new_state = _delta_step(policy, state, p_yes)
+    if policy.confidence:
+        settled = settled | (sure >= policy.confidence)
     if policy.disabled or layer < policy.min_layer:
         settled = torch.zeros_like(settled)
     return settled, new_state

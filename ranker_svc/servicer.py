@@ -76,6 +76,8 @@ def policy_from_proto(request: ranker_pb2.RankRequest, calibrated: ExitPolicy) -
         changes["min_layer"] = p.min_layer
     if p.disabled:
         changes["disabled"] = True
+    if p.HasField("confidence"):  # proto3 optional: 0 is a value (off), absence keeps the calibrated one
+        changes["confidence"] = float(p.confidence)
     if p.criterion != ranker_pb2.EXIT_CRITERION_UNSPECIFIED:
         if p.criterion not in _CRITERIA:
             raise errors.InvalidArgument("exit_policy.criterion", f"unknown criterion value {p.criterion}")

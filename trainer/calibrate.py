@@ -5,7 +5,9 @@ probability-delta criterion over thresholds :math:`\tau` and windows :math:`m`, 
 criterion over thresholds and minimum layers) is then replayed with ``ranker_svc.exits.simulate_exits``, the same
 ``exit_step`` serving runs. The chosen policy has the lowest mean exit layer among those whose AUC
 is at most ``auc_budget_points`` AUC points (1 point = 0.01) below the full-depth model; the full
-model itself (exits disabled) is always a candidate. The AUC-versus-mean-depth curve goes to a PNG.
+model itself (exits disabled) is always a candidate. Beyond the paper, the delta policies are also
+swept with a confidence exit beside them (``ExitPolicy.confidence``): a head that is already sure
+answers before the delta test can fire (never before the third exit layer). The AUC-versus-mean-depth curve goes to a PNG.
 
 The budget must hold on data calibration never saw, and the validation AUC of the best of a
 hundred policies flatters it (the winner's curse). So a policy qualifies only when its loss plus
@@ -27,7 +29,7 @@ policy (``policy_dtype``) and ``load_ranker`` serves in it by default.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +44,9 @@ from trainer.tune import auc, encode_examples
 
 DELTA_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 CONFIDENCE_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+# the delta criterion with a confidence exit beside it (``ExitPolicy.confidence``): only high values, a head
+# that sure answering before the delta window exists
+HYBRID_CONFIDENCES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +76,18 @@ def candidate_policies(num_exit_layers: int, exit_layers: Sequence[int] | None =
     """Delta over (tau, m) with m up to the discrepancies that can precede the last head; confidence
     over tau and, given ``exit_layers``, a minimum layer (no minimum, or each exit layer but the first:
     the shallowest heads are the least reliable, and a confident but wrong head 1 would otherwise
-    decide)."""
+    decide); and the delta ones again with a confidence exit beside them (``HYBRID_CONFIDENCES``, from
+    the first or the second exit layer on)."""
     max_window = max(1, min(MAX_WINDOW, num_exit_layers - 2))
     delta = [ExitPolicy(criterion="probability_delta", threshold=t, window=m)
              for t in DELTA_THRESHOLDS for m in range(1, max_window + 1)]
-    minimums = [0, *list(exit_layers or [])[1:]]
+    layers = list(exit_layers or [])
+    minimums = [0, *layers[1:]]
     confidence = [ExitPolicy(criterion="confidence", threshold=t, min_layer=m)
                   for t in CONFIDENCE_THRESHOLDS for m in minimums]
-    return [ExitPolicy(disabled=True), *delta, *confidence]
+    hybrid = [replace(d, confidence=c, min_layer=m)
+              for d in delta for c in HYBRID_CONFIDENCES for m in [0, *layers[1:2]]]
+    return [ExitPolicy(disabled=True), *delta, *confidence, *hybrid]
 
 
 def sweep(p_yes: torch.Tensor, labels: list[int], answer_layers: tuple[int, ...], policies: list[ExitPolicy]) -> list[PolicyPoint]:
@@ -165,10 +174,13 @@ def plot_curve(points: list[PolicyPoint], best: PolicyPoint, full_auc: float, bu
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for criterion, marker in (("probability_delta", "o"), ("confidence", "^")):
-        chosen = [p for p in points if p.policy.criterion == criterion and not p.policy.disabled]
-        ax.scatter([p.mean_exit_layer for p in chosen], [p.auc for p in chosen], marker=marker, alpha=0.6,
-                   label=criterion.replace("_", " "))
+    for label, marker, member in (
+        ("probability delta", "o", lambda q: q.criterion == "probability_delta" and not q.confidence),
+        ("confidence", "^", lambda q: q.criterion == "confidence"),
+        ("delta + confidence exit", "x", lambda q: q.criterion == "probability_delta" and q.confidence),
+    ):
+        chosen = [p for p in points if member(p.policy) and not p.policy.disabled]
+        ax.scatter([p.mean_exit_layer for p in chosen], [p.auc for p in chosen], marker=marker, alpha=0.5, label=label)
     ax.axhline(full_auc - budget, color="grey", linestyle="--", label="AUC budget")
     ax.scatter([depth], [full_auc], color="black", marker="s", label="full model")
     ax.scatter([best.mean_exit_layer], [best.auc], color="red", marker="*", s=200, label="chosen")

@@ -30,6 +30,7 @@ class ExitPolicy:
         window: previous discrepancies averaged (probability_delta), 1..16.
         min_layer: no exit before this decoder layer (1-based).
         disabled: True runs every candidate through the full depth.
+        confidence: also exit where max(P(yes), P(no)) >= this, in (0.5, 1]; 0 turns it off.
     """
 
     criterion: str | None = None
@@ -37,6 +38,7 @@ class ExitPolicy:
     window: int | None = None
     min_layer: int | None = None
     disabled: bool = False
+    confidence: float | None = None
 
     def __post_init__(self) -> None:
         if self.criterion is not None and self.criterion not in CRITERIA:
@@ -106,7 +108,7 @@ def rank_request(user_id: str, items: list[str], num_neighbors: int,
         p = exit_policy
         request.exit_policy.CopyFrom(ranker_pb2.ExitPolicy(
             threshold=p.threshold or 0.0, window=p.window or 0, min_layer=p.min_layer or 0,
-            disabled=p.disabled, criterion=CRITERIA.get(p.criterion or "", 0)))
+            disabled=p.disabled, criterion=CRITERIA.get(p.criterion or "", 0), confidence=p.confidence))
     return request
 
 

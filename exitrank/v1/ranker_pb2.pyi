@@ -17,18 +17,20 @@ EXIT_CRITERION_PROBABILITY_DELTA: ExitCriterion
 EXIT_CRITERION_CONFIDENCE: ExitCriterion
 
 class ExitPolicy(_message.Message):
-    __slots__ = ("threshold", "window", "min_layer", "disabled", "criterion")
+    __slots__ = ("threshold", "window", "min_layer", "disabled", "criterion", "confidence")
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     MIN_LAYER_FIELD_NUMBER: _ClassVar[int]
     DISABLED_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     threshold: float
     window: int
     min_layer: int
     disabled: bool
     criterion: ExitCriterion
-    def __init__(self, threshold: _Optional[float] = ..., window: _Optional[int] = ..., min_layer: _Optional[int] = ..., disabled: _Optional[bool] = ..., criterion: _Optional[_Union[ExitCriterion, str]] = ...) -> None: ...
+    confidence: float
+    def __init__(self, threshold: _Optional[float] = ..., window: _Optional[int] = ..., min_layer: _Optional[int] = ..., disabled: _Optional[bool] = ..., criterion: _Optional[_Union[ExitCriterion, str]] = ..., confidence: _Optional[float] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("user_id", "candidate_item_ids", "num_neighbors", "exit_policy")

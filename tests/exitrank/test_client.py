@@ -58,12 +58,14 @@ def test_rank_returns_typed_scores_in_request_order(live_stack):
         assert ranker.health() == "SERVING"
         result = ranker.rank("g0u0", items)
         again = ranker.rank("g0u0", items, exit_policy=ExitPolicy(disabled=True), num_neighbors=2)
+        sure = ranker.rank("g0u0", items, exit_policy=ExitPolicy(criterion="probability_delta", confidence=0.51))
     assert isinstance(result, RankResult) and all(isinstance(s, ScoredItem) for s in result.scores)
     assert [s.item_id for s in result.scores] == items
     assert all(0.0 < s.ctr < 1.0 and 1 <= s.exit_layer <= DEPTH for s in result.scores)
     assert result.retrieval_used and result.embedding_version == "stack-1" and result.model_version
     assert len({round(s.ctr, 6) for s in result.scores}) > 1  # a real model, not constants
     assert [s.exit_layer for s in again.scores] == [DEPTH] * len(items)  # no early exit when disabled
+    assert {s.exit_layer for s in sure.scores} == {1}  # a confidence exit of 0.51 always holds at the first head
 
 
 def test_refusals_raise_typed_errors_after_one_attempt(live_stack):

@@ -106,10 +106,11 @@ def _rank_requests(stack):
     candidates = st.one_of(st.lists(st.sampled_from(titles), min_size=1, max_size=8, unique=True),
                            st.lists(st.one_of(ids, st.sampled_from(titles)), max_size=12))
     in_range = st.builds(ranker_pb2.ExitPolicy, threshold=st.floats(0.01, 1.0), window=st.integers(1, 16),
-                         min_layer=st.integers(0, 6), disabled=st.booleans(), criterion=st.integers(0, 2))
+                         min_layer=st.integers(0, 6), disabled=st.booleans(), criterion=st.integers(0, 2),
+                         confidence=st.one_of(st.none(), st.just(0.0), st.floats(0.51, 1.0)))
     anything = st.builds(ranker_pb2.ExitPolicy, threshold=float32, window=st.one_of(small, int32),
                          min_layer=st.one_of(small, int32), disabled=st.booleans(),
-                         criterion=st.one_of(st.integers(0, 3), int32))
+                         criterion=st.one_of(st.integers(0, 3), int32), confidence=st.one_of(st.none(), float32))
     return st.builds(lambda u, c, n, p: ranker_pb2.RankRequest(user_id=u, candidate_item_ids=c, num_neighbors=n,
                                                                exit_policy=p),
                      st.one_of(st.sampled_from(sorted(stack.histories)), ids), candidates,

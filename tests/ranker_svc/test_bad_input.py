@@ -57,6 +57,9 @@ CASES = [  # (request fields over a valid request, the field the message starts 
     ({"exit_policy": _policy(min_layer=2**31 - 1)}, "exit_policy.min_layer"),
     ({"exit_policy": _policy(criterion=-1)}, "exit_policy.criterion"),
     ({"exit_policy": _policy(criterion=2**31 - 1)}, "exit_policy.criterion"),
+    ({"exit_policy": _policy(confidence=math.nan)}, "exit_policy.confidence"),
+    ({"exit_policy": _policy(confidence=-math.inf)}, "exit_policy.confidence"),
+    ({"exit_policy": _policy(confidence=3.4e38)}, "exit_policy.confidence"),
 ]
 RAW = [  # (request with "zz" in one string field, that field)
     (ranker_pb2.RankRequest(user_id="zz", candidate_item_ids=[GOOD]), "user_id"),

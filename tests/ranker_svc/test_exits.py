@@ -61,6 +61,21 @@ def test_confidence_uses_the_larger_of_yes_and_no():
     assert run([0.95] * 6, ExitPolicy(criterion="confidence", threshold=0.9, min_layer=4))[1] == 4
 
 
+def test_confidence_exit_beside_the_delta_criterion():
+    sure, unsure = [0.97, 0.98, 0.6, 0.9, 0.9, 0.9], RISING
+    delta = ExitPolicy(threshold=0.06, window=1)
+    # the paper's criterion alone: the sure row still waits for two discrepancies
+    assert run(sure, delta)[1] >= 3
+    both = ExitPolicy(threshold=0.06, window=1, confidence=0.95)
+    assert run(sure, both) == (pytest.approx(0.97), 1)  # sure at the first head: answers there
+    assert run(unsure, both) == run(unsure, delta) == (pytest.approx(0.85), 4)  # never sure: delta decides
+    assert run([0.5, 0.04, 0.5, 0.5, 0.5, 0.5], both) == (pytest.approx(0.04), 2)  # sure of "No" counts too
+    assert run(sure, ExitPolicy(threshold=0.06, window=1, confidence=0.95, min_layer=2))[1] == 2
+    # in a batch, rows settle by whichever test fires first, each on its own
+    ctr, layer = simulate_exits(torch.tensor([sure, unsure]), LAYERS, both)
+    assert layer.tolist() == [1, 4] and ctr.tolist() == pytest.approx([0.97, 0.85])
+
+
 def test_rows_are_independent_and_vectorised():
     rows = [RISING, [0.5] * 6, [0.1, 0.9, 0.1, 0.9, 0.1, 0.9], [0.2, 0.25, 0.3, 0.35, 0.4, 0.45]]
     for policy in (ExitPolicy(threshold=0.06, window=1), ExitPolicy(threshold=0.02, window=2),
@@ -106,6 +121,10 @@ def test_window_keeps_only_m_discrepancies():
         ({"window": 0}, "exit_policy.window"),
         ({"window": 17}, "exit_policy.window"),
         ({"min_layer": -1}, "exit_policy.min_layer"),
+        ({"confidence": 0.5}, "exit_policy.confidence"),
+        ({"confidence": -0.1}, "exit_policy.confidence"),
+        ({"confidence": 1.01}, "exit_policy.confidence"),
+        ({"confidence": float("nan")}, "exit_policy.confidence"),
     ],
 )
 def test_policy_validation_names_the_field(kwargs, field):
@@ -117,6 +136,9 @@ def test_policy_validation_names_the_field(kwargs, field):
 def test_policy_json_round_trip():
     policy = ExitPolicy(criterion="confidence", threshold=0.8, window=3, min_layer=2)
     assert ExitPolicy.from_json(policy.to_json()) == policy
+    hybrid = ExitPolicy(threshold=0.05, window=2, confidence=0.97)
+    assert ExitPolicy.from_json(hybrid.to_json()) == hybrid
+    assert ExitPolicy.from_json({"threshold": 0.05}).confidence == 0.0  # policies stored before the field
 
 
 def test_depth_learning_rates_follow_the_exponential_decay():

@@ -66,6 +66,23 @@ async def test_request_policy_overrides_the_calibrated_one(stub, catalog):
     assert {s.exit_layer for s in late.scores} == {4}
 
 
+
+async def test_request_confidence_exit_is_present_or_absent(stub, catalog):
+    ranker, _, _ = stub
+    ids = sorted(catalog)[:5]
+
+    def rank(**policy):
+        return ranker.Rank(ranker_pb2.RankRequest(user_id="u1", candidate_item_ids=ids,
+                                                  exit_policy=ranker_pb2.ExitPolicy(**policy)))
+
+    # the delta test cannot fire before the third head; a confidence exit of 0.5 always holds at the first
+    delta = dict(criterion=ranker_pb2.EXIT_CRITERION_PROBABILITY_DELTA, threshold=1.0, window=1)
+    assert {s.exit_layer for s in (await rank(**delta)).scores} == {3}
+    assert {s.exit_layer for s in (await rank(**delta, confidence=0.51)).scores} == {1}
+    # present and 0 turns it off (proto3 optional): the delta test decides again
+    assert {s.exit_layer for s in (await rank(**delta, confidence=0.0)).scores} == {3}
+
+
 def _policy(**kwargs) -> ranker_pb2.ExitPolicy:
     return ranker_pb2.ExitPolicy(**kwargs)
 
@@ -87,6 +104,8 @@ def _policy(**kwargs) -> ranker_pb2.ExitPolicy:
         ({"exit_policy": _policy(min_layer=-3)}, "exit_policy.min_layer"),
         ({"exit_policy": _policy(min_layer=99)}, "exit_policy.min_layer"),
         ({"exit_policy": _policy(criterion=9)}, "exit_policy.criterion"),
+        ({"exit_policy": _policy(confidence=0.3)}, "exit_policy.confidence"),
+        ({"exit_policy": _policy(confidence=1.5)}, "exit_policy.confidence"),
     ],
 )
 async def test_invalid_argument_names_the_field(stub, request_kwargs, field):

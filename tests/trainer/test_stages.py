@@ -204,3 +204,5 @@ def test_confidence_policies_are_swept_with_a_minimum_layer():
     assert {(0.55, 0), (0.55, 2), (0.9, 5)} <= confidence and (0.55, 1) not in confidence
     assert sum(p.disabled for p in policies) == 1
     assert {p.window for p in policies if p.criterion == "probability_delta"} == {1, 2, 3}
+    hybrid = {(p.confidence, p.min_layer) for p in policies if p.criterion == "probability_delta" and p.confidence}
+    assert {(0.9, 0), (0.999, 2)} <= hybrid and not any(m > 2 for _, m in hybrid)
