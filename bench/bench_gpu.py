@@ -31,7 +31,6 @@ measured side by side in one process (arms alternate, medians of ``--repeats`` r
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import statistics
 import sys
@@ -44,8 +43,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import emit, machine, say  # noqa: E402
-from ranker_svc.exits import ExitPolicy, simulate_exits  # noqa: E402
+from bench.common import emit, machine, mixed_depth_policy, say  # noqa: E402
+from ranker_svc.exits import ExitPolicy  # noqa: E402
 from ranker_svc.model import EarlyExitLM, pad_right  # noqa: E402
 
 PRESETS = {
@@ -106,22 +105,6 @@ def exit_at(layer: int) -> ExitPolicy:
     return ExitPolicy(criterion="confidence", threshold=0.5, min_layer=layer)
 
 
-def mixed_policy(model: EarlyExitLM, batch: tuple[torch.Tensor, torch.Tensor], target_layer: float) -> ExitPolicy:
-    """A confidence threshold under which the sample's mean exit layer is closest to ``target_layer``."""
-    with torch.inference_mode():
-        p_yes = model.forward_all_exits(*batch).float().softmax(-1)[..., 0].cpu()  # (B, E)
-    confidence = torch.maximum(p_yes, 1 - p_yes)[:, :-1].flatten()
-    best, best_gap = FULL, math.inf
-    for q in torch.linspace(0.05, 0.995, 120):
-        tau = float(torch.quantile(confidence, q).clamp(0.5, 1.0))
-        policy = ExitPolicy(criterion="confidence", threshold=tau)
-        _, layers = simulate_exits(p_yes, model.answer_layers, policy)
-        gap = abs(float(layers.float().mean()) - target_layer)
-        if gap < best_gap:
-            best, best_gap = policy, gap
-    return best
-
-
 def model_flops(model: EarlyExitLM, tokens: int, keys_per_token: float, layers: int) -> float:
     """Useful FLOPs of ``tokens`` tokens through ``layers`` layers: 2 x params + 4 x d x keys per layer."""
     per_layer = sum(p.numel() for p in model.decoder.layers[0].parameters())
@@ -141,7 +124,9 @@ def bench_prompts(model: EarlyExitLM, args, rng: random.Random, device: torch.de
     length = args.context_tokens + args.suffix_tokens
     vocab = model.causal_lm.config.vocab_size
     batch = pad_right(random_ids(rng, args.batch, length, vocab, bos=True), 0, device)
-    mixed = mixed_policy(model, batch, args.target_depth * model.num_layers)
+    with torch.inference_mode():
+        p_yes = model.forward_all_exits(*batch).float().softmax(-1)[..., 0]  # (B, E)
+    mixed = mixed_depth_policy(p_yes, model.answer_layers, args.target_depth * model.num_layers)
     arms = {"full": lambda: model.predict(*batch, FULL)}
     arms.update({f"exit@{layer}": (lambda p=exit_at(layer): model.predict(*batch, p)) for layer in model.exit_layers})
     arms["mixed"] = lambda: model.predict(*batch, mixed)

@@ -11,8 +11,10 @@ medians of several rounds), so load from other jobs on the machine hits both arm
 - ``compaction_speedup``: batches of 32 with per-row compaction over the same batches exiting only
   once every row of the batch has settled (same answers, checked); 128 prompts, so the ratio is
   not decided by whether one particular batch happens to hold a slow row. Measured with a policy
-  whose rows exit at mixed depths (confidence 0.9), and as ``compaction_speedup_calibrated`` with
-  the calibrated one, which may exit every row at the same layer (then the two are the same work).
+  whose rows exit at mixed depths (the confidence threshold under which the timed prompts' mean
+  exit layer is half the depth, ``bench.common.mixed_depth_policy``, as ``make bench-gpu`` does),
+  and as ``compaction_speedup_calibrated`` with the calibrated one, which may exit every row at the
+  same few layers (then there is little to compact).
 - ``candidates50_over_one``: ranking 50 candidates for one user (one context pass, 50 suffixes)
   over scoring one full prompt (the mean of the same 50 prompts scored one at a time, so naive
   is 50x), at full depth (the context-sharing ratio), and ``candidates50_over_one_calibrated`` with
@@ -50,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import mixed_depth_policy  # noqa: E402
 from exitrank.types import HistoryItem, NeighborContext, RankExample, UserContext  # noqa: E402
 from ranker_svc.artifact import load_ranker  # noqa: E402
 from ranker_svc.engine import predict_in_batches  # noqa: E402
@@ -57,7 +60,7 @@ from ranker_svc.exits import ExitPolicy  # noqa: E402
 from ranker_svc.model import resolve_dtype  # noqa: E402
 from ranker_svc.prompt import PromptConfig  # noqa: E402
 from ranker_svc.ranker import Ranker, ScoreJob, encode_prompt  # noqa: E402
-from trainer.calibrate import calibrate  # noqa: E402
+from trainer.calibrate import calibrate, exit_probabilities  # noqa: E402
 from trainer.heads import fit_heads  # noqa: E402
 from trainer.tune import auc, instruction_tune  # noqa: E402
 
@@ -77,8 +80,6 @@ BAD = ["Broken", "Bootleg", "Dull", "Faded"]
 PROMPT = PromptConfig(rating_style="stars", max_history=10, neighbor_history=5, num_neighbors=4)
 VALID_EXAMPLES = 5000  # calibration: AUC differences of 0.3 points need a few thousand examples
 TEST_EXAMPLES = 4000  # the test loss of a policy has its own noise: ~0.1 point at this size
-# rows of one batch exit at different layers: what per-row compaction is for
-MIXED_DEPTHS = ExitPolicy(criterion="confidence", threshold=0.9)
 # per preset: tuning examples, epochs, learning rate, bf16 autocast; exit-head examples and epochs (stage 2
 # only runs forward passes through the frozen backbone, so the tiny heads see more data than the backbone)
 PLANS = {
@@ -232,16 +233,19 @@ def measure_preset(ranker_dir: Path, *, seed: int, rounds: int) -> dict:
     _, exit_layers = exits_run()
 
     # batches of 32: per-row compaction vs exiting only once every row of the batch has settled, with
-    # the calibrated policy and with MIXED_DEPTHS (when the calibrated policy exits every row at one
-    # layer, there is nothing to compact and both ways are the same computation)
+    # the calibrated policy and with one whose rows exit at mixed depths (when the calibrated policy
+    # exits every row at one layer, there is nothing to compact and both ways are the same computation)
+    mixed = mixed_depth_policy(exit_probabilities(model, prompts, loaded.tokenizer.pad_token_id or 0),
+                               model.answer_layers, model.num_layers / 2)
     compaction = {}
-    for name, p in (("calibrated", policy), ("mixed_depths", MIXED_DEPTHS)):
+    for name, p in (("calibrated", policy), ("mixed_depths", mixed)):
         rows_run = lambda p=p: predict_in_batches(ranker.engine, prompts, p, batch_size=32)  # noqa: E731
         whole_run = lambda p=p: predict_in_batches(ranker.engine, prompts, p, batch_size=32, compaction=False)  # noqa: E731
         layers = rows_run()[1]
         assert layers.tolist() == whole_run()[1].tolist(), "compaction must not change the answers"
         t_rows, t_whole = side_by_side(rows_run, whole_run, rounds=rounds)
         compaction[name] = {"speedup": t_whole / t_rows, "exit_layer_std": float(layers.float().std()),
+                            "exit_histogram": {str(int(k)): int(v) for k, v in zip(*layers.unique(return_counts=True))},
                             "mean_exit_layer": float(layers.float().mean()), "policy": p.to_json()}
 
     user, titles = long[150].context, [ex.title for ex in long[:50]]

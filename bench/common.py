@@ -189,3 +189,27 @@ if __name__ == "__main__":  # the load generator's own process (see run_load)
     parser = argparse.ArgumentParser(prog="python -m bench.common")
     parser.add_argument("--load", required=True, help="JSON arguments of load()")
     print(json.dumps(asyncio.run(load(**json.loads(parser.parse_args().load)))))
+
+
+# ------------------------------------------------------------------------- early-exit policies
+
+
+def mixed_depth_policy(p_yes, answer_layers: Sequence[int], target_layer: float):
+    """The confidence policy whose mean exit layer on ``p_yes`` ((N, E) P(yes) of every answering
+    layer's head) is closest to ``target_layer``: with half the depth as the target, the rows of a
+    batch exit at every depth, which is what per-row compaction is measured on."""
+    import torch  # noqa: PLC0415 - the gRPC benchmarks do not need it
+
+    from ranker_svc.exits import ExitPolicy, simulate_exits  # noqa: PLC0415
+
+    p_yes = p_yes.float().cpu()
+    confidence = torch.maximum(p_yes, 1 - p_yes)[:, :-1].flatten()
+    best, best_gap = ExitPolicy(disabled=True), math.inf
+    for q in torch.linspace(0.05, 0.995, 120):
+        tau = float(torch.quantile(confidence, q).clamp(0.5 + 1e-6, 1.0))
+        policy = ExitPolicy(criterion="confidence", threshold=tau)
+        _, layers = simulate_exits(p_yes, answer_layers, policy)
+        gap = abs(float(layers.float().mean()) - target_layer)
+        if gap < best_gap:
+            best, best_gap = policy, gap
+    return best
