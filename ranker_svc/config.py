@@ -26,12 +26,11 @@ too (``EXITRANK_RANKER_TLS_CERT``, ``EXITRANK_RANKER_RETRIEVER_TLS_CA``, ...).
 
 from __future__ import annotations
 
-import os
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from exitrank import config_sources
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import ClientTLS, Limits, ServerTLS
 from ranker_svc.errors import InvalidArgument
@@ -205,23 +204,7 @@ class RankerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RankerConfig":
         """Sections from a mapping (YAML); unknown sections or keys are refused by name."""
-        sections = {f.name: f.default_factory for f in fields(cls)}
-        unknown = set(data) - set(sections)
-        if unknown:
-            raise InvalidArgument(sorted(unknown)[0], f"unknown config section; known: {', '.join(sections)}")
-        built = {}
-        for name, factory in sections.items():
-            section_type = type(factory())
-            values = dict(data.get(name) or {})
-            known = {f.name for f in fields(section_type)}
-            bad = set(values) - known
-            if bad:
-                raise InvalidArgument(f"{name}.{sorted(bad)[0]}", f"unknown key; known: {', '.join(sorted(known))}")
-            for key in ("artifacts_dir", "onnx_dir"):
-                if name == "model" and values.get(key) is not None:
-                    values[key] = Path(values[key])
-            built[name] = section_type(**values)
-        return cls(**built)
+        return config_sources.from_mapping(cls, data, error=InvalidArgument)
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> "RankerConfig":
         """Overrides from ``EXITRANK_RANKER_<SECTION>_<KEY>`` variables (typed like the field).
@@ -229,44 +212,10 @@ class RankerConfig:
         Raises:
             InvalidArgument: an unknown section/key or a value of the wrong type, named.
         """
-        environ = os.environ if environ is None else environ
-        changes: dict[str, dict] = {}  # per section, applied at once (tls cert and key go together)
-        for var, raw in sorted(environ.items()):
-            if not var.startswith(ENV_PREFIX):
-                continue
-            rest = var[len(ENV_PREFIX):].lower()
-            section = next((f.name for f in fields(self) if rest.startswith(f.name + "_")), None)
-            if section is None:
-                raise InvalidArgument(var, f"unknown config section; known: {', '.join(f.name for f in fields(self))}")
-            key = rest[len(section) + 1 :]
-            types = typing.get_type_hints(type(getattr(self, section)))
-            if key not in types:
-                raise InvalidArgument(var, f"unknown key {section}.{key}; known: {', '.join(sorted(types))}")
-            changes.setdefault(section, {})[key] = _parse_env(var, raw, types[key])
-        config = self
-        for section, values in changes.items():
-            config = config.with_section(section, **values)
-        return config
+        return config_sources.with_env(self, ENV_PREFIX, environ, error=InvalidArgument)
 
     def with_section(self, name: str, **changes) -> "RankerConfig":
-        return replace(self, **{name: replace(getattr(self, name), **changes)})
-
-
-def _parse_env(var: str, raw: str, kind) -> object:
-    """``raw`` as the field type ``kind`` (bool, int, float, str, Path, optional of those)."""
-    args = [a for a in typing.get_args(kind) if a is not type(None)]
-    if args:
-        if raw.lower() in ("", "none", "null"):
-            return None
-        kind = args[0]
-    try:
-        if kind is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes")
-        return kind(raw)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(var, f"cannot read {raw!r} as {getattr(kind, '__name__', kind)}") from exc
+        return config_sources.with_section(self, name, **changes)
 
 
 def add_security_flags(serve) -> None:

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_args(argv)
         shutdown_tracing = setup_process(config.observability, service="ranker")
         asyncio.run(serve(config))
-    except (RankerError, ValueError, OSError, RuntimeError) as exc:
+    except (RankerError, ValueError, OSError, RuntimeError, yaml.YAMLError) as exc:
         print(f"ranker-svc: {exc}", file=sys.stderr)
         return 2
     finally:

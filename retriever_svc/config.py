@@ -1,4 +1,7 @@
-"""``RetrieverConfig``: the retriever process's one frozen config, built once from CLI flags.
+"""``RetrieverConfig``: the retriever process's one frozen config, built once at start from an
+optional YAML file (``--config``), then ``EXITRANK_RETRIEVER_<SECTION>_<KEY>`` environment variables,
+then flags (later wins; ``exitrank.config_sources``). ``EXITRANK_REDIS_URL``, which the refit job
+reads too, sets ``redis.url`` below the retriever's own variable and flag.
 
     retriever-svc serve --port 50051 --artifacts artifacts/          # embedded redis-server
     retriever-svc serve --port 0 --artifacts A --data-dir /var/lib/xr  # its AOF kept there
@@ -12,6 +15,16 @@
         --tls-client-ca ca.crt --rate-limit 2000 \
         --redis-url rediss://retriever:secret@redis:6380/0 --redis-tls-ca redis-ca.crt
 
+Example ``retriever.yaml``::
+
+    redis: {url: null, data_dir: null, prefix: xr, group: retriever, consumer: replica-1,
+            read_count: 512, block_ms: 200, claim_idle_ms: 30000, timeout_s: 5.0}
+    index: {kind: auto, hnsw_min_users: 200000, hnsw_m: 32, ef_construction: 80, ef_search: 128,
+            keep_versions: 2, version_poll_s: 1.0, cache_dir: /var/cache/xr}
+    server: {host: 0.0.0.0, port: 50051, grace_s: 5.0, ingest_batch: 512}
+    artifacts: {dir: /artifacts/current}
+    tls: {cert: null, key: null, client_ca: null}      # and limits, observability: as the ranker's
+
 Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
 consumer the ``redis`` section, ``server.py`` the ``server``, ``tls``, ``limits`` and ``artifacts``
 sections (``tls`` and ``limits`` are ``exitrank.security``'s, shared with the ranker), and
@@ -23,10 +36,13 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from exitrank import config_sources
 from exitrank.observability import config as observability_config
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import Limits, ServerTLS
@@ -152,43 +168,59 @@ class ServerConfig:
 class ArtifactsConfig:
     """Args: dir: the artifacts directory; ``dir/gcn`` is published at start when present."""
 
-    dir: Path
+    dir: Path = Path("artifacts")
+
+
+ENV_PREFIX = "EXITRANK_RETRIEVER_"
+
+
+def _config_error(name: str, message: str) -> ValueError:
+    return ValueError(f"{name}: {message}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetrieverConfig:
-    redis: RedisConfig
-    index: IndexConfig
-    server: ServerConfig
-    artifacts: ArtifactsConfig
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     tls: ServerTLS = field(default_factory=ServerTLS)
     limits: Limits = field(default_factory=Limits)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @classmethod
-    def from_args(cls, argv: Sequence[str] | None = None) -> RetrieverConfig:
-        """Parse ``retriever-svc serve ...`` flags (see the module docstring)."""
+    def from_args(cls, argv: Sequence[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> RetrieverConfig:
+        """``retriever-svc serve ...``: the file, then the environment, then the flags given.
+
+        Raises:
+            ValueError: naming the section.key (or variable) of a bad value.
+        """
         args = build_parser().parse_args(argv)
-        return cls(
-            redis=RedisConfig(
-                url=args.redis_url or os.environ.get("EXITRANK_REDIS_URL") or None,
-                data_dir=args.data_dir,
-                prefix=args.redis_prefix,
-                consumer=args.consumer or socket.gethostname(),
-                tls_ca=args.redis_tls_ca, tls_cert=args.redis_tls_cert, tls_key=args.redis_tls_key,
-            ),
-            index=IndexConfig(kind=args.index_kind, hnsw_min_users=args.hnsw_min_users,
-                              hnsw_m=args.hnsw_m, ef_construction=args.ef_construction,
-                              ef_search=args.ef_search, cache_dir=args.index_cache,
-                              version_poll_s=args.version_poll),
-            server=ServerConfig(host=args.host, port=args.port, grace_s=args.grace),
-            artifacts=ArtifactsConfig(dir=args.artifacts),
-            tls=ServerTLS(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca),
-            limits=Limits(max_receive_bytes=args.max_receive_bytes, max_send_bytes=args.max_send_bytes,
-                          rate_per_s=args.rate_limit, burst=args.rate_burst,
-                          trust_client_id=args.trust_client_id),
-            observability=ObservabilityConfig(**observability_config.overrides(args)),
-        )
+        environ = os.environ if environ is None else environ
+        data = yaml.safe_load(args.config.read_text()) if args.config else None
+        config = config_sources.from_mapping(cls, data, error=_config_error)
+        config = config_sources.with_given(config, {"redis": {"url": environ.get("EXITRANK_REDIS_URL") or None}})
+        config = config_sources.with_env(config, ENV_PREFIX, environ, error=_config_error)
+        return config_sources.with_given(config, _flag_sections(args))
+
+
+def _flag_sections(args: argparse.Namespace) -> dict[str, dict]:
+    """The flags of ``serve`` by section and field (None: not given)."""
+    return {
+        "redis": {"url": args.redis_url, "data_dir": args.data_dir, "prefix": args.redis_prefix,
+                  "consumer": args.consumer, "tls_ca": args.redis_tls_ca, "tls_cert": args.redis_tls_cert,
+                  "tls_key": args.redis_tls_key},
+        "index": {"kind": args.index_kind, "hnsw_min_users": args.hnsw_min_users, "hnsw_m": args.hnsw_m,
+                  "ef_construction": args.ef_construction, "ef_search": args.ef_search,
+                  "cache_dir": args.index_cache, "version_poll_s": args.version_poll},
+        "server": {"host": args.host, "port": args.port, "grace_s": args.grace},
+        "artifacts": {"dir": args.artifacts},
+        "tls": {"cert": args.tls_cert, "key": args.tls_key, "client_ca": args.tls_client_ca},
+        "limits": {"max_receive_bytes": args.max_receive_bytes, "max_send_bytes": args.max_send_bytes,
+                   "rate_per_s": args.rate_limit, "burst": args.rate_burst, "trust_client_id": args.trust_client_id},
+        "observability": observability_config.overrides(args),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,25 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="serve exitrank.v1.Retriever")
     serve.add_argument("--port", type=int, required=True, help="TCP port, 0 for a free one")
-    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
     serve.add_argument("--artifacts", type=Path, required=True,
                        help="artifacts directory; ARTIFACTS/gcn is published when present")
-    serve.add_argument("--redis-url", default=None,
-                       help="external Redis (default: start an embedded redis-server)")
-    serve.add_argument("--data-dir", type=Path, default=None,
-                       help="embedded redis-server directory (default: a temporary one)")
-    serve.add_argument("--redis-prefix", default="xr", help="Redis key prefix (default xr)")
-    serve.add_argument("--consumer", default=None, help="stream consumer name (default hostname)")
-    serve.add_argument("--index-kind", choices=INDEX_KINDS, default="auto")
-    serve.add_argument("--hnsw-min-users", type=int, default=200_000)
-    serve.add_argument("--hnsw-m", type=int, default=IndexConfig.hnsw_m)
-    serve.add_argument("--ef-construction", type=int, default=IndexConfig.ef_construction)
-    serve.add_argument("--ef-search", type=int, default=IndexConfig.ef_search)
-    serve.add_argument("--index-cache", type=Path, default=None,
-                       help="keep built indexes here; restarts and replicas reuse them")
-    serve.add_argument("--version-poll", type=float, default=1.0,
-                       help="seconds between checks for a newly published embedding version")
-    serve.add_argument("--grace", type=float, default=5.0, help="shutdown grace seconds")
+    serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
+    serve.add_argument("--redis-url", help="external Redis (default: start an embedded redis-server)")
+    serve.add_argument("--data-dir", type=Path, help="embedded redis-server directory (default: a temporary one)")
+    serve.add_argument("--redis-prefix", help="Redis key prefix (default xr)")
+    serve.add_argument("--consumer", help="stream consumer name (default hostname)")
+    serve.add_argument("--index-kind", choices=INDEX_KINDS, help="default auto")
+    serve.add_argument("--hnsw-min-users", type=int, help=f"default {IndexConfig.hnsw_min_users}")
+    serve.add_argument("--hnsw-m", type=int, help=f"default {IndexConfig.hnsw_m}")
+    serve.add_argument("--ef-construction", type=int, help=f"default {IndexConfig.ef_construction}")
+    serve.add_argument("--ef-search", type=int, help=f"default {IndexConfig.ef_search}")
+    serve.add_argument("--index-cache", type=Path, help="keep built indexes here; restarts and replicas reuse them")
+    serve.add_argument("--version-poll", type=float,
+                       help="seconds between checks for a newly published embedding version (default 1)")
+    serve.add_argument("--grace", type=float, help="shutdown grace seconds (default 5)")
     add_security_arguments(serve)
     observability_config.add_flags(serve, service="retriever")
     return parser
@@ -229,14 +259,12 @@ def add_security_arguments(serve: argparse.ArgumentParser) -> None:
     tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     tls.add_argument("--tls-client-ca", type=Path,
                      help="PEM CA of client certificates: mutual TLS, clients without one are refused")
-    tls.add_argument("--max-receive-bytes", type=int, default=Limits().max_receive_bytes,
-                     help="largest request message (default 4 MiB)")
-    tls.add_argument("--max-send-bytes", type=int, default=Limits().max_send_bytes,
-                     help="largest response message (default 16 MiB)")
-    tls.add_argument("--rate-limit", type=float, default=0.0,
-                     help="requests/s per client (certificate subject, else peer address); 0: off")
-    tls.add_argument("--rate-burst", type=int, default=0, help="token bucket size (0: 2x --rate-limit)")
-    tls.add_argument("--trust-client-id", action="store_true",
+    tls.add_argument("--max-receive-bytes", type=int, help="largest request message (default 4 MiB)")
+    tls.add_argument("--max-send-bytes", type=int, help="largest response message (default 16 MiB)")
+    tls.add_argument("--rate-limit", type=float,
+                     help="requests/s per client (certificate subject, else peer address); default 0: off")
+    tls.add_argument("--rate-burst", type=int, help="token bucket size (0: 2x --rate-limit)")
+    tls.add_argument("--trust-client-id", action="store_true", default=None,
                      help="count calls by their x-client-id metadata (behind a trusted gateway only)")
     tls.add_argument("--redis-tls-ca", type=Path, help="PEM CA of the Redis server (rediss:// URLs)")
     tls.add_argument("--redis-tls-cert", type=Path, help="PEM client certificate for Redis")

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import faiss
 import grpc
+import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = RetrieverConfig.from_args(argv)
         load_server_tls(config.tls)  # refuse bad TLS files before starting anything
         config.redis.tls()
-    except ValueError as exc:
+    except (ValueError, OSError, yaml.YAMLError) as exc:  # a bad flag, variable, file or TLS file: named
         print(f"retriever-svc: {exc}", file=sys.stderr)
         return 2
     shutdown_tracing = setup_process(config.observability, service="retriever")
