@@ -108,7 +108,9 @@ def embed_tokens(embedding: nn.Embedding, projector: CollabProjector | None, ids
             raise ValueError("the prompt holds collaborative slots but no vectors (or no projector) were given")
         return embedding(ids)
     hidden = embedding(ids.masked_fill(virtual, 0))  # (B, T, H)
-    projected = projector(soft.to(device=hidden.device, dtype=next(projector.parameters()).dtype))
+    # project only the rows this batch uses: a training table holds every example's vectors
+    rows, inverse = torch.unique(ids[virtual] - vocab, return_inverse=True)  # (u,), (k,)
+    used = soft[rows.to(soft.device)].to(device=hidden.device, dtype=next(projector.parameters()).dtype)
     hidden = hidden.clone()
-    hidden[virtual] = projected[ids[virtual] - vocab].to(hidden.dtype)
+    hidden[virtual] = projector(used)[inverse].to(hidden.dtype)
     return hidden
