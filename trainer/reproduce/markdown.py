@@ -28,7 +28,8 @@ def dataset_section(name: str, report: dict) -> list[str]:
     lines = [f"## {name}", "",
              f"Setup: {plan['preset']} preset ({ds['num_layers']} layers, exit heads at {ds['exit_layers']}), "
              f"up to {plan['train']} training / {plan['valid']} calibration samples, {ev['samples']} test samples "
-             f"({ev['positives']} positive), k=4 similar users, seed {report['seed']}; splits {ds['samples']}. "
+             f"({ev['positives']} positive), k=4 similar users, seed {report['seed']}; splits {ds['samples']}; "
+             f"requests/s timed on {plan['speed_samples']} samples, Figure 5 on {min(plan['sweep_samples'], ev['samples'])}. "
              f"Stage times (s): {', '.join(f'{k} {v:.0f}' for k, v in ds['stage_seconds'].items())}"
              + (f"; reused: {', '.join(s.split('/')[-1] for s in ds['stages_reused'])}" if ds["stages_reused"] else "")
              + ".", "",
@@ -78,7 +79,10 @@ def render(report: dict) -> str:
              "from an earlier run with the same inputs). The paper's numbers are "
              "Vicuna-7B on its own splits (BookCrossing beside tallrec-book, Video Games beside games6k); ours are "
              "models trained on this machine, on these data sets' test splits. An interval is a 95% bootstrap "
-             "interval; a paired difference within 1.96 standard errors is called noise.", ""]
+             "interval; a paired difference within 1.96 standard errors is called noise. Each LLM row's answers "
+             "come from one pass that reads every exit head's P(yes) on all test samples, replayed through the "
+             "exit policy exactly as serving decides (`ranker_svc.exits.run_exits`); its requests/s is timed "
+             "through the serving path (context and neighbour search included) on the first test samples.", ""]
     for name in report["datasets"]:
         lines += dataset_section(name, report)
     return "\n".join(lines) + "\n"

@@ -14,6 +14,7 @@ from pathlib import Path
 from trainer.reproduce.plan import PAPER, TALLREC_TEST
 
 TABLE2 = (("deepfm", "DeepFM"), ("din", "DIN"), ("gru4rec", "GRU4Rec"), ("sasrec", "SASRec"),
+          ("lightgcn", "LightGCN score alone (user . item, no LLM)"),
           ("llm_no_retrieval", "LLM, no retrieval (TALLRec)"), ("llm_retriever", "LLM-retriever"),
           ("gcn_retriever", "GCN-retriever"), ("gcn_earlyexit", "GCN-earlyexit"),
           ("gcn_collab", "GCN-retriever + collab tokens (ours)"),
@@ -76,7 +77,8 @@ def dataset_object(name: str, ds: dict, seed: int) -> dict:
             "evaluated": ds["evaluated"], "plan": ds["plan"], "rankers": ds["rankers"], "gcn": ds["gcn"],
             "comparisons": ds["comparisons"], "stage_seconds": ds["stage_seconds"],
             "stages_reused": ds["stages_reused"], "num_layers": ds["num_layers"], "exit_layers": ds["exit_layers"],
-            "baselines": {k: _row(ds["rows"][k]) for k in ("deepfm", "din", "gru4rec", "sasrec") if k in ds["rows"]},
+            "baselines": {k: _row(ds["rows"][k]) for k in ("deepfm", "din", "gru4rec", "sasrec", "lightgcn")
+                          if k in ds["rows"]},
             "baseline_seconds": ds["baseline_seconds"]}
 
 

@@ -140,9 +140,11 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
                 "collab": OfflineContexts(dataset, collab_gcn, k=K, max_history=MAX_HISTORY, cache=False,
                                           vectors=collab_gcn)}
     labels = [s.label for s in samples]
-    rows = experiments.config_rows(rankers, contexts, samples, eval_cfg)
-    rows.update(experiments.baseline_rows({n: np.asarray(b["ctr"]) for n, b in baselines.items()}, labels, eval_cfg))
-    examples = [gcn_contexts.example(s, retrieval=True) for s in samples]
+    rows, passes = experiments.config_rows(rankers, contexts, samples, eval_cfg, speed=plan.speed_samples)
+    scores = {**{n: np.asarray(b["ctr"]) for n, b in baselines.items()},
+              "lightgcn": experiments.lightgcn_scores(gcn, samples)}
+    rows.update(experiments.baseline_rows(scores, labels, eval_cfg))
+    examples, p_yes = passes[("gcn", "gcn")]
     users = list(dict.fromkeys(s.user_id for s in samples))[: experiments.TIMED_USERS]
     result = {
         "samples": dataset.split_counts(),
@@ -150,9 +152,11 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
         "rows": rows,
         "figure2": {**experiments.retrieval_times(rankers["gcn"], gcn, llm, histories, users),
                     "llm_embed_all_users_seconds": llm_embed_seconds, "graph_users": len(llm.user_ids)},
-        "exit_sweeps": experiments.exit_sweeps(rankers["gcn"], examples, plan.speed_samples, eval_cfg.batch_size),
-        "neighbours": experiments.neighbour_sweep(rankers["gcn"], dataset, gcn, samples, plan.speed_samples,
-                                                  eval_cfg, MAX_HISTORY),
+        "exit_sweeps": experiments.exit_sweeps(rankers["gcn"], examples, p_yes, plan.speed_samples,
+                                               eval_cfg.batch_size),
+        "neighbours": experiments.neighbour_sweep(
+            rankers["gcn"], dataset, gcn, samples[: plan.sweep_samples], plan.speed_samples, eval_cfg, MAX_HISTORY,
+            known={K: (examples[: plan.sweep_samples], p_yes[: plan.sweep_samples])}),
         "num_layers": rankers["gcn"].num_layers,
         "exit_layers": list(rankers["gcn"].model.exit_layers),
     }
