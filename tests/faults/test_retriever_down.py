@@ -66,10 +66,13 @@ async def test_rank_survives_a_hung_and_a_dead_retriever_and_recovers(request, s
                 after_restart = await _until_retrieval(load, ready)
                 await asyncio.sleep(1.0)
                 end = time.monotonic()
-            warm, hung = _phase(load, warmed, paused), _phase(load, paused + 1.0, resumed)
+            # warm: calls begun more than one retriever timeout before the SIGSTOP (a call begun just before it
+            # meets the stopped retriever and rightly falls back; that edge made this test flaky)
+            warm, hung = _phase(load, warmed, paused - TIMEOUT_S), _phase(load, paused + 1.0, resumed)
             dead, back = _phase(load, killed + 0.5, restarted), _phase(load, ready + after_restart + 0.3, end)
             assert all(r.code == grpc.StatusCode.OK for r in load.results), {r.details for r in load.results}
-            assert warm["with_retrieval"] == warm["calls"] > 0 and back["with_retrieval"] == back["calls"] > 0
+            assert warm["with_retrieval"] == warm["calls"] > 0, ("warm", warm)
+            assert back["with_retrieval"] == back["calls"] > 0, ("back", back)
             assert hung["with_retrieval"] == 0 and dead["with_retrieval"] == 0 and hung["calls"] and dead["calls"]
             assert hung["p50"] < TIMEOUT_S / 2 and dead["p95"] < TIMEOUT_S  # open: no waiting for the retriever
             assert breaker.opened >= 2 and breaker.skipped > 0
