@@ -22,6 +22,9 @@ medians of several rounds), so load from other jobs on the machine hits both arm
 - ``gflops_achieved``: useful model FLOPs (linear layers 2 x params per token and layer, attention
   4 x d x keys, heads) of the calibrated throughput run over its wall time; ``gflops_matmul_peak``:
   a square matmul in the serving dtype on the same threads; ``utilisation`` = achieved / peak.
+- ``collab_cost``: what collaborative soft tokens (``--collab-tokens full``) add per request: extra
+  tokens, time with over without them on full prompts and on 50 candidates, the projector's share
+  (``bench.collab_cost``).
 
 Synthetic taste data: 8 taste groups with their own title words; a user's history and similar users
 mostly hold items of the user's group, rated high, others rated low; a third of the titles carry a
@@ -52,6 +55,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.collab_cost import measure_collab_cost  # noqa: E402
 from bench.common import mixed_depth_policy  # noqa: E402
 from exitrank.types import HistoryItem, NeighborContext, RankExample, UserContext  # noqa: E402
 from ranker_svc.artifact import load_ranker  # noqa: E402
@@ -302,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--reuse", action="store_true", help="reuse models trained into --workdir by the same plan")
+    parser.add_argument("--no-collab", action="store_true", help="skip the soft-token cost (bench.collab_cost)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-ranker-"))
@@ -312,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         training = train_preset(preset, out, seed=args.seed, progress=args.progress, reuse=args.reuse)
         print(f"{preset}: trained {json.dumps(training)}", file=sys.stderr, flush=True)
         presets[preset] = {**measure_preset(out / "ranker", seed=args.seed, rounds=args.rounds), "training": training}
+        if not args.no_collab:
+            presets[preset]["collab_cost"] = measure_collab_cost(
+                preset, out / "collab", examples=taste_examples, prompt=PROMPT, seed=args.seed, rounds=args.rounds,
+                side_by_side=side_by_side)
         print(f"{preset}: {json.dumps(presets[preset])}", file=sys.stderr, flush=True)
     result = {"presets": presets, "targets": targets(presets),
               "machine": {"cores": os.cpu_count(), "torch_threads": args.threads,
