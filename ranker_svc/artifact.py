@@ -12,7 +12,7 @@
                                      when the prompt's ``collab`` mode is not "none"
     ranker/exitrank.json             {format, version, arch, num_layers, exit_layers, yes_token_id,
                                       no_token_id, heads_trained, head_rows, policy, policy_dtype,
-                                      prompt, metrics, collab: {mode, dim, token_id, embedding_version}}
+                                      prompt, metrics, collab: {mode, dim, token_id, embedding_version, layout}}
 
 A ranker with soft tokens is tied to the LightGCN version its projector was trained on
 (``collab.embedding_version``): vectors of another version live in another space, so serving
@@ -50,6 +50,8 @@ FORMAT = 1
 META_FILE = "exitrank.json"
 HEADS_FILE = "exit_heads.safetensors"
 COLLAB_FILE = "collab.safetensors"
+# soft-token layout 2: the target's slot ends the prompt and reads user * item (ranker_svc.collab)
+COLLAB_LAYOUT = 2
 
 
 @dataclass
@@ -114,7 +116,7 @@ def save_ranker(
         if collab.token_id != collab_token_id(tokenizer):
             raise ArtifactError(f"the projector's token id {collab.token_id} is not {COLLAB_TOKEN!r} in the tokenizer")
         meta["collab"] = {"mode": prompt.collab, "dim": collab.dim, "embedding_version": embedding_version,
-                          "token_id": collab.token_id}
+                          "token_id": collab.token_id, "layout": COLLAB_LAYOUT}
     write_meta(ranker_dir, meta)
     return stamp_version(ranker_dir)
 
@@ -295,6 +297,10 @@ def _load_collab(ranker_dir: Path, meta: dict, tokenizer, mode: str, causal_lm: 
         return None
     if not recorded or recorded.get("mode") != mode or not (ranker_dir / COLLAB_FILE).is_file():
         raise ArtifactError(f"the prompt uses collab={mode!r} but {ranker_dir} holds no matching {COLLAB_FILE}")
+    if recorded.get("layout", 1) != COLLAB_LAYOUT:
+        raise ArtifactError(f"{ranker_dir} was trained with soft-token layout {recorded.get('layout', 1)} (the "
+                            f"target's slot after its title, no user*item term); this ranker reads layout "
+                            f"{COLLAB_LAYOUT}: retrain it with `trainer tune`")
     if collab_token_id(tokenizer) != recorded["token_id"]:
         raise ArtifactError(f"{COLLAB_TOKEN!r} is not token {recorded['token_id']} in the tokenizer of {ranker_dir}")
     projector = CollabProjector(int(recorded["dim"]), causal_lm.config.hidden_size, token_id=recorded["token_id"])

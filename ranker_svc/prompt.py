@@ -22,8 +22,9 @@ tokenises ``context + suffix`` exactly as the two parts (checked per tokenizer a
 ``ranker_svc.artifact.check_context_split``).
 
 Collaborative soft tokens (``collab``, ``ranker_svc.collab``): ``user`` adds the line
-``User profile: <|cf|>`` after the instruction; ``full`` also follows every history title and the
-target's title with `` <|cf|>``. :meth:`PromptBuilder.context_vectors` and
+``User profile: <|cf|>`` after the instruction; ``full`` also follows every history title with
+`` <|cf|>`` and ends the prompt with one for the target (``Answer: <|cf|>``: the answer is read at
+the target's slot, see ``ranker_svc.collab``). :meth:`PromptBuilder.context_vectors` and
 :meth:`PromptBuilder.target_vectors` list the vectors of those slots in the order they appear.
 
 Titles are untrusted catalog text. :func:`sanitize_title` makes each one a single bounded line
@@ -169,10 +170,10 @@ class PromptBuilder:
     def target_text(self, title: str) -> str:
         """The candidate, last; the prompt ends so that the next token is the answer."""
         shown = sanitize_title(title, self.config.max_title_chars, self._answers)
-        slot = f" {COLLAB_TOKEN}" if self.config.collab == "full" else ""
+        slot = f" {COLLAB_TOKEN}" if self.config.collab == "full" else ""  # the target's, read by the answer
         if self.config.template == 1:
-            return f'\nTarget item: "{shown}"{slot}\n{QUESTION} Answer:'
-        return f'\nTarget item: "{shown}"{slot}\nAnswer:'
+            return f'\nTarget item: "{shown}"\n{QUESTION} Answer:{slot}'
+        return f'\nTarget item: "{shown}"\nAnswer:{slot}'
 
     def full_text(self, ctx: UserContext, title: str) -> str:
         return self.context_text(ctx) + self.target_text(title)

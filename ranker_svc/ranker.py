@@ -236,7 +236,8 @@ class Ranker:
             context = context[:1] + context[len(context) - budget + 1 :]
         if table is not None:
             context = table.bind(context, self.prompt.context_vectors(job.context))
-            suffixes = [table.bind(s, self.prompt.target_vectors(e)) for s, e in zip(suffixes, targets)]
+            user = [job.context.user_embedding]  # the target's slot also reads user * item
+            suffixes = [table.bind(s, self.prompt.target_vectors(e), user) for s, e in zip(suffixes, targets)]
         return context, suffixes
 
     @staticmethod
@@ -383,7 +384,9 @@ def encode_examples(examples: Sequence[RankExample], prompt, tokenizer, max_toke
     for ex in examples:
         ids = encode_prompt(tokenizer, prompt.full_text(ex.context, ex.title), max_tokens)
         if table is not None:
-            ids = table.bind(ids, prompt.context_vectors(ex.context) + prompt.target_vectors(ex.item_embedding))
+            context, target = prompt.context_vectors(ex.context), prompt.target_vectors(ex.item_embedding)
+            partners = [None] * len(context) + [ex.context.user_embedding] * len(target)
+            ids = table.bind(ids, context + target, partners)
         out.append(ids)
     return out
 

@@ -68,18 +68,30 @@ def test_bind_replaces_slots_from_the_end_and_checks_counts():
     assert table.bind([1, 7, 5, 7], [a, b]) == [1, 100, 5, 101]
     assert table.bind([7, 9], [a, b, c]) == [102, 9]  # a cut prompt lost its first slots: the last vector
     assert [r[0] for r in table.rows] == [1, 2, 3]
-    assert table.bind([4], [None]) == [4] and table.tensor().shape == (3, 2)
+    assert table.bind([4], [None]) == [4] and table.tensor().shape == (3, 4)  # rows [e, m]
+    assert not table.tensor()[:, 2:].any()  # no partner: m = 0
     with pytest.raises(ValueError, match="2 <|cf|> slots but 1 vectors".replace("|", "\\|")):
         table.bind([7, 7], [a])
     with pytest.raises(ValueError, match="3 dimensions"):
         table.bind([7], [np.zeros(3)])
 
 
+def test_a_partnered_slot_carries_the_product_and_a_missing_vector_is_zero():
+    table = SoftTable(vocab_size=100, placeholder_id=7, dim=2)
+    user, item = np.array([2.0, -1.0], np.float32), np.array([3.0, 4.0], np.float32)
+    assert table.bind([7, 1, 7], [user, item], [None, user]) == [100, 1, 101]
+    assert table.bind([7], [None], [user]) == [102]
+    rows = table.tensor()
+    assert rows[0].tolist() == [2.0, -1.0, 0.0, 0.0]  # the user's own slot: m = 0
+    assert rows[1].tolist() == [3.0, 4.0, 6.0, -4.0]  # the target's: m = user * item, sum = the GCN score
+    assert rows[2].tolist() == [0.0] * 4
+
+
 def test_embed_tokens_projects_only_virtual_ids():
     embedding = torch.nn.Embedding(10, 4)
     projector = CollabProjector(2, 4, token_id=9)
     ids = torch.tensor([[1, 10, 2, 11]])
-    soft = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    soft = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.5, -0.5]])
     out = embed_tokens(embedding, projector, ids, soft)
     assert torch.equal(out[0, 0], embedding.weight[1]) and torch.equal(out[0, 2], embedding.weight[2])
     assert torch.allclose(out[0, 1], projector(soft[:1])[0]) and torch.allclose(out[0, 3], projector(soft[1:])[0])
@@ -93,6 +105,9 @@ def test_the_prompt_has_one_slot_per_vector(collab_examples):
         builder = PromptBuilder(config=PromptConfig(collab=mode))
         vectors = builder.context_vectors(ex.context) + builder.target_vectors(ex.item_embedding)
         assert builder.full_text(ex.context, ex.title).count(COLLAB_TOKEN) == len(vectors) == expected
+    # the target's slot ends the prompt: the answer is read at it
+    assert PromptBuilder(config=PromptConfig(collab="full")).full_text(ex.context, ex.title).endswith(
+        f"Answer: {COLLAB_TOKEN}")
     # a title cannot add a slot of its own
     assert PromptBuilder(config=PromptConfig(collab="full")).target_text(f"x {COLLAB_TOKEN} y").count(COLLAB_TOKEN) == 1
 
@@ -100,13 +115,24 @@ def test_the_prompt_has_one_slot_per_vector(collab_examples):
 def test_artifact_round_trip_and_refusals(collab_dir, tmp_path):
     loaded = load_ranker(collab_dir)
     assert loaded.collab == {"mode": "full", "dim": DIM, "embedding_version": "gcn-test",
-                             "token_id": loaded.model.collab.token_id}
+                             "token_id": loaded.model.collab.token_id, "layout": 2}
     (tmp_path / "ranker").mkdir()
     for f in collab_dir.iterdir():
         if f.name != "collab.safetensors":
             (tmp_path / "ranker" / f.name).write_bytes(f.read_bytes())
     with pytest.raises(ArtifactError, match="no matching collab.safetensors"):
         load_ranker(tmp_path / "ranker")
+    # an artifact of the earlier layout (target slot after the title, no user*item term) is refused
+    import json
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in collab_dir.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((old / "exitrank.json").read_text())
+    del meta["collab"]["layout"]
+    (old / "exitrank.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="layout 1 .* retrain"):
+        load_ranker(old)
 
 
 def test_vectors_change_the_scores(collab_dir, collab_examples):

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ranker_svc.artifact import COLLAB_LAYOUT
 from trainer.reproduce import experiments
 from trainer.reproduce.plan import DatasetPlan, plans
 from trainer.reproduce.stages import StageCache
@@ -181,7 +182,9 @@ def run_dataset(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache) -> d
                     lambda out: stage_gcn(data.dir, plan, cfg, out))
     collab_gcn = cache.run(f"{plan.name}/gcn-collab", {**settings, "data": data.fingerprint, "all_targets": True},
                            lambda out: stage_gcn(data.dir, plan, cfg, out, all_targets=True))
-    rankers = {name: cache.run(f"{plan.name}/ranker-{name}", {**settings, "gcn": g.fingerprint, "k": k, **extra},
+    # the soft-token layout is an input of the collab ranker: a new layout retrains it (and re-measures)
+    rankers = {name: cache.run(f"{plan.name}/ranker-{name}", {**settings, "gcn": g.fingerprint, "k": k, **extra,
+                                                             **({"layout": COLLAB_LAYOUT} if extra else {})},
                                lambda out, k=k, g=g, extra=extra: stage_ranker(data.dir, g.dir, plan, cfg, k, out,
                                                                               **extra))
                for name, k, g, extra in (("gcn", K, gcn, {}), ("none", 0, gcn, {}),
