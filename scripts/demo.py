@@ -55,13 +55,16 @@ def prepare_data(data_root: Path, work: Path, max_users: int, seed: int) -> Path
 
 def train(data: Path, artifacts: Path, seed: int) -> None:
     from exitrank.artifacts import ManifestError, verify_manifest
+    from ranker_svc.artifact import COLLAB_LAYOUT
     from trainer.data.dataset import data_hash
 
     try:
-        if verify_manifest(artifacts).get("data_hash") == data_hash(data):
-            print(f"artifacts in {artifacts} match the data: training skipped")
+        meta = json.loads((artifacts / "ranker" / "exitrank.json").read_text())
+        if (verify_manifest(artifacts).get("data_hash") == data_hash(data)
+                and (meta.get("collab") or {}).get("layout") == COLLAB_LAYOUT):
+            print(f"artifacts in {artifacts} match the data and the soft-token layout: training skipped")
             return
-    except ManifestError:
+    except (ManifestError, OSError, ValueError):
         pass
     # collaborative soft tokens: on games6k's popularity-matched negatives the text-only tiny model
     # stays at chance within a demo's budget; the soft tokens carry the LightGCN signal (README)
