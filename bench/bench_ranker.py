@@ -48,7 +48,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.collab_cost import measure_collab_cost  # noqa: E402
-from bench.common import mixed_depth_policy  # noqa: E402
+from bench.common import mixed_depth_policy, side_by_side  # noqa: E402
 from exitrank.types import HistoryItem, NeighborContext, RankExample, UserContext  # noqa: E402
 from ranker_svc.artifact import load_ranker  # noqa: E402
 from ranker_svc.engine import predict_in_batches  # noqa: E402
@@ -134,18 +133,6 @@ def taste_examples(n: int, seed: int, *, full: bool = False, items: int = 600) -
 
 
 # --- timing ------------------------------------------------------------------------------------------
-
-
-def side_by_side(a: Callable[[], object], b: Callable[[], object], *, rounds: int) -> tuple[float, float]:
-    """Median seconds of ``a`` and of ``b``, alternating a, b, a, b, ... after one warm-up each."""
-    a(), b()
-    times_a, times_b = [], []
-    for _ in range(rounds):
-        for fn, times in ((a, times_a), (b, times_b)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
 
 
 def matmul_gflops(dtype: torch.dtype, size: int = 1024, reps: int = 10) -> float:
@@ -319,8 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         presets[preset] = {**measure_preset(out / "ranker", seed=args.seed, rounds=args.rounds), "training": training}
         if not args.no_collab:
             presets[preset]["collab_cost"] = measure_collab_cost(
-                preset, out / "collab", examples=taste_examples, prompt=PROMPT, seed=args.seed, rounds=args.rounds,
-                side_by_side=side_by_side)
+                preset, out / "collab", examples=taste_examples, prompt=PROMPT, seed=args.seed, rounds=args.rounds)
         print(f"{preset}: {json.dumps(presets[preset])}", file=sys.stderr, flush=True)
     result = {"presets": presets, "targets": targets(presets),
               "machine": {"cores": os.cpu_count(), "torch_threads": args.threads,

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import side_by_side
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker
 from ranker_svc.engine import predict_in_batches
@@ -62,8 +63,7 @@ def with_vectors(examples: list[RankExample]) -> list[RankExample]:
 
 
 def measure_collab_cost(preset: str, out: Path, *, examples: Callable[..., list[RankExample]],
-                        prompt, seed: int, rounds: int,
-                        side_by_side: Callable[..., tuple[float, float]]) -> dict:
+                        prompt, seed: int, rounds: int) -> dict:
     """Tunes a ``full`` soft-token artifact of ``preset`` into ``out`` and times it with and without its slots.
 
     ``examples(n, seed, full=)``: the bench's synthetic taste examples; ``prompt``: its text prompt config.

@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 import threading
@@ -213,3 +214,15 @@ def mixed_depth_policy(p_yes, answer_layers: Sequence[int], target_layer: float)
         if gap < best_gap:
             best, best_gap = policy, gap
     return best
+
+
+def side_by_side(a: Callable[[], object], b: Callable[[], object], *, rounds: int) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, alternating a, b, a, b, ... after one warm-up each."""
+    a(), b()
+    times_a, times_b = [], []
+    for _ in range(rounds):
+        for fn, times in ((a, times_a), (b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)

@@ -55,11 +55,11 @@ def prepare_data(data_root: Path, work: Path, max_users: int, seed: int) -> Path
 
 def train(data: Path, artifacts: Path, seed: int) -> None:
     from exitrank.artifacts import ManifestError, verify_manifest
-    from ranker_svc.artifact import COLLAB_LAYOUT
+    from ranker_svc.artifact import COLLAB_LAYOUT, META_FILE
     from trainer.data.dataset import data_hash
 
     try:
-        meta = json.loads((artifacts / "ranker" / "exitrank.json").read_text())
+        meta = json.loads((artifacts / "ranker" / META_FILE).read_text())
         if (verify_manifest(artifacts).get("data_hash") == data_hash(data)
                 and (meta.get("collab") or {}).get("layout") == COLLAB_LAYOUT):
             print(f"artifacts in {artifacts} match the data and the soft-token layout: training skipped")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.bench_ranker import PROMPT, side_by_side, taste_examples
+from bench.bench_ranker import PROMPT, taste_examples
 from bench.collab_cost import measure_collab_cost, with_vectors
 
 
@@ -15,8 +15,7 @@ def test_every_slot_gets_a_vector():
 
 
 def test_collab_cost_counts_the_slots_and_times_both_prompts(tmp_path):
-    cost = measure_collab_cost("tiny", tmp_path, examples=taste_examples, prompt=PROMPT, seed=0, rounds=1,
-                               side_by_side=side_by_side)
+    cost = measure_collab_cost("tiny", tmp_path, examples=taste_examples, prompt=PROMPT, seed=0, rounds=1)
     # full-length contexts: the user, 10 own items, 4 similar users x 5 items; the target in the suffix
     own, neighbours = PROMPT.max_history, PROMPT.num_neighbors * PROMPT.neighbor_history
     assert cost["soft_tokens_per_prompt"] == 1 + own + neighbours + 1
