@@ -9,13 +9,17 @@ export PYTHONUNBUFFERED := 1
 
 REPORT ?= reports/reproduce
 
-.PHONY: install codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
+.PHONY: install lock codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml requirements.lock scripts/install.sh
 	bash scripts/install.sh $(VENV)
 	touch $@
+
+# the newest releases the requirements admit, frozen into requirements.lock, stubs regenerated with them
+lock:
+	bash scripts/lock.sh
 
 codegen: install
 	$(PY) scripts/codegen.py

@@ -46,6 +46,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from exitrank.security import ClientPEM, Limits, RateLimiter, ServerPEM
+from exitrank.server_streams import write_responses
 from exitrank.wire import malformed_field
 
 log = logging.getLogger(__name__)
@@ -246,11 +247,11 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         admit, checked = self._admit, self._checked
         streaming_in = handler.request_streaming
 
-        if inspect.isasyncgenfunction(behavior):
+        if inspect.isasyncgenfunction(behavior):  # driven here, closed within the call (exitrank.server_streams)
             async def guarded(request, context):
                 await admit(None if streaming_in else request, context, limited, exempt)
-                async for response in behavior(checked(request, context) if streaming_in else request, context):
-                    yield response
+                await write_responses(behavior(checked(request, context) if streaming_in else request, context),
+                                      context)
         else:
             async def guarded(request, context):
                 await admit(None if streaming_in else request, context, limited, exempt)

@@ -38,7 +38,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exitrank.artifacts import MANIFEST, verify_manifest
 from exitrank.observability import config as observability_config
-from exitrank.observability import setup_process
+from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RankerMetrics
 from exitrank.observability.settings import log_settings
@@ -225,6 +225,7 @@ def _signal_event() -> asyncio.Event:
 
 
 def main(argv: list[str] | None = None) -> int:
+    enable_crash_stacks()  # a native crash leaves every thread's stack in the log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     shutdown_tracing = None
     try:

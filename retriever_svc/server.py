@@ -45,7 +45,7 @@ from grpc_reflection.v1alpha import reflection
 
 from exitrank.artifacts import MANIFEST, verify_manifest
 from exitrank.grpc_security import bind, drain_and_stop, find_guard, server_kwargs
-from exitrank.observability import setup_process
+from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RetrieverMetrics
 from exitrank.observability.settings import log_settings
@@ -200,6 +200,7 @@ async def serve(config: RetrieverConfig, redis_url: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``retriever-svc`` console script; returns the exit status."""
+    enable_crash_stacks()  # a native crash leaves every thread's stack in the log
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

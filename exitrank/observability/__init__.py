@@ -13,18 +13,21 @@
 Core classes never see any of this directly: the ranker core reports to a ``RankObserver``
 (``RankerMetrics`` implements it), the retriever core answers ``stats()`` when scraped.
 
+    enable_crash_stacks()                                               # first thing in main()
     shutdown = setup_process(config.observability, service="ranker")   # in main(), once
 """
 
 from __future__ import annotations
 
+import faulthandler
+import sys
 from collections.abc import Callable
 
 from exitrank.observability import tracing
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.observability.logs import configure_logging
 
-__all__ = ["ObservabilityConfig", "setup_process"]
+__all__ = ["ObservabilityConfig", "enable_crash_stacks", "setup_process"]
 
 
 def setup_process(config: ObservabilityConfig, *, service: str) -> Callable[[], None]:
@@ -34,3 +37,9 @@ def setup_process(config: ObservabilityConfig, *, service: str) -> Callable[[], 
     tracing.configure(config.tracing, service_name=config.service_name or f"exitrank-{service}",
                       file=config.tracing_file, install_global=True)
     return tracing.shutdown
+
+
+def enable_crash_stacks() -> None:
+    """On a fatal signal (SIGSEGV, SIGFPE, SIGABRT, SIGBUS, SIGILL) write every thread's Python
+    stack to stderr (the service's log) before the process dies: a native crash must leave a trace."""
+    faulthandler.enable(file=sys.stderr, all_threads=True)

@@ -21,7 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -34,6 +34,7 @@ from exitrank.observability.context import (
     rpc_var,
 )
 from exitrank.observability.metrics import RpcMetrics, ServiceMetrics
+from exitrank.server_streams import write_responses
 
 access_log = logging.getLogger("exitrank.access")
 # statuses that are the server's fault: logged under access_log "errors". RESOURCE_EXHAUSTED (rate
@@ -54,6 +55,13 @@ class _Method:
         self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": short}
         self.handler: Any = None
         self.wrapped: Any = None
+
+
+class _Call(NamedTuple):
+    """What :meth:`ServerTelemetry._begin` took from a call for its end: the span and the peer."""
+
+    span: Any
+    peer: str
 
 
 def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
@@ -104,21 +112,22 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             make = grpc.stream_stream_rpc_method_handler if handler.request_streaming \
                 else grpc.unary_stream_rpc_method_handler
 
-            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                span, start = self._begin(method, context), time.perf_counter()
+            async def streaming(request: Any, context: grpc.aio.ServicerContext) -> None:
+                # a coroutine writing the responses, never a generator grpc could leave open past
+                # the call's end (exitrank.server_streams): _finish runs while the call is alive
+                call, start = self._begin(method, context), time.perf_counter()
                 error: BaseException | None = None
                 try:
                     result = inner(request, context)
                     if hasattr(result, "__aiter__"):
-                        async for response in result:
-                            yield response
+                        await write_responses(result, context)
                     elif inspect.isawaitable(result):  # writes with context.write
                         await result
                 except BaseException as exc:
                     error = exc
                     raise
                 finally:
-                    self._finish(method, context, error, start, span)
+                    self._finish(method, context, error, start, call)
 
             return make(streaming, **serde)
         inner = handler.stream_unary if handler.request_streaming else handler.unary_unary
@@ -126,7 +135,7 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
             else grpc.unary_unary_rpc_method_handler
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            span, start = self._begin(method, context), time.perf_counter()
+            call, start = self._begin(method, context), time.perf_counter()
             error: BaseException | None = None
             try:
                 result = inner(request, context)
@@ -135,11 +144,11 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                self._finish(method, context, error, start, span)
+                self._finish(method, context, error, start, call)
 
         return make(unary, **serde)
 
-    def _begin(self, method: _Method, context: grpc.aio.ServicerContext) -> Any:
+    def _begin(self, method: _Method, context: grpc.aio.ServicerContext) -> _Call:
         metadata = context.invocation_metadata()
         request_id = request_id_from(metadata)
         request_id_var.set(request_id)  # this call's task only: grpc.aio runs each call in its own
@@ -147,23 +156,23 @@ class ServerTelemetry(grpc.aio.ServerInterceptor):
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         if method.metrics is not None:
             method.metrics.started.inc()
-        if tracing.enabled():
-            return tracing.start_server_span(method.name, metadata, method.attributes)
-        return None
+        span = tracing.start_server_span(method.name, metadata, method.attributes) if tracing.enabled() else None
+        # the peer is read now, while gRPC core holds the call: never from _finish (module docstring)
+        return _Call(span=span, peer=context.peer() if self._access != "off" else "")
 
     def _finish(self, method: _Method, context: grpc.aio.ServicerContext, error: BaseException | None,
-                start: float, span: Any) -> None:
+                start: float, call: _Call) -> None:
         seconds = time.perf_counter() - start
         code = _code(context, error)
         if method.metrics is not None:
             method.metrics.observe(code, seconds)
-        if span is not None:
-            tracing.end_span(span, code, error=code != "OK")
+        if call.span is not None:
+            tracing.end_span(call.span, code, error=code != "OK")
         fault = code in SERVER_FAULTS
         if self._access == "all" or (fault and self._access == "errors"):
             ms = seconds * 1e3
             access_log.log(logging.WARNING if fault else logging.INFO, "%s %s %.1f ms", method.name, code, ms,
-                           extra={"status": code, "duration_ms": round(ms, 3), "peer": context.peer()})
+                           extra={"status": code, "duration_ms": round(ms, 3), "peer": call.peer})
 
 
 class ClientTelemetry(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,

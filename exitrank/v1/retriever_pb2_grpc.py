@@ -6,7 +6,7 @@ import warnings
 from exitrank.v1 import common_pb2 as exitrank_dot_v1_dot_common__pb2
 from exitrank.v1 import retriever_pb2 as exitrank_dot_v1_dot_retriever__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 

@@ -32,3 +32,26 @@ def test_stubs_expose_the_public_contract():
     assert hasattr(ranker_pb2_grpc, "RankerStub") and hasattr(retriever_pb2_grpc, "RetrieverStub")
     request = ranker_pb2.RankRequest(user_id="u")
     assert not request.HasField("exit_policy")  # absent means the calibrated policy
+
+
+def _locked(name: str) -> str:
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        pinned, _, version = line.partition("==")
+        if pinned.strip().lower() == name:
+            return version.strip()
+    raise AssertionError(f"requirements.lock pins no {name}: run `make lock`")
+
+
+def test_stubs_are_generated_by_the_locked_grpcio_tools():
+    """The staleness test above compares against what the *installed* generator writes: it means
+    something only when that generator is the locked one, and the stubs say which one wrote them."""
+    import importlib.metadata as md
+
+    tools = _locked("grpcio-tools")
+    installed = md.version("grpcio-tools")
+    assert installed == tools, (f"grpcio-tools {installed} is installed but requirements.lock pins {tools}: "
+                                "run `make install` (or `make lock` to move the pin, then commit the stubs)")
+    for stub in sorted((ROOT / "exitrank" / "v1").glob("*_pb2_grpc.py")):
+        assert f"GRPC_GENERATED_VERSION = '{tools}'" in stub.read_text(), f"{stub.name}: run `make codegen`"
+    runtime = tuple(int(p) for p in _locked("grpcio").split(".")[:3])
+    assert runtime >= tuple(int(p) for p in tools.split(".")[:3]), "the locked grpcio is older than its stubs"
