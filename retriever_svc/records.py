@@ -1,19 +1,18 @@
 """Plain records the core reads and answers (no grpc), and the request validation rules.
 
-The limits are the public contract's (protos/exitrank/v1/*.proto); each check raises
-``InvalidArgument`` naming the field and saying what to fix.
+The limits are the public contract's (protos/exitrank/v1/*.proto); the id rule, shared with the ranker,
+lives in ``exitrank.limits``. Each check raises ``InvalidArgument`` naming the field and saying what to fix.
 """
 
 from __future__ import annotations
 
 import math
-import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from exitrank.limits import id_problem
 from retriever_svc.errors import InvalidArgument
 
-MAX_ID_BYTES = 128
 MAX_TITLE_CHARS = 512
 MAX_ATTRIBUTES = 32
 MAX_ATTRIBUTE_VALUE_CHARS = 1024
@@ -67,14 +66,11 @@ class Neighbors:
 
 
 def check_id(field_name: str, value: object) -> str:
-    """1..128 bytes of UTF-8 without control characters."""
-    if not isinstance(value, str) or not value:
-        raise InvalidArgument(field_name, "must be a non-empty string")
-    if len(value.encode("utf-8", errors="surrogatepass")) > MAX_ID_BYTES:
-        raise InvalidArgument(field_name, f"must be at most {MAX_ID_BYTES} bytes of UTF-8")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):
-        raise InvalidArgument(field_name, "must not contain control characters")
-    return value
+    """The contract's id rule (exitrank.limits.id_problem), refused as this service's InvalidArgument."""
+    problem = id_problem(value)
+    if problem is not None:
+        raise InvalidArgument(field_name, problem)
+    return value  # type: ignore[return-value]  # id_problem accepted it: a str
 
 
 def check_range(field_name: str, value: int, bounds: tuple[int, int]) -> int:
