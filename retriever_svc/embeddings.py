@@ -11,8 +11,9 @@ On disk (``ARTIFACTS/gcn/``, see docs/architecture.md)::
 
 ``item_foldin`` is the fold-in basis f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|) (see
 ``retriever_svc.model.LightGCNRetriever.export``): a user's embedding from its interactions is
-sum_{i in N_u} f_i / sqrt(|N_u|). Without it the retriever falls back to f_i = e_i (one propagation
-step of the final item embeddings), an approximation.
+sum_{i in N_u} f_i / sqrt(|N_u|) (``fold_in``, the one implementation that serving and training both
+call). Without it the retriever falls back to f_i = e_i (one propagation step of the final item
+embeddings), an approximation.
 
 Loading uses safetensors only (nothing is unpickled) and checks that ids and shapes agree.
 """
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +190,32 @@ class GCNEmbeddings:
             item_foldin=tensors.get("item_foldin"),
             user_variants={k.split("@", 1)[1]: v for k, v in tensors.items() if k.startswith("user@")},
         )
+
+
+def fold_in(basis: np.ndarray, item_row: Mapping[str, int], item_ids: Iterable[str]) -> np.ndarray | None:
+    """A user's LightGCN embedding from its interactions, with the fit's items held fixed (fold-in).
+
+    LightGCN's propagation gives user u at layer k >= 1, with the item layers e_i^(k-1) of the fit fixed,
+    e_u^(k) = sum_{i in N_u} e_i^(k-1) / sqrt(|N_u| |N_i|), so the combined embedding is::
+
+        e_u = sum_{i in N_u} f_i / sqrt(|N_u|),   f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|)
+
+    Args:
+        basis: (I, d) the fit's fold-in basis f (``GCNEmbeddings.fold_in_basis``).
+        item_row: item id -> row of ``basis``.
+        item_ids: the user's interactions; N_u is their distinct ids that ``item_row`` knows (items new
+            since the fit have no embedding and are skipped).
+
+    Returns:
+        (d,) with ``basis``'s dtype, or None when none of the items is known.
+
+    The retriever folds users in with it at serving time and the trainer builds its examples' user
+    vectors with it, so training and serving see the same vector.
+    """
+    rows = sorted({item_row[i] for i in item_ids if i in item_row})
+    if not rows:
+        return None
+    return basis[rows].sum(axis=0) / math.sqrt(len(rows))
 
 
 def _matrix(name: str, value: np.ndarray, rows: int) -> np.ndarray:

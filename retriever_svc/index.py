@@ -20,7 +20,8 @@ gives user u at layer k >= 1, with the item layers e_i^(k-1) of the fit held fix
     e_u^(k) = sum_{i in N_u} e_i^(k-1) / sqrt(|N_u| |N_i|)
 
 so the combined embedding sum_{k>=1} alpha_k e_u^(k) = sum_{i in N_u} f_i / sqrt(|N_u|), with the
-fit's per-item basis f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|) (``item_foldin``). For the
+fit's per-item basis f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|) (``item_foldin``), computed by
+``retriever_svc.embeddings.fold_in``, which the trainer's offline contexts call too. For the
 paper's ``mean_1_to_K`` (alpha_0 = 0) this is exactly the embedding the fit gives a user with the
 same items, so folded-in and fitted users are comparable by cosine; for ``mean_0_to_K`` it lacks
 the user's own free layer-0 term, which only a refit can learn. N_u is the user's distinct items
@@ -39,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -50,7 +50,7 @@ import numpy as np
 
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from retriever_svc.config import IndexConfig
-from retriever_svc.embeddings import GCNEmbeddings
+from retriever_svc.embeddings import GCNEmbeddings, fold_in
 from retriever_svc.errors import EmbeddingsError, InvalidArgument, UnknownUser
 from retriever_svc.records import (
     CONTEXT_K_RANGE,
@@ -86,11 +86,8 @@ class _Vectors:
     items: np.ndarray  # (I, d) final item embeddings
 
     def fold_in(self, item_ids: Iterable[str]) -> np.ndarray | None:
-        """e_u = sum_{i in N_u} f_i / sqrt(|N_u|) over the known distinct items; (d,) or None."""
-        rows = sorted({self.item_row[i] for i in item_ids if i in self.item_row})
-        if not rows:
-            return None
-        return self.basis[rows].sum(axis=0) / math.sqrt(len(rows))
+        """e_u = sum_{i in N_u} f_i / sqrt(|N_u|) over the known distinct items (``embeddings.fold_in``)."""
+        return fold_in(self.basis, self.item_row, item_ids)
 
     def item(self, item_id: str) -> np.ndarray | None:
         row = self.item_row.get(item_id)

@@ -26,6 +26,7 @@ import numpy as np
 
 from exitrank.types import Event, HistoryItem, NeighborContext, RankExample, Sample, UserContext
 from ranker_svc.collab import COLLAB_HISTORY
+from retriever_svc.embeddings import fold_in
 from trainer.data.dataset import Dataset, Interaction, graph_interactions
 
 if TYPE_CHECKING:
@@ -48,7 +49,7 @@ class OfflineContexts:
             carry ``user_embedding``, history items and examples their items' vectors (None for
             ids the fit lacks), as the retriever's GetContext does for such rankers. The user's
             vector is the fold-in of the sample's own history (the items before its target,
-            ``retriever_svc.index``'s rule), not the fitted row: the graph holds training
+            ``retriever_svc.embeddings.fold_in``, as serving), not the fitted row: the graph holds training
             targets, so a fitted user vector would already know the answer of its training samples.
     """
 
@@ -73,13 +74,11 @@ class OfflineContexts:
         self._item_row = {i: r for r, i in enumerate(vectors.item_ids)} if vectors is not None else {}
 
     def user_vector(self, events: Sequence[Event]):
-        """The fold-in of these interactions' known distinct items (d,), or None."""
+        """The fold-in of these interactions' known distinct items (d,), or None: the retriever's
+        own ``fold_in``, so training sees the vector serving computes."""
         if self.vectors is None:
             return None
-        rows = sorted({self._item_row[e.item_id] for e in events if e.item_id in self._item_row})
-        if not rows:
-            return None
-        return self.vectors.fold_in_basis()[rows].sum(axis=0) / np.sqrt(len(rows))
+        return fold_in(self.vectors.fold_in_basis(), self._item_row, (e.item_id for e in events))
 
     def item_vector(self, item_id: str):
         """The item's soft-token vector (d,), or None."""

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import uuid
 
 import numpy as np
 import pytest
 
+from ranker_svc.collab import COLLAB_HISTORY
+from retriever_svc.config import IndexConfig
 from retriever_svc.embeddings import GCNEmbeddings
+from retriever_svc.index import Retriever
+from retriever_svc.records import Interaction
+from retriever_svc.store import RedisStore
 from trainer.context import OfflineContexts, subsample
 from trainer.data.dataset import graph_interactions, load_dataset
 from trainer.data.synth import SynthConfig, synth
@@ -90,3 +97,42 @@ def test_uncached_contexts_equal_cached_ones(data):
     cached = OfflineContexts(ds, gcn, k=3).examples("valid", retrieval=True)
     fresh = OfflineContexts(ds, gcn, k=3, cache=False)
     assert fresh.examples("valid", retrieval=True) == cached and fresh._neighbors == {}
+
+
+def _served_user_vectors(redis_url: str, emb: GCNEmbeddings, histories: dict[str, list]) -> dict[str, np.ndarray]:
+    """What the retriever's GetContext answers as each user's vector once its events are ingested."""
+    async def serve() -> dict[str, np.ndarray]:
+        store = RedisStore.from_url(redis_url, prefix=f"foldin-{uuid.uuid4().hex[:8]}", timeout_s=5.0)
+        try:
+            retriever = Retriever(store=store, config=IndexConfig(kind="exact"))
+            await retriever.load_embeddings(emb)
+            await retriever.apply_events([Interaction(u, e.item_id, e.rating, e.timestamp_ms)
+                                          for u, events in histories.items() for e in events])
+            return {u: (await retriever.get_context(u, k=0, max_history=COLLAB_HISTORY, embedding_version=""))
+                    .user_embedding for u in histories}
+        finally:
+            async for key in store.client.scan_iter(match=f"{store.keys.prefix}:*"):
+                await store.client.delete(key)
+            await store.close()
+    return asyncio.run(serve())
+
+
+def test_training_and_serving_fold_in_the_same_user_vector(data, redis_url):
+    """The trainer's examples carry exactly the user vector the retriever serves for the same history:
+    one fold-in (retriever_svc.embeddings.fold_in) on both paths, so training and serving cannot drift."""
+    ds, groups = data
+    emb = _group_embeddings(ds, groups)
+    emb.item_foldin = np.random.default_rng(1).standard_normal(emb.item.shape).astype(np.float32)
+    offline = OfflineContexts(ds, None, vectors=emb)
+    samples = {}
+    for sample in ds.split("test"):  # one sample a user, histories of distinct items (Redis keeps one row an item)
+        recent = sample.history[-COLLAB_HISTORY:]
+        if len(recent) > 1 and len({e.item_id for e in recent}) == len(recent):
+            samples.setdefault(sample.user_id, sample)
+    assert len(samples) >= 5
+    served = _served_user_vectors(redis_url, emb, {u: s.history[-COLLAB_HISTORY:] for u, s in samples.items()})
+    for user, sample in samples.items():
+        trained = offline.context(sample).user_embedding
+        assert trained is not None and served[user] is not None
+        assert trained.dtype == served[user].dtype
+        np.testing.assert_array_equal(trained, served[user])
