@@ -65,7 +65,8 @@ from ranker_svc.prompt import PromptConfig  # noqa: E402
 from ranker_svc.ranker import Ranker, ScoreJob, encode_prompt  # noqa: E402
 from trainer.calibrate import calibrate, exit_probabilities  # noqa: E402
 from trainer.heads import fit_heads  # noqa: E402
-from trainer.tune import auc, instruction_tune  # noqa: E402
+from trainer.stats import auc  # noqa: E402
+from trainer.tune import instruction_tune  # noqa: E402
 
 THEMES = [
     "dragon castle wizard sword elven quest rune throne crystal knight spell realm",

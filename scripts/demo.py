@@ -25,10 +25,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2_grpc
+from trainer.stats import auc
 
 PY = sys.executable
 
@@ -132,9 +132,8 @@ def rank_held_out(channel: grpc.Channel, tests: dict[str, list], max_users: int)
             labels.append(label_of[score.item_id])
             scores.append(score.ctr)
             layers[score.exit_layer] += 1
-    auc = roc_auc_score(labels, scores) if len(set(labels)) == 2 else float("nan")
     return {
-        "users": len(latencies), "candidates": len(scores), "auc": float(auc),
+        "users": len(latencies), "candidates": len(scores), "auc": auc(labels, scores),
         "retrieval_used_fraction": with_retrieval / max(1, len(latencies)),
         "exit_layer_histogram": dict(sorted(layers.items())),
         "latency_ms": {"p50": float(np.percentile(latencies, 50)),

@@ -39,8 +39,8 @@ from ranker_svc.artifact import load_ranker, read_meta, stamp_version, write_met
 from ranker_svc.exits import MAX_WINDOW, ExitPolicy, simulate_exits
 from ranker_svc.model import EarlyExitLM, resolve_dtype
 from trainer.heads import exit_states
-from trainer.stats import paired_auc_difference
-from trainer.tune import auc, encode_examples
+from trainer.stats import auc, paired_auc_difference
+from trainer.tune import encode_examples
 
 DELTA_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 CONFIDENCE_THRESHOLDS = (0.55, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)

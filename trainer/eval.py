@@ -6,7 +6,7 @@ without early exit) (the paper's Table 2/3 rows): ``no_retrieval`` and
 ``gcn_retrieval`` (the user's history alone, or plus its k=4 GCN-nearest users), each with the full
 depth (``ExitPolicy(disabled=True)``) and with the calibrated early-exit policy (``+early_exit``).
 
-- AUC: ``sklearn.metrics.roc_auc_score`` of the Yes-probability (paper eq. ``y = e^{s_a}/(e^{s_a}+e^{s_b})``)
+- AUC: ``trainer.stats.auc_with_ci`` of the Yes-probability (paper eq. ``y = e^{s_a}/(e^{s_a}+e^{s_b})``)
   against the 0/1 labels; ``auc_ci95`` is the percentile interval of ``bootstrap`` resamples of the
   evaluated samples (seeded; resamples with one class only are skipped).
 - requests/s: one request = one test sample; the clock covers building its context (its own neighbour
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from exitrank.types import ExitDecision, RankExample, Sample
 from trainer.context import OfflineContexts, subsample
 from trainer.data.dataset import Dataset, load_dataset
+from trainer.stats import auc_with_ci
 
 CONFIGS = (  # (name, retrieval, early_exit)
     ("no_retrieval", "none", False),
@@ -60,31 +60,6 @@ class EvalConfig:
     max_history: int = 15
     split: str = "test"
     collab_artifacts: Path | None = None  # a second artifact trained with --collab-tokens
-
-
-def auc_with_ci(labels: Sequence[int], scores: Sequence[float], *, resamples: int = 1000, seed: int = 0,
-                level: float = 0.95) -> tuple[float, tuple[float, float]]:
-    """ROC AUC and its bootstrap percentile interval.
-
-    Raises:
-        ValueError: the labels hold a single class (AUC is undefined).
-    """
-    y = np.asarray(labels, dtype=np.int64)
-    s = np.asarray(scores, dtype=np.float64)
-    if len(np.unique(y)) < 2:
-        raise ValueError("AUC needs both positive and negative labels in the evaluated samples")
-    auc = float(roc_auc_score(y, s))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(y), size=len(y))
-        if y[idx].min() != y[idx].max():
-            draws.append(roc_auc_score(y[idx], s[idx]))
-    if not draws:
-        return auc, (auc, auc)
-    tail = 100 * (1 - level) / 2
-    lo, hi = np.percentile(draws, [tail, 100 - tail])
-    return auc, (float(lo), float(hi))
 
 
 def _timed_run(ranker, contexts: OfflineContexts, samples: list[Sample], *, retrieval: bool, policy,

@@ -33,7 +33,8 @@ from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_heads
 from ranker_svc.model import EarlyExitLM, ExitHead
 from ranker_svc.ranker import pad_right
-from trainer.tune import auc, batches, encode_examples
+from trainer.stats import auc
+from trainer.tune import batches, encode_examples
 
 FULL_VOCAB_HEAD_PARAMS = 50_000_000
 

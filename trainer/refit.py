@@ -26,7 +26,7 @@ One refit (:func:`refit_once`), under a lock file so runs never overlap:
    serving release's manifest, then flags. Its manifest is written last.
 3. Evaluate serving and candidate on the same held-out samples (the test split, at most
    ``--max-eval``): each with its own embeddings for the neighbours and its own calibrated exit
-   policy, as each would serve. AUCs with bootstrap intervals (``trainer.eval.auc_with_ci``) and
+   policy, as each would serve. AUCs with bootstrap intervals (``trainer.stats.auc_with_ci``) and
    the paired DeLong difference (``trainer.stats.paired_auc_difference``).
 4. The rule: publish when ``AUC_candidate - AUC_serving >= -(z * se + tolerance)``, ``z`` =
    ``--noise-sigmas`` (default 2) standard errors of the paired difference and ``tolerance`` =
@@ -193,8 +193,7 @@ def evaluate(serving: Path, candidate: Path, data_dir: Path, cfg: RefitConfig) -
     """Both releases scored on the same held-out samples; AUCs, the paired difference and its se."""
     from trainer.context import subsample
     from trainer.data.dataset import load_dataset
-    from trainer.eval import auc_with_ci
-    from trainer.stats import paired_auc_difference
+    from trainer.stats import auc_with_ci, paired_auc_difference
 
     dataset = load_dataset(data_dir)
     samples = subsample(dataset.split("test"), cfg.max_eval, cfg.seed)

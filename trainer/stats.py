@@ -1,4 +1,5 @@
-r"""AUC and the uncertainty of AUC differences, by DeLong's method.
+r"""AUC, its bootstrap interval, and the uncertainty of AUC differences by DeLong's method: the one place
+the trainer, calibration, the reproduction and the benchmarks compute an AUC.
 
 DeLong, DeLong and Clarke-Pearson (1988), *Comparing the areas under two or more correlated
 receiver operating characteristic curves: a nonparametric approach*, Biometrics 44(3). With m
@@ -47,6 +48,41 @@ def _check(labels: Sequence[int], *score_sets: Sequence[float]) -> np.ndarray:
         if len(scores) != len(y):
             raise ValueError(f"{len(scores)} scores for {len(y)} labels")
     return y
+
+
+def auc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    """ROC AUC (a tie counts a half), NaN when the labels hold only one class."""
+    y = np.asarray(labels)
+    if len(scores) != len(y):
+        raise ValueError(f"{len(scores)} scores for {len(y)} labels")
+    if set(np.unique(y).tolist()) != {0, 1}:
+        return float("nan")
+    return _components(y, np.asarray(scores, dtype=np.float64))[0]
+
+
+def auc_with_ci(labels: Sequence[int], scores: Sequence[float], *, resamples: int = 1000, seed: int = 0,
+                level: float = 0.95) -> tuple[float, tuple[float, float]]:
+    """ROC AUC and its bootstrap percentile interval (seeded; resamples with one class only are skipped).
+
+    Raises:
+        ValueError: the labels hold a single class (AUC is undefined).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    s = np.asarray(scores, dtype=np.float64)
+    if len(np.unique(y)) < 2:
+        raise ValueError("AUC needs both positive and negative labels in the evaluated samples")
+    value = auc(y, s)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(y), size=len(y))
+        if y[idx].min() != y[idx].max():
+            draws.append(auc(y[idx], s[idx]))
+    if not draws:
+        return value, (value, value)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(draws, [tail, 100 - tail])
+    return value, (float(lo), float(hi))
 
 
 def delong_auc_variance(labels: Sequence[int], scores: Sequence[float]) -> tuple[float, float]:

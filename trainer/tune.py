@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
@@ -37,6 +36,7 @@ from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
 from ranker_svc.ranker import Ranker, pad_right
 from ranker_svc.ranker import encode_examples as ranker_examples
 from trainer.lm import answer_token_ids, build_model, build_tokenizer, ensure_collab_token, load_base_model
+from trainer.stats import auc
 
 LORA_AUTO_PARAMS = 50_000_000  # above this, full fine-tuning on CPU is impractical: use LoRA
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -82,11 +82,6 @@ def answer_loss(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch
     last = hidden[rows, mask.sum(dim=1) - 1]  # (B, H)
     logits = causal_lm.get_output_embeddings()(last).float()  # (B, V)
     return F.cross_entropy(logits, targets)
-
-
-def auc(labels: list[int], scores: list[float]) -> float:
-    """ROC AUC, NaN when only one class is present."""
-    return float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else float("nan")
 
 
 def instruction_tune(

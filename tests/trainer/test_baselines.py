@@ -16,7 +16,7 @@ import torch
 from exitrank.types import HistoryItem, RankExample, UserContext
 from trainer.baselines import BASELINES, DIN, Batch, DeepFM, FeatureSpace, GRU4Rec, SASRec, fit_baseline
 from trainer.baselines.features import OOV, PAD, rating_bucket
-from trainer.tune import auc
+from trainer.stats import auc
 
 GROUPS, PER_GROUP = 8, 25
 FAST = dict(epochs=12, batch_size=64, lr=5e-3, patience=3)  # small data: more, larger steps

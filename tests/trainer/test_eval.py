@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from trainer.eval import CONFIGS, auc_with_ci, render_markdown, write_report
+from trainer.eval import CONFIGS, render_markdown, write_report
+from trainer.stats import auc_with_ci
 
 
 def test_perfect_ranking_gives_one_with_a_degenerate_interval():

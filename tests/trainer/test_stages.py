@@ -18,7 +18,8 @@ from ranker_svc.exits import ExitPolicy, simulate_exits
 from ranker_svc.ranker import Ranker
 from trainer.calibrate import calibrate, choose, exit_probabilities, PolicyPoint
 from trainer.heads import fit_heads
-from trainer.tune import auc, encode_examples, instruction_tune
+from trainer.stats import auc
+from trainer.tune import encode_examples, instruction_tune
 
 POSITIVE = ("sunny", "golden", "bright", "happy")
 NEGATIVE = ("gloomy", "rusty", "dull", "broken")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from trainer.stats import delong_auc_variance, paired_auc_difference
+from trainer.stats import auc, delong_auc_variance, paired_auc_difference
 
 
 def test_hand_computed_auc_and_variance():
@@ -57,3 +57,16 @@ def test_refuses_one_class_or_mismatched_lengths():
         delong_auc_variance([1, 1], [0.2, 0.3])
     with pytest.raises(ValueError, match="3 scores for 2 labels"):
         paired_auc_difference([0, 1], [0.1, 0.2], [0.1, 0.2, 0.3])
+
+
+def test_one_auc_for_every_caller():
+    """trainer.stats.auc (tuning, calibration, baselines, benchmarks) is sklearn's AUC, ties a half, and NaN
+    on one class; the bootstrap interval's point value and DeLong's are the same number."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(labels * 0.4 + rng.normal(size=300), 1)  # rounded: many ties
+    assert auc(labels.tolist(), scores.tolist()) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert auc(labels, scores) == delong_auc_variance(labels, scores)[0]
+    assert math.isnan(auc([1, 1, 1], [0.1, 0.2, 0.3]))
+    with pytest.raises(ValueError, match="2 scores for 3 labels"):
+        auc([0, 1, 1], [0.1, 0.2])

@@ -1,7 +1,7 @@
 """Training the classic CTR baselines on the ranker's own examples, and scoring with them.
 
 One recipe for all four models: binary cross-entropy on the click logit, Adam, shuffled mini-batches,
-and early stopping on the validation AUC (``trainer.tune.auc``): after each epoch the valid split is
+and early stopping on the validation AUC (``trainer.stats.auc``): after each epoch the valid split is
 scored, the best epoch's weights are kept, and training stops after ``patience`` epochs without a
 better AUC. Without a usable valid split (absent, or one class only) every epoch runs and the last is
 kept.
@@ -41,6 +41,7 @@ from trainer.baselines.din import DIN
 from trainer.baselines.features import OOV, PAD, Batch, FeatureSpace
 from trainer.baselines.gru4rec import GRU4Rec
 from trainer.baselines.sasrec import SASRec
+from trainer.stats import auc
 
 BASELINES: dict[str, type[nn.Module]] = {"deepfm": DeepFM, "din": DIN, "gru4rec": GRU4Rec, "sasrec": SASRec}
 
@@ -175,7 +176,6 @@ def fit_baseline(
 
 def _fit(name: str, train: Sequence[RankExample], valid: Sequence[RankExample], config: FitConfig, seed: int,
          progress: bool) -> Baseline:
-    from trainer.tune import auc  # imported here: trainer.tune loads transformers
 
     space = FeatureSpace.fit(train, max_history=config.max_history, titles=config.titles)
     model = BASELINES[name](space=space, dim=config.embedding_dim)

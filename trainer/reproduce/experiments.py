@@ -35,8 +35,8 @@ import numpy as np
 
 from exitrank.types import RankExample, Sample
 from trainer.context import OfflineContexts
-from trainer.eval import EvalConfig, _timed_run, auc_with_ci
-from trainer.stats import paired_auc_difference
+from trainer.eval import EvalConfig, _timed_run
+from trainer.stats import auc, auc_with_ci, paired_auc_difference
 
 TAUS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 WINDOWS = (1, 2, 3, 4)
@@ -169,7 +169,6 @@ def exit_sweeps(ranker, examples: list[RankExample], p_yes, speed: int, batch_si
     """Figures 3 and 4: AUC, mean exit layer (replayed from ``p_yes``, every head's P(yes) on
     ``examples``) and requests/s (timed) per tau and per m."""
     from ranker_svc.exits import ExitPolicy, simulate_exits
-    from trainer.tune import auc
 
     model, labels = ranker.model, [ex.label for ex in examples]
 
