@@ -62,7 +62,7 @@ class EvalConfig:
     collab_artifacts: Path | None = None  # a second artifact trained with --collab-tokens
 
 
-def _timed_run(ranker, contexts: OfflineContexts, samples: list[Sample], *, retrieval: bool, policy,
+def timed_run(ranker, contexts: OfflineContexts, samples: list[Sample], *, retrieval: bool, policy,
                batch_size: int) -> tuple[list[ExitDecision], float]:
     """Builds contexts (a neighbour search per sample) and scores them; returns decisions and seconds."""
     start = time.perf_counter()
@@ -78,9 +78,9 @@ def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name
 
     policy = ranker.policy if early_exit else ExitPolicy(disabled=True)
     neighbors = retrieval != "none"  # "gcn", or any other retriever behind ``contexts``
-    _timed_run(ranker, contexts, samples[: cfg.batch_size], retrieval=neighbors, policy=policy,
+    timed_run(ranker, contexts, samples[: cfg.batch_size], retrieval=neighbors, policy=policy,
                batch_size=cfg.batch_size)  # warm-up in this config's shapes, not timed
-    decisions, seconds = _timed_run(ranker, contexts, samples, retrieval=neighbors, policy=policy,
+    decisions, seconds = timed_run(ranker, contexts, samples, retrieval=neighbors, policy=policy,
                                     batch_size=cfg.batch_size)
     auc, ci = auc_with_ci([s.label for s in samples], [d.ctr for d in decisions],
                           resamples=cfg.bootstrap, seed=cfg.seed)

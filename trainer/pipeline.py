@@ -216,7 +216,7 @@ def run_stages(cfg: FitConfig, stages: tuple[str, ...] = STAGES) -> dict:
         start = time.perf_counter()
         _say(f"stage {name} ...")
         result = STAGE_FUNCTIONS[name](cfg, dataset)
-        metrics[name] = {**_jsonable(result), "seconds": round(time.perf_counter() - start, 3)}
+        metrics[name] = {**jsonable(result), "seconds": round(time.perf_counter() - start, 3)}
         _say(f"stage {name} done in {metrics[name]['seconds']:.1f}s")
     return write_manifest(Path(cfg.out), config=cfg.to_json(), data_hash=data_hash(cfg.data), metrics=metrics)
 
@@ -239,12 +239,12 @@ def _previous_metrics(out: Path) -> dict:
         return {}
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """Stage results as JSON (paths to str, tuples to lists, other objects to str)."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if hasattr(value, "item"):

@@ -105,7 +105,7 @@ class RefitConfig:
 def build_candidate(cfg: RefitConfig, serving: Path, data_dir: Path, *, heads: bool) -> Path:
     """A complete candidate release in ``ROOT/releases/.candidate-*`` (module docstring, step 2)."""
     from trainer.data.dataset import data_hash, load_dataset
-    from trainer.pipeline import _jsonable, stage_calibrate, stage_fit_gcn, stage_fit_heads
+    from trainer.pipeline import jsonable, stage_calibrate, stage_fit_gcn, stage_fit_heads
 
     staging = Path(tempfile.mkdtemp(prefix=".candidate-", dir=Path(cfg.artifacts) / RELEASES))
     staging.chmod(0o755)
@@ -119,7 +119,7 @@ def build_candidate(cfg: RefitConfig, serving: Path, data_dir: Path, *, heads: b
         for name, stage in stages:
             start = time.perf_counter()
             _say(f"refit: stage {name} ...")
-            metrics[name] = {**_jsonable(stage(fit_cfg, dataset)), "seconds": round(time.perf_counter() - start, 3)}
+            metrics[name] = {**jsonable(stage(fit_cfg, dataset)), "seconds": round(time.perf_counter() - start, 3)}
         previous = read_manifest(serving).get("metrics", {})
         metrics["refit"] = {"from_release": serving.name, "heads_refit": heads,
                             "heads_at": _now() if heads else heads_fitted_at(previous)}

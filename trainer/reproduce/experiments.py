@@ -35,7 +35,7 @@ import numpy as np
 
 from exitrank.types import RankExample, Sample
 from trainer.context import OfflineContexts
-from trainer.eval import EvalConfig, _timed_run
+from trainer.eval import EvalConfig, timed_run
 from trainer.stats import auc, auc_with_ci, paired_auc_difference
 
 TAUS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -81,9 +81,9 @@ def replay_row(ranker, contexts: OfflineContexts, samples: list[Sample], p_yes, 
     labels = [s.label for s in samples]
     ctr, layers = simulate_exits(p_yes, ranker.model.answer_layers, policy)
     timed, neighbors = samples[:speed], retrieval != "none"
-    _timed_run(ranker, contexts, timed[: cfg.batch_size], retrieval=neighbors, policy=policy,
+    timed_run(ranker, contexts, timed[: cfg.batch_size], retrieval=neighbors, policy=policy,
                batch_size=cfg.batch_size)  # warm-up in this row's shapes, not timed
-    _, seconds = _timed_run(ranker, contexts, timed, retrieval=neighbors, policy=policy, batch_size=cfg.batch_size)
+    _, seconds = timed_run(ranker, contexts, timed, retrieval=neighbors, policy=policy, batch_size=cfg.batch_size)
     auc, ci = auc_with_ci(labels, ctr.tolist(), resamples=cfg.bootstrap, seed=cfg.seed)
     counts = Counter(layers.tolist())
     return {"name": name, "retrieval": retrieval, "early_exit": not policy.disabled, "auc": auc,
