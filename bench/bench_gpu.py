@@ -16,7 +16,7 @@ measured side by side in one process (arms alternate, medians of ``--repeats`` r
   (the batch runs until its last row settles) and over full depth, with the exit histogram.
   Random heads give no accuracy: the accuracy side of the trade-off is ``make bench-ranker``'s.
 - ``rank50``: one request = one user with ``--candidates`` candidates, scored as suffixes over one
-  context pass (``EarlyExitLM.context_encoder`` + ``predict_suffixes``), ``--requests-per-pass``
+  context pass (``ranker_svc.runners.context_encoder`` + ``predict_suffixes``), ``--requests-per-pass``
   requests per batch, against the same rows scored as full prompts.
 - ``tflops_achieved`` of the full-depth prompt run (2 x parameters per token plus attention) over
   ``tflops_matmul_peak``, an 8192^3 matmul in the same dtype on the same device.
@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import emit, machine, mixed_depth_policy, say  # noqa: E402
 from ranker_svc.exits import ExitPolicy  # noqa: E402
 from ranker_svc.model import EarlyExitLM, pad_right  # noqa: E402
+from ranker_svc.runners import context_encoder, predict, predict_suffixes  # noqa: E402
 
 PRESETS = {
     # LLaMA-7B / Vicuna-7B (the paper's backbone)
@@ -127,12 +128,12 @@ def bench_prompts(model: EarlyExitLM, args, rng: random.Random, device: torch.de
     with torch.inference_mode():
         p_yes = model.forward_all_exits(*batch).float().softmax(-1)[..., 0]  # (B, E)
     mixed = mixed_depth_policy(p_yes, model.answer_layers, args.target_depth * model.num_layers)
-    arms = {"full": lambda: model.predict(*batch, FULL)}
-    arms.update({f"exit@{layer}": (lambda p=exit_at(layer): model.predict(*batch, p)) for layer in model.exit_layers})
-    arms["mixed"] = lambda: model.predict(*batch, mixed)
-    arms["mixed_whole_batch"] = lambda: model.predict(*batch, mixed, compaction=False)
+    arms = {"full": lambda: predict(model, *batch, FULL)}
+    arms.update({f"exit@{layer}": (lambda p=exit_at(layer): predict(model, *batch, p)) for layer in model.exit_layers})
+    arms["mixed"] = lambda: predict(model, *batch, mixed)
+    arms["mixed_whole_batch"] = lambda: predict(model, *batch, mixed, compaction=False)
     seconds = side_by_side(arms, device, args.repeats)
-    _, layers = model.predict(*batch, mixed)
+    _, layers = predict(model, *batch, mixed)
     rate = {name: args.batch / s for name, s in seconds.items()}
     flops = model_flops(model, args.batch * length, (length + 1) / 2, model.num_layers)
     return {
@@ -158,10 +159,10 @@ def bench_rank50(model: EarlyExitLM, args, rng: random.Random, device: torch.dev
     batches = [pad_right(full_prompts[i : i + args.batch], 0, device) for i in range(0, len(full_prompts), args.batch)]
 
     def shared(policy: ExitPolicy):
-        return model.predict_suffixes(model.context_encoder(contexts), suffixes, groups, policy)
+        return predict_suffixes(model, context_encoder(model, contexts), suffixes, groups, policy)
 
     def naive():
-        return [model.predict(*b, FULL) for b in batches]
+        return [predict(model, *b, FULL) for b in batches]
 
     seconds = side_by_side({"shared": lambda: shared(FULL), "full_prompts": naive,
                             "shared_exit@mid": lambda: shared(exit_at(model.exit_layers[len(model.exit_layers) // 2]))},
@@ -183,10 +184,10 @@ def bench_deepspeed(model: EarlyExitLM, args, rng: random.Random, device: torch.
     length = args.context_tokens + args.suffix_tokens
     batch = pad_right(random_ids(rng, args.batch, length, model.causal_lm.config.vocab_size, bos=True), 0, device)
     mid = exit_at(model.exit_layers[len(model.exit_layers) // 2])
-    ctr_t, _ = model.predict(*batch, FULL)
-    ctr_d, _ = ds.predict(*batch, FULL)
-    seconds = side_by_side({"torch_full": lambda: model.predict(*batch, FULL), "deepspeed_full": lambda: ds.predict(*batch, FULL),
-                            "deepspeed_mid": lambda: ds.predict(*batch, mid)}, device, args.repeats)
+    ctr_t, _ = predict(model, *batch, FULL)
+    ctr_d, _ = predict(ds, *batch, FULL)
+    seconds = side_by_side({"torch_full": lambda: predict(model, *batch, FULL), "deepspeed_full": lambda: predict(ds, *batch, FULL),
+                            "deepspeed_mid": lambda: predict(ds, *batch, mid)}, device, args.repeats)
     return {"prompts_per_s": {name: round(args.batch / s, 2) for name, s in seconds.items()},
             "max_ctr_difference_vs_torch": float((ctr_t - ctr_d).abs().max())}
 

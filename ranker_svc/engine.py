@@ -1,35 +1,39 @@
-"""Engines: the runtimes that execute the early-exit model for the core ``Ranker`` (torch, DeepSpeed, ONNX).
+"""Engines: the runtimes that execute the early-exit model for the ``Scorer`` (torch, DeepSpeed, ONNX).
 
-The ``Ranker`` only sees the :class:`Engine` protocol: right-padded prompts in, CTR and exit layer
+The ``Scorer`` (``ranker_svc.scoring``) only sees the :class:`Engine` protocol: right-padded prompts in, CTR and exit layer
 per row out; or R shared contexts plus candidate suffixes in. Every engine walks its batch through
 the same :func:`ranker_svc.exits.run_exits`, so the exit decisions do not depend on the engine.
 
-- ``torch`` (:class:`TorchEngine`): :class:`~ranker_svc.model.EarlyExitLM` in eager PyTorch, with
-  per-row compaction and one context pass per request (``ranker_svc.prefix``).
+- ``torch`` (:class:`TorchEngine`): :class:`~ranker_svc.model.EarlyExitLM` in eager PyTorch through
+  the runners of ``ranker_svc.runners``, with per-row compaction and one context pass per request
+  (``ranker_svc.prefix``).
 - ``deepspeed`` (:func:`deepspeed_engine`): the same layer loop over the module that
   ``deepspeed.init_inference`` returns (tensor parallelism across GPUs; kernel injection off, since
   fused injected blocks cannot be stepped layer by layer). Launch with ``deepspeed --num_gpus N``
   for N > 1.
-- ``onnx`` (``ranker_svc.onnx_engine.OnnxEngine``): one ONNX graph per segment between answering
-  layers, run by ONNX Runtime segment by segment; full prompts (no KV reuse across candidates).
+- ``onnx`` (``ranker_svc.onnx_engine.OnnxEngine``, which builds on this module's helpers): one ONNX
+  graph per segment between answering layers, run by ONNX Runtime segment by segment; full prompts
+  (no KV reuse across candidates).
 
-    engine = build_engine("torch", loaded)
+Which engine serves is the server's choice (``ranker_svc.server.build_engine``), so this module
+never imports the ONNX one.
+
+    engine = TorchEngine(model=loaded.model)
     ctr, layer = engine.predict_shared([context_ids], suffix_ids, [0] * len(suffix_ids), policy, max_rows=256)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from ranker_svc.artifact import LoadedRanker
-from ranker_svc.config import ENGINES
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import EarlyExitLM, pad_right
+from ranker_svc.runners import context_encoder, predict, predict_suffixes
 
 
 class Engine(Protocol):
@@ -71,18 +75,18 @@ class TorchEngine:
     def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
                 compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         device = self.model.device
-        return self.model.predict(input_ids.to(device), attention_mask.to(device), policy, compaction=compaction,
-                                  soft=soft)
+        return predict(self.model, input_ids.to(device), attention_mask.to(device), policy, compaction=compaction,
+                       soft=soft)
 
     def predict_shared(self, contexts: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
                        groups: Sequence[int], policy: ExitPolicy, *, max_rows: int,
                        soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """One (lazy) pass over all contexts, shared by the suffix rows' chunks of ``max_rows``."""
-        context = self.model.context_encoder(contexts, soft)
+        context = context_encoder(self.model, contexts, soft)
         ctr, layer = [], []
         for start in range(0, len(suffixes), max_rows):
-            c, l = self.model.predict_suffixes(context, suffixes[start : start + max_rows],
-                                               groups[start : start + max_rows], policy, soft=soft)
+            c, l = predict_suffixes(self.model, context, suffixes[start : start + max_rows],
+                                    groups[start : start + max_rows], policy, soft=soft)
             ctr.append(c)
             layer.append(l)
         return torch.cat(ctr), torch.cat(layer)
@@ -136,21 +140,3 @@ def deepspeed_engine(loaded: LoadedRanker, *, tensor_parallel: int = 1, device: 
     """The layer loop over ``deepspeed.init_inference(...)``'s module (:func:`deepspeed_model`)."""
     return TorchEngine(model=deepspeed_model(loaded.model, tensor_parallel=tensor_parallel, device=device),
                        name="deepspeed")
-
-
-def build_engine(name: str, loaded: LoadedRanker, *, tensor_parallel: int = 1, device: str = "auto",
-                 onnx_dir: Path | None = None, num_threads: int = 0) -> Engine:
-    """The engine ``name`` (one of :data:`ENGINES`) over a loaded artifact.
-
-    Raises:
-        ValueError: an unknown engine name.
-    """
-    if name == "torch":
-        return TorchEngine(model=loaded.model.to(serving_device(device)))
-    if name == "deepspeed":
-        return deepspeed_engine(loaded, tensor_parallel=tensor_parallel, device=device)
-    if name == "onnx":
-        from ranker_svc.onnx_engine import OnnxEngine  # noqa: PLC0415 - optional
-
-        return OnnxEngine.from_loaded(loaded, export_dir=onnx_dir, num_threads=num_threads)
-    raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")

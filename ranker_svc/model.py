@@ -9,11 +9,17 @@ References:
 The pieces, top-down:
     1. ``answer_logits``: a language head restricted to the "Yes"/"No" rows.
     2. ``ExitHead``: norm + linear head mounted at an exit layer (paper 5.2).
-    3. ``EarlyExitLM``: drives any ``AutoModelForCausalLM`` decoder (Llama, Qwen2, Mistral families)
-       layer by layer, checks the exit heads, and removes settled rows from the batch; over full
-       prompts, or over candidate suffixes of a context encoded once (``ranker_svc.prefix``).
-    4. ``ranker_svc.runners``: the contexts' lazy encoder and two ``ExitRunner`` s for
-       ``ranker_svc.exits.run_exits``, over full prompts and over cached-context suffixes.
+    3. ``EarlyExitLM``: any ``AutoModelForCausalLM`` decoder (Llama, Qwen2, Mistral families) with
+       its exit heads, and the public layer-stepping API that every driver of the layer loop uses:
+       :meth:`~EarlyExitLM.embed_batch` (embeddings, lengths, rotary tables of a right-padded batch),
+       :meth:`~EarlyExitLM.causal_masks`, :meth:`~EarlyExitLM.run_layer` /
+       :meth:`~EarlyExitLM.run_prompt_layer` (one decoder layer), :meth:`~EarlyExitLM.p_yes` (one
+       head's answer), :func:`right_padded_lengths`; plus the training/calibration passes.
+
+The drivers sit above this module and call only that API (imports flow one way, into here):
+``ranker_svc.runners`` (``predict``, ``context_encoder``/``encode_contexts``, ``predict_suffixes``:
+settled rows leave the batch through ``ranker_svc.exits.run_exits``) and the ONNX segments
+(``ranker_svc.onnx_engine``).
 
 Batches are RIGHT-padded (real tokens first). Under a causal mask a real token only attends to
 positions before it, which are all real, so the padding never reaches the answer position and the
@@ -25,20 +31,14 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-if TYPE_CHECKING:
-    from ranker_svc.runners import ContextEncoder
-
 from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
-from ranker_svc.exits import ExitPolicy, depth_learning_rates, run_exits
-from ranker_svc.prefix import ContextKV
+from ranker_svc.exits import depth_learning_rates
 
 DEFAULT_EXIT_COUNT = 6
 
@@ -161,15 +161,15 @@ class EarlyExitLM(nn.Module):
     r"""A causal LM whose layers run one by one, with exit heads answering "Yes"/"No" early.
 
     For a row, the answering layers are ``exit_layers`` (each with an :class:`ExitHead`) followed by
-    the last layer N, which answers with the model's own final norm and ``lm_head``. At each exit
-    layer :func:`ranker_svc.exits.run_exits` decides which rows have settled; those rows leave the
-    batch and the rest continue on a compacted batch (hidden states, lengths, positions, criterion
-    state). Two entry points:
+    the last layer N, which answers with the model's own final norm and ``lm_head``. The class
+    owns the weights and one step of the loop at a time (the layer-stepping API below); the
+    serving entry points that walk a batch through it, exiting settled rows, are the functions of
+    ``ranker_svc.runners``:
 
-    - :meth:`predict`: right-padded full prompts.
-    - :meth:`encode_contexts` + :meth:`predict_suffixes`: each request's shared context is encoded
-      once (K/V of every layer), then its candidates run as short suffixes over that cache
-      (``ranker_svc.prefix``). The scores equal :meth:`predict` on the concatenated prompts.
+    - ``predict(model, ...)``: right-padded full prompts.
+    - ``encode_contexts(model, ...)`` + ``predict_suffixes(model, ...)``: each request's shared
+      context is encoded once (K/V of every layer), then its candidates run as short suffixes over
+      that cache (``ranker_svc.prefix``). The scores equal ``predict`` on the concatenated prompts.
 
     Args:
         causal_lm: any transformers decoder-only ``*ForCausalLM`` (Llama, Qwen2, Mistral families).
@@ -211,7 +211,7 @@ class EarlyExitLM(nn.Module):
             if head.vocab_rows is not None and head.vocab_rows.tolist() != [yes_token_id, no_token_id]:
                 raise ValueError(f"head {layer} holds rows {head.vocab_rows.tolist()}, not the answer ids")
         self.register_buffer("answer_ids", torch.tensor([yes_token_id, no_token_id]), persistent=False)
-        self._layer_kinds = _layer_kinds(causal_lm.config, self.num_layers)
+        self.layer_kinds: list[str] = _layer_kinds(causal_lm.config, self.num_layers)  # mask kind per layer
         self._cache_arg = _cache_arg(type(self.decoder.layers[0]).forward)
 
     @property
@@ -226,7 +226,7 @@ class EarlyExitLM(nn.Module):
     def device(self) -> torch.device:
         return self.answer_ids.device
 
-    # --- the layer loop -------------------------------------------------------------------------
+    # --- the layer-stepping API (ranker_svc.runners, ranker_svc.onnx_engine) ------------------------
 
     def soft_table(self) -> SoftTable | None:
         """A fresh table for one call's soft tokens, or None for a text-only model."""
@@ -239,27 +239,31 @@ class EarlyExitLM(nn.Module):
         """(B, T) ids -> (B, T, H) input embeddings; virtual ids take projected ``soft`` rows."""
         return embed_tokens(self.causal_lm.get_input_embeddings(), self.collab, input_ids, soft)
 
-    def _embed(self, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None
-               ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
-        """Input embeddings of the right-padded batch, each row's length, rotary (cos, sin)."""
-        lengths = _right_padded_lengths(attention_mask)  # (B,)
+    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotary (cos, sin) tables at ``positions`` ((1, T) or (B, T)): 2 x (1 or B, T, head_dim)."""
+        return self.decoder.rotary_emb(hidden, positions)
+
+    def embed_batch(self, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None
+                    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
+        """A right-padded batch, trimmed to its longest row: ``(hidden (B, T, H), lengths (B,),
+        rotary 2 x (1, T, head_dim))`` at positions 0..T-1."""
+        lengths = right_padded_lengths(attention_mask)  # (B,)
         t = int(lengths.max())
         hidden = self.embed(input_ids[:, :t], soft)  # (B, T, H)
         positions = torch.arange(t, device=hidden.device)[None]  # (1, T)
-        rotary = self.decoder.rotary_emb(hidden, positions)  # 2 x (1, T, head_dim)
-        return hidden, lengths, rotary
+        return hidden, lengths, self.rotary(hidden, positions)
 
-    def _masks(self, hidden: Tensor) -> dict[str, Tensor | None]:
-        """The causal mask per layer kind; None lets SDPA use its causal kernel."""
+    def causal_masks(self, hidden: Tensor) -> dict[str, Tensor | None]:
+        """The causal mask of (B, T, H) ``hidden`` per layer kind; None lets SDPA use its causal kernel."""
         kwargs = {"config": self.causal_lm.config, "inputs_embeds": hidden, "attention_mask": None,
                   _MASK_CACHE_ARG: None, "position_ids": None}
         masks = {"full_attention": create_causal_mask(**kwargs)}
-        if "sliding_attention" in self._layer_kinds:
+        if "sliding_attention" in self.layer_kinds:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
         return masks
 
-    def _layer(self, index: int, hidden: Tensor, *, mask: Tensor | None, positions: Tensor,
-               rotary: tuple[Tensor, Tensor], cache=None) -> Tensor:
+    def run_layer(self, index: int, hidden: Tensor, *, mask: Tensor | None, positions: Tensor,
+                  rotary: tuple[Tensor, Tensor], cache=None) -> Tensor:
         """Decoder layer ``index`` (0-based) on (B, T, H) -> (B, T, H); ``cache`` records or supplies K/V."""
         out = self.decoder.layers[index](
             hidden,
@@ -271,14 +275,15 @@ class EarlyExitLM(nn.Module):
         )
         return out[0] if isinstance(out, tuple) else out
 
-    def _prompt_layer(self, index: int, hidden: Tensor, masks: dict, rotary: tuple[Tensor, Tensor],
-                      cache=None) -> Tensor:
-        """Layer ``index`` over right-padded prompts at positions 0..T-1."""
+    def run_prompt_layer(self, index: int, hidden: Tensor, masks: dict, rotary: tuple[Tensor, Tensor],
+                         cache=None) -> Tensor:
+        """Layer ``index`` over (B, T, H) right-padded prompts at positions 0..T-1 (``masks`` from
+        :meth:`causal_masks`, ``rotary`` from :meth:`embed_batch`, trimmed here to T)."""
         t = hidden.shape[1]
         cos, sin = rotary
-        return self._layer(index, hidden, mask=masks[self._layer_kinds[index]],
-                           positions=torch.arange(t, device=hidden.device)[None],
-                           rotary=(cos[:, :t], sin[:, :t]), cache=cache)
+        return self.run_layer(index, hidden, mask=masks[self.layer_kinds[index]],
+                              positions=torch.arange(t, device=hidden.device)[None],
+                              rotary=(cos[:, :t], sin[:, :t]), cache=cache)
 
     def head_logits(self, layer: int, last: Tensor) -> Tensor:
         """(B, H) last-token states at ``layer`` -> (B, 2) Yes/No logits of that layer's head."""
@@ -299,12 +304,12 @@ class EarlyExitLM(nn.Module):
         differentiated here (``no_grad``): heads train on these states (paper 5.2, frozen backbone).
         """
         with torch.no_grad():
-            hidden, lengths, rotary = self._embed(input_ids, attention_mask, soft)
-            masks = self._masks(hidden)
+            hidden, lengths, rotary = self.embed_batch(input_ids, attention_mask, soft)
+            masks = self.causal_masks(hidden)
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             states = []
             for index in range(self.num_layers):
-                hidden = self._prompt_layer(index, hidden, masks, rotary)
+                hidden = self.run_prompt_layer(index, hidden, masks, rotary)
                 if index + 1 in self.answer_layers:
                     states.append(hidden[rows, lengths - 1])  # (B, H)
         return torch.stack(states, dim=1)  # (B, E, H)
@@ -341,60 +346,6 @@ class EarlyExitLM(nn.Module):
         ]
         return torch.optim.AdamW(groups, weight_decay=0.0)
 
-    # --- serving ----------------------------------------------------------------------------------
-
-    @torch.inference_mode()
-    def predict(self, input_ids: Tensor, attention_mask: Tensor, policy: ExitPolicy, *,
-                compaction: bool = True, soft: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """CTR and exit layer of each right-padded prompt, exiting rows as soon as ``policy`` says they settled.
-
-        Args:
-            input_ids: (B, T) right-padded token ids.
-            attention_mask: (B, T) 1 for real tokens.
-            policy: the exit policy (``disabled``: every row runs all N layers).
-            compaction: False: rows keep running until the whole batch has settled (same answers).
-
-        Returns:
-            ``(ctr (B,) float32 in (0, 1), exit_layer (B,) long, 1-based)``, on the CPU.
-        """
-        from ranker_svc.runners import PromptRunner  # noqa: PLC0415
-
-        runner = PromptRunner(self, input_ids, attention_mask, soft)
-        return run_exits(runner, batch_size=input_ids.shape[0], answer_layers=self.answer_layers, policy=policy,
-                         compaction=compaction)
-
-    def context_encoder(self, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> "ContextEncoder":
-        """R contexts (token ids, BOS first), to be advanced through the layers as deep as needed."""
-        from ranker_svc.runners import ContextEncoder  # noqa: PLC0415 - the runners drive this class
-
-        return ContextEncoder(self, contexts, soft)
-
-    @torch.inference_mode()
-    def encode_contexts(self, contexts: Sequence[Sequence[int]], soft: Tensor | None = None) -> ContextKV:
-        """Runs R contexts through all N layers once; their K/V at every layer."""
-        return self.context_encoder(contexts, soft).advance(self.num_layers)
-
-    @torch.inference_mode()
-    def predict_suffixes(
-        self, context: "ContextKV | ContextEncoder", suffixes: Sequence[Sequence[int]], groups: Sequence[int],
-        policy: ExitPolicy, *, compaction: bool = True, soft: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """CTR and exit layer of each prompt ``context[groups[i]] + suffixes[i]``, contexts from the cache.
-
-        Args:
-            context: the R contexts, encoded (:meth:`encode_contexts`) or lazily advanced with the
-                suffixes (:meth:`context_encoder`: layer l of the contexts runs only once some row
-                reaches layer l, so a batch whose rows all exit at layer 2 encodes 2 layers).
-            suffixes: b token-id lists (no BOS), the candidates.
-            groups: (b,) nondecreasing context index of each suffix (rows of one request together).
-            policy, compaction: as :meth:`predict`.
-        """
-        from ranker_svc.runners import SuffixRunner  # noqa: PLC0415
-
-        runner = SuffixRunner(self, context, suffixes, groups, soft)
-        return run_exits(runner, batch_size=len(suffixes), answer_layers=self.answer_layers, policy=policy,
-                         compaction=compaction)
-
 
 def pad_right(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Right-padded (B, T) ids and (B, T) attention mask."""
@@ -416,7 +367,7 @@ def _cache_arg(function) -> str:
 _MASK_CACHE_ARG = _cache_arg(create_causal_mask)
 
 
-def _right_padded_lengths(attention_mask: Tensor) -> Tensor:
+def right_padded_lengths(attention_mask: Tensor) -> Tensor:
     """(B, T) mask -> (B,) lengths; refuses left padding or empty rows (they would read a pad)."""
     mask = attention_mask.to(torch.bool)
     if mask.shape[1] == 0 or not bool(mask[:, 0].all()):

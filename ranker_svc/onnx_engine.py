@@ -11,8 +11,10 @@ never runs the later graphs.
 Graphs are exported with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``:
 the dynamo exporter needs ``onnxscript``, which is not installed), in float32, with dynamic batch
 and sequence axes. Causal (and sliding-window) masks are built inside each graph from the sequence
-length, so a graph needs only ``(input_ids | hidden, lengths)``. Providers: CUDA when ONNX Runtime
-offers it and a GPU is present, else CPU. No context sharing: each candidate is a full prompt.
+length, so a graph needs only ``(input_ids | hidden, lengths)``. A segment steps the layers through
+the model's public API (``EarlyExitLM.rotary``, ``run_layer``, ``head_logits``), as the torch
+runners do. Providers: CUDA when ONNX Runtime offers it and a GPU is present, else CPU. No context
+sharing: each candidate is a full prompt.
 
 Collaborative soft tokens: for a model with a projector, the first graph takes ``inputs_embeds``
 (B, T, H) instead of ids; the engine embeds the tokens and projects the soft-token vectors in
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from ranker_svc.artifact import LoadedRanker
 from ranker_svc.engine import full_prompts, predict_in_batches
 from ranker_svc.exits import ExitPolicy, run_exits
-from ranker_svc.model import EarlyExitLM, _right_padded_lengths
+from ranker_svc.model import EarlyExitLM, right_padded_lengths
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -61,14 +63,14 @@ class Segment(nn.Module):
         hidden = model.causal_lm.get_input_embeddings()(x) if self.from_ids else x  # (B, T, H)
         t = hidden.shape[1]
         positions = torch.arange(t, device=hidden.device)[None]  # (1, T)
-        rotary = model.decoder.rotary_emb(hidden, positions)
+        rotary = model.rotary(hidden, positions)
         index = torch.arange(t, device=hidden.device)
         causal = index[None, :] <= index[:, None]  # (T, T) True = attend
         masks = {"full_attention": causal[None, None]}
         if self.window:
             masks["sliding_attention"] = (causal & (index[None, :] > index[:, None] - self.window))[None, None]
         for i in range(self.start, self.stop):
-            hidden = model._layer(i, hidden, mask=masks[model._layer_kinds[i]], positions=positions, rotary=rotary)
+            hidden = model.run_layer(i, hidden, mask=masks[model.layer_kinds[i]], positions=positions, rotary=rotary)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
         logits = model.head_logits(self.stop, last)  # (B, 2)
         return (logits,) if self.stop == model.num_layers else (hidden, logits)
@@ -184,7 +186,7 @@ class _OnnxRunner:
     def __init__(self, engine: OnnxEngine, input_ids: Tensor, attention_mask: Tensor, soft: Tensor | None = None
                  ) -> None:
         self.engine = engine
-        lengths = _right_padded_lengths(attention_mask)
+        lengths = right_padded_lengths(attention_mask)
         ids = input_ids[:, : int(lengths.max())]
         # ids (or embeddings, for graphs that start from them), later (b, T, H) hidden states
         self.x = engine.embedder(ids, soft) if engine.embedder else ids.cpu().numpy().astype(np.int64)

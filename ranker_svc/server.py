@@ -1,5 +1,8 @@
 """``ranker-svc``: wiring and lifecycle of the ranker gRPC server (config -> core -> servicer -> server).
 
+The server is where the model runtime is chosen (:func:`build_engine`: ``torch``, ``deepspeed`` or
+``onnx`` from ``model.engine``); the core only sees the ``ranker_svc.engine.Engine`` protocol.
+
     ranker-svc serve --port 50052 --retriever 127.0.0.1:50051 --artifacts artifacts
     ranker-svc serve --port 0 --retriever 127.0.0.1:50051 --artifacts artifacts --dtype float32 \
         --config ranker.yaml                     # YAML sections as in ranker_svc/config.py
@@ -43,11 +46,11 @@ from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RankerMetrics
 from exitrank.observability.settings import log_settings
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
-from ranker_svc.artifact import load_ranker
+from ranker_svc.artifact import LoadedRanker, load_ranker
 from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.security import load_client_tls, load_server_tls
 from ranker_svc.config import DTYPES, ENGINES, RankerConfig, add_security_flags, with_security_flags
-from ranker_svc.engine import build_engine
+from ranker_svc.engine import Engine, TorchEngine, deepspeed_engine, serving_device
 from ranker_svc.errors import RankerError
 from ranker_svc.model import resolve_dtype
 from ranker_svc.ranker import ContextSource, Ranker
@@ -91,6 +94,24 @@ def parse_args(argv: list[str] | None = None) -> RankerConfig:
         .with_section("retriever", target=args.retriever)
         .with_section("observability", **observability_config.overrides(args))
     )
+
+
+def build_engine(name: str, loaded: LoadedRanker, *, tensor_parallel: int = 1, device: str = "auto",
+                 onnx_dir: Path | None = None, num_threads: int = 0) -> Engine:
+    """The engine ``name`` (one of :data:`~ranker_svc.config.ENGINES`) over a loaded artifact.
+
+    Raises:
+        ValueError: an unknown engine name.
+    """
+    if name == "torch":
+        return TorchEngine(model=loaded.model.to(serving_device(device)))
+    if name == "deepspeed":
+        return deepspeed_engine(loaded, tensor_parallel=tensor_parallel, device=device)
+    if name == "onnx":
+        from ranker_svc.onnx_engine import OnnxEngine  # noqa: PLC0415 - optional (onnxruntime)
+
+        return OnnxEngine.from_loaded(loaded, export_dir=onnx_dir, num_threads=num_threads)
+    raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {name!r}")
 
 
 def build_ranker(config: RankerConfig, *, context_source: ContextSource | None = None) -> tuple[Ranker, RetrieverClient | None]:

@@ -11,11 +11,11 @@ import torch
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_ranker
 from ranker_svc.collab import COLLAB_TOKEN, CollabProjector, SoftTable, embed_tokens
-from ranker_svc.engine import build_engine
 from ranker_svc.errors import ArtifactError
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.prompt import PromptBuilder, PromptConfig
 from ranker_svc.ranker import Ranker, ScoreJob
+from ranker_svc.server import build_engine
 from trainer.lm import build_model, build_tokenizer, ensure_collab_token
 
 DIM = 8

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ranker_svc.engine import TorchEngine, build_engine, predict_in_batches
+from ranker_svc.engine import TorchEngine, predict_in_batches
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.onnx_engine import OnnxEngine
 from ranker_svc.ranker import Ranker
+from ranker_svc.server import build_engine
 
 POLICIES = [ExitPolicy(disabled=True), ExitPolicy(threshold=0.05, window=1),
             ExitPolicy(criterion="confidence", threshold=0.7, min_layer=2)]

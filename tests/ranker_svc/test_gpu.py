@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from ranker_svc.artifact import load_ranker
-from ranker_svc.engine import build_engine, predict_in_batches
+from ranker_svc.engine import predict_in_batches
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.ranker import Ranker, ScoreJob
+from ranker_svc.server import build_engine
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device")])]

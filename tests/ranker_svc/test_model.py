@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from ranker_svc.exits import ExitPolicy, simulate_exits
 from ranker_svc.model import EarlyExitLM, ExitHead, default_exit_layers, resolve_dtype
+from ranker_svc.runners import predict
 
 VOCAB, YES, NO = 500, 7, 11
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
@@ -86,13 +87,13 @@ def test_per_row_exit_in_a_batch_equals_each_row_alone(arch):
     # tau at the median settling gap of the third head: about half the rows exit there, the rest go on
     d2, d3 = (p_yes[:, 1] - p_yes[:, 0]).abs(), (p_yes[:, 2] - p_yes[:, 1]).abs()
     policy = ExitPolicy(threshold=float((d3 - d2).abs().median()) + 1e-6, window=1)
-    ctr, layer = model.predict(ids, mask, policy)
+    ctr, layer = predict(model, ids, mask, policy)
     assert 3 in layer.tolist() and 4 in layer.tolist(), "the batch must mix exits and full-depth rows"
     sim_ctr, sim_layer = simulate_exits(p_yes, model.answer_layers, policy)
     assert layer.tolist() == sim_layer.tolist()
     torch.testing.assert_close(ctr, sim_ctr, atol=1e-5, rtol=1e-5)
     for row, n in enumerate(lengths):
-        alone_ctr, alone_layer = model.predict(ids[row : row + 1, :n], mask[row : row + 1, :n], policy)
+        alone_ctr, alone_layer = predict(model, ids[row : row + 1, :n], mask[row : row + 1, :n], policy)
         assert int(alone_layer[0]) == int(layer[row])
         assert float(alone_ctr[0]) == pytest.approx(float(ctr[row]), abs=1e-5)
 
@@ -101,7 +102,7 @@ def test_disabled_policy_answers_with_the_final_layer():
     causal_lm = make_lm("mistral")
     model = EarlyExitLM(causal_lm=causal_lm, yes_token_id=YES, no_token_id=NO)
     ids, mask = right_padded_batch([10, 4, 7])
-    ctr, layer = model.predict(ids, mask, ExitPolicy(disabled=True))
+    ctr, layer = predict(model, ids, mask, ExitPolicy(disabled=True))
     assert layer.tolist() == [4, 4, 4]
     final = model.forward_all_exits(ids, mask).softmax(-1)[:, -1, 0]
     torch.testing.assert_close(ctr, final)
@@ -112,9 +113,9 @@ def test_bfloat16_scores_close_to_float32():
     causal_lm = make_lm("llama")
     model = EarlyExitLM(causal_lm=causal_lm, yes_token_id=YES, no_token_id=NO)
     ids, mask = right_padded_batch([12, 6])
-    ctr32, _ = model.predict(ids, mask, ExitPolicy(disabled=True))
+    ctr32, _ = predict(model, ids, mask, ExitPolicy(disabled=True))
     model.to(torch.bfloat16)
-    ctr16, layer = model.predict(ids, mask, ExitPolicy(disabled=True))
+    ctr16, layer = predict(model, ids, mask, ExitPolicy(disabled=True))
     assert ctr16.dtype == torch.float32 and layer.tolist() == [4, 4]
     torch.testing.assert_close(ctr16, ctr32, atol=0.08, rtol=0)
 
@@ -151,7 +152,7 @@ def test_invalid_inputs_are_refused():
     ids, mask = right_padded_batch([6, 6])
     mask[1, :2] = 0  # left padding
     with pytest.raises(ValueError, match="right"):
-        model.predict(ids, mask, ExitPolicy())
+        predict(model, ids, mask, ExitPolicy())
     assert resolve_dtype("float32") is torch.float32
     assert resolve_dtype("auto") in (torch.float32, torch.bfloat16)
     with pytest.raises(ValueError, match="dtype"):
@@ -183,7 +184,7 @@ def test_whole_batch_exit_gives_the_per_row_answers():
     model = EarlyExitLM(causal_lm=make_lm("llama"), yes_token_id=YES, no_token_id=NO, exit_layers=[1, 2, 3])
     ids, mask = right_padded_batch([14, 6, 9, 11, 3], seed=5)
     policy = ExitPolicy(criterion="confidence", threshold=0.8)
-    per_row = model.predict(ids, mask, policy)
-    whole = model.predict(ids, mask, policy, compaction=False)
+    per_row = predict(model, ids, mask, policy)
+    whole = predict(model, ids, mask, policy, compaction=False)
     assert per_row[1].tolist() == whole[1].tolist() and len(set(per_row[1].tolist())) > 1
     torch.testing.assert_close(per_row[0], whole[0], atol=1e-5, rtol=0)

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from ranker_svc.exits import ExitPolicy
 from ranker_svc import prefix
 from ranker_svc.model import EarlyExitLM, pad_right
+from ranker_svc.runners import context_encoder, encode_contexts, predict, predict_suffixes
 from ranker_svc.prefix import PREFIX_ATTENTION, SharedKV, prefix_attention, prefix_attention_enabled, spans_of
 
 from .test_model import CONFIGS, NO, VOCAB, YES, make_lm
@@ -41,12 +42,12 @@ def test_suffixes_over_cached_contexts_equal_full_prompts(arch, kernel, monkeypa
     model = EarlyExitLM(causal_lm=make_lm(arch), yes_token_id=YES, no_token_id=NO, exit_layers=[1, 2, 3])
     contexts, suffixes, groups = requests(0, [14, 5, 9], [4, 1, 5])
     ids, mask = pad_right([contexts[r] + s for r, s in zip(groups, suffixes)], 0)
-    cache = model.encode_contexts(contexts)
+    cache = encode_contexts(model, contexts)
     assert cache.keys[0].shape[0] == len(contexts)  # one K/V per request, not per candidate
     mixed = False
     for policy in POLICIES:
-        full_ctr, full_layer = model.predict(ids, mask, policy)
-        ctr, layer = model.predict_suffixes(cache, suffixes, groups, policy)
+        full_ctr, full_layer = predict(model, ids, mask, policy)
+        ctr, layer = predict_suffixes(model, cache, suffixes, groups, policy)
         assert layer.tolist() == full_layer.tolist()
         torch.testing.assert_close(ctr, full_ctr, atol=1e-4, rtol=0)
         mixed |= len(set(layer.tolist())) > 1
@@ -61,8 +62,8 @@ def test_suffixes_longer_than_the_sliding_window_see_no_context_at_their_end(ker
     contexts, suffixes, groups = requests(4, [10, 6], [3, 3], longest=13)
     assert max(len(s) for s in suffixes) > 8  # window 8: late suffix tokens attend to no context token
     ids, mask = pad_right([contexts[r] + s for r, s in zip(groups, suffixes)], 0)
-    full_ctr, _ = model.predict(ids, mask, ExitPolicy(disabled=True))
-    ctr, _ = model.predict_suffixes(model.encode_contexts(contexts), suffixes, groups, ExitPolicy(disabled=True))
+    full_ctr, _ = predict(model, ids, mask, ExitPolicy(disabled=True))
+    ctr, _ = predict_suffixes(model, encode_contexts(model, contexts), suffixes, groups, ExitPolicy(disabled=True))
     torch.testing.assert_close(ctr, full_ctr, atol=1e-4, rtol=0)
 
 
@@ -70,11 +71,11 @@ def test_whole_batch_mode_and_chunks_agree(loaded):
     model = loaded.model
     contexts, suffixes, groups = requests(1, [30, 12], [6, 7], vocab=len(loaded.tokenizer))
     policy = ExitPolicy(threshold=0.05, window=1)
-    cache = model.encode_contexts(contexts)
-    a = model.predict_suffixes(cache, suffixes, groups, policy)
-    b = model.predict_suffixes(cache, suffixes, groups, policy, compaction=False)
-    c_first = model.predict_suffixes(cache, suffixes[:5], groups[:5], policy)
-    c_rest = model.predict_suffixes(cache, suffixes[5:], groups[5:], policy)
+    cache = encode_contexts(model, contexts)
+    a = predict_suffixes(model, cache, suffixes, groups, policy)
+    b = predict_suffixes(model, cache, suffixes, groups, policy, compaction=False)
+    c_first = predict_suffixes(model, cache, suffixes[:5], groups[:5], policy)
+    c_rest = predict_suffixes(model, cache, suffixes[5:], groups[5:], policy)
     assert a[1].tolist() == b[1].tolist() == torch.cat([c_first[1], c_rest[1]]).tolist()
     torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(a[0], torch.cat([c_first[0], c_rest[0]]), atol=1e-5, rtol=0)
@@ -123,12 +124,12 @@ def test_spans_follow_request_groups():
 def test_contexts_are_encoded_only_as_deep_as_some_row_goes():
     model = EarlyExitLM(causal_lm=make_lm("qwen2"), yes_token_id=YES, no_token_id=NO, exit_layers=[1, 2, 3])
     contexts, suffixes, groups = requests(2, [12, 10], [3, 2])
-    encoder = model.context_encoder(contexts)
-    _, layer = model.predict_suffixes(encoder, suffixes, groups, ExitPolicy(criterion="confidence", threshold=0.5))
+    encoder = context_encoder(model, contexts)
+    _, layer = predict_suffixes(model, encoder, suffixes, groups, ExitPolicy(criterion="confidence", threshold=0.5))
     assert layer.tolist() == [1] * 5 and encoder.done == 1 and encoder.kv.keys[1] is None
     # the same encoder goes on when later rows need more depth; the last layer records K/V only
-    ctr, layer = model.predict_suffixes(encoder, suffixes, groups, ExitPolicy(disabled=True))
+    ctr, layer = predict_suffixes(model, encoder, suffixes, groups, ExitPolicy(disabled=True))
     assert encoder.done == model.num_layers and all(k is not None for k in encoder.kv.keys)
     ids, mask = pad_right([contexts[r] + s for r, s in zip(groups, suffixes)], 0)
-    full_ctr, _ = model.predict(ids, mask, ExitPolicy(disabled=True))
+    full_ctr, _ = predict(model, ids, mask, ExitPolicy(disabled=True))
     torch.testing.assert_close(ctr, full_ctr, atol=1e-4, rtol=0)
