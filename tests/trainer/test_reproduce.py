@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trainer.reproduce import ReproduceConfig, reproduce
-from trainer.reproduce.report import TABLE2
+from trainer.reproduce.plan import TABLE2
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,12 @@
-"""``report.md``: the reproduction's tables, rendered from ``report.json`` only."""
+"""``report.md``: the reproduction's tables, rendered from ``report.json`` only.
+
+It reads the built report object and ``plan``'s row labels, never the builder (``report.py`` calls
+``render``), so the report's modules import one way: report -> markdown -> plan.
+"""
 
 from __future__ import annotations
 
-from trainer.reproduce.plan import TALLREC_TEST
-from trainer.reproduce.report import TABLE2
+from trainer.reproduce.plan import TABLE2, TALLREC_TEST
 
 
 def _auc(row: dict) -> str:

@@ -33,6 +33,13 @@ PAPER = {
                    "gcn+early_exit": (73.28, 5.59)},
     },
 }
+# Table 2's rows, in order: (model key of the measurements, the label the report prints).
+TABLE2 = (("deepfm", "DeepFM"), ("din", "DIN"), ("gru4rec", "GRU4Rec"), ("sasrec", "SASRec"),
+          ("lightgcn", "LightGCN score alone (user . item, no LLM)"),
+          ("llm_no_retrieval", "LLM, no retrieval (TALLRec)"), ("llm_retriever", "LLM-retriever"),
+          ("gcn_retriever", "GCN-retriever"), ("gcn_earlyexit", "GCN-earlyexit"),
+          ("gcn_collab", "GCN-retriever + collab tokens (ours)"),
+          ("gcn_collab_earlyexit", "GCN-retriever + collab tokens + early exit (ours)"))
 # The tallrec-book test file itself (shared/data/README.md): LLaMA-7B + LoRA tuned on 16 / 64 / 256
 # samples (TALLRec), and sequential baselines trained on 256.
 TALLREC_TEST = {"tallrec_7b_16": 56.36, "tallrec_7b_64": 60.39, "tallrec_7b_256": 64.38,

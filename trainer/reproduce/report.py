@@ -11,14 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from trainer.reproduce.plan import PAPER, TALLREC_TEST
+from trainer.reproduce.markdown import render
+from trainer.reproduce.plan import PAPER, TABLE2, TALLREC_TEST
 
-TABLE2 = (("deepfm", "DeepFM"), ("din", "DIN"), ("gru4rec", "GRU4Rec"), ("sasrec", "SASRec"),
-          ("lightgcn", "LightGCN score alone (user . item, no LLM)"),
-          ("llm_no_retrieval", "LLM, no retrieval (TALLRec)"), ("llm_retriever", "LLM-retriever"),
-          ("gcn_retriever", "GCN-retriever"), ("gcn_earlyexit", "GCN-earlyexit"),
-          ("gcn_collab", "GCN-retriever + collab tokens (ours)"),
-          ("gcn_collab_earlyexit", "GCN-retriever + collab tokens + early exit (ours)"))
 TABLE4 = (("none", "llm_no_retrieval"), ("none+early_exit", "llm_no_retrieval+early_exit"),
           ("gcn", "gcn_retriever"), ("gcn+early_exit", "gcn_earlyexit"))
 EVAL_NAMES = {"llm_no_retrieval": "no_retrieval", "llm_no_retrieval+early_exit": "no_retrieval+early_exit",
@@ -96,7 +91,6 @@ def build(report: dict) -> dict:
 def write_report(report: dict, out: Path) -> dict:
     """Write report.json, report.md and the figures under ``out``; returns the report.json object."""
     from trainer.reproduce.figures import plot_all
-    from trainer.reproduce.markdown import render
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
