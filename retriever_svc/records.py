@@ -26,7 +26,9 @@ MAX_TIMESTAMP_MS = 2**53  # Redis keeps history timestamps as double scores: lar
 
 @dataclass(frozen=True, slots=True)
 class Interaction:
-    """One event of the interaction stream."""
+    """One event of the interaction stream: the contract's ``Interaction`` as the core validates and
+    stores it (the client's ``exitrank.client.Interaction`` may leave the time out; the trainer's data
+    set rows are ``trainer.data.rows.InteractionRow``)."""
 
     user_id: str
     item_id: str

@@ -27,7 +27,8 @@ import numpy as np
 from exitrank.types import Event, HistoryItem, NeighborContext, RankExample, Sample, UserContext
 from ranker_svc.collab import COLLAB_HISTORY
 from retriever_svc.embeddings import fold_in
-from trainer.data.dataset import Dataset, Interaction, graph_interactions
+from trainer.data.dataset import Dataset, graph_interactions
+from trainer.data.rows import InteractionRow
 
 if TYPE_CHECKING:
     from retriever_svc.embeddings import GCNEmbeddings
@@ -86,8 +87,8 @@ class OfflineContexts:
         return None if row is None else self.vectors.item[row]
 
     @staticmethod
-    def _recent_graph_histories(graph: Sequence[Interaction], n: int) -> dict[str, tuple[Interaction, ...]]:
-        by_user: dict[str, list[Interaction]] = defaultdict(list)
+    def _recent_graph_histories(graph: Sequence[InteractionRow], n: int) -> dict[str, tuple[InteractionRow, ...]]:
+        by_user: dict[str, list[InteractionRow]] = defaultdict(list)
         for x in graph:
             by_user[x.user_id].append(x)
         return {u: tuple(sorted(xs, key=lambda x: x.timestamp_ms)[-n:]) for u, xs in by_user.items()}

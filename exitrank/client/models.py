@@ -47,7 +47,10 @@ class ExitPolicy:
 
 @dataclass(frozen=True, slots=True)
 class Interaction:
-    """One user-item event; ``timestamp_ms`` None means now."""
+    """One user-item event to ingest; ``timestamp_ms`` None means now (stamped when it is sent).
+
+    The client's own type: the retriever validates it as ``retriever_svc.records.Interaction``, which
+    always has a time, and the client never imports the services."""
 
     user_id: str
     item_id: str

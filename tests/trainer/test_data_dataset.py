@@ -10,15 +10,13 @@ import pytest
 from exitrank.types import Event, Sample
 from trainer.data.dataset import (
     DataFormatError,
-    DatasetMeta,
-    Interaction,
-    Item,
     data_hash,
     graph_interactions,
     graph_pairs,
     load_dataset,
     write_dataset,
 )
+from trainer.data.rows import DatasetMeta, InteractionRow, Item
 from trainer.data.samples import SampleRule
 
 
@@ -34,7 +32,7 @@ def _small(root: Path) -> None:
 
 def test_load_roundtrip_and_defaults(tmp_path):
     items = [Item("a", "Alpha", {"genre": "x"}), Item("b", "Beta")]
-    inter = [Interaction("u1", "a", 5.0, 10), Interaction("u1", "b", 2.0, 20)]
+    inter = [InteractionRow("u1", "a", 5.0, 10), InteractionRow("u1", "b", 2.0, 20)]
     meta = DatasetMeta(name="t", implicit=False, rating_threshold=4.0)
     counts = write_dataset(tmp_path / "d", items=items, interactions=inter, meta=meta)
     assert counts == {"items.jsonl": 2, "interactions.jsonl": 2}
@@ -90,7 +88,7 @@ def test_data_hash_tracks_content(tmp_path):
 
 def test_graph_excludes_valid_and_test_targets_and_explicit_negatives(tmp_path):
     items = [Item(str(i), f"t{i}") for i in range(6)]
-    inter = [Interaction(u, str(i), 5.0 if i != 2 else 1.0, i) for u in ("a", "b", "c") for i in range(6)]
+    inter = [InteractionRow(u, str(i), 5.0 if i != 2 else 1.0, i) for u in ("a", "b", "c") for i in range(6)]
     samples = [
         Sample("a", (), "5", 1, "train"),
         Sample("b", (), "5", 1, "valid"),

@@ -7,17 +7,17 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from trainer.data.dataset import Interaction
+from trainer.data.rows import InteractionRow
 from trainer.data.samples import PopularitySampler, SampleRule, build_samples, split_users
 
 
-def _explicit_log(users: int = 200, per_user: int = 30, seed: int = 0) -> list[Interaction]:
+def _explicit_log(users: int = 200, per_user: int = 30, seed: int = 0) -> list[InteractionRow]:
     rng = np.random.default_rng(seed)
     log = []
     for u in range(users):
         ts = rng.permutation(per_user) * 1000 + 7  # shuffled: the rule must sort by time
         for j in range(per_user):
-            log.append(Interaction(f"u{u}", f"i{rng.integers(500)}", float(rng.integers(1, 6)), int(ts[j])))
+            log.append(InteractionRow(f"u{u}", f"i{rng.integers(500)}", float(rng.integers(1, 6)), int(ts[j])))
     return log
 
 
@@ -44,8 +44,8 @@ def test_chronology_history_cap_and_binarisation():
 
 
 def test_users_with_few_prior_interactions_are_filtered():
-    log = [Interaction("short", f"i{j}", 5.0, j) for j in range(3)]
-    log += [Interaction("ok", f"i{j}", 5.0, j) for j in range(4)]
+    log = [InteractionRow("short", f"i{j}", 5.0, j) for j in range(3)]
+    log += [InteractionRow("ok", f"i{j}", 5.0, j) for j in range(4)]
     samples = build_samples(log, SampleRule(threshold=4.0, targets_per_user=0))
     assert [(s.user_id, len(s.history)) for s in samples] == [("ok", 3)]
 
@@ -67,7 +67,7 @@ def test_split_users_rounds_fractions():
         Counter(split.values()) == {"train": 20, "valid": 3, "test": 2}
 
 
-def _implicit_log(seed: int = 0) -> list[Interaction]:
+def _implicit_log(seed: int = 0) -> list[InteractionRow]:
     """Zipf-popular items; items 0..9 are the popular head."""
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, 201) ** 1.2
@@ -75,7 +75,7 @@ def _implicit_log(seed: int = 0) -> list[Interaction]:
     log = []
     for u in range(300):
         items = rng.choice(200, size=12, replace=False, p=p)
-        log += [Interaction(f"u{u}", str(i), 1.0, t) for t, i in enumerate(items)]
+        log += [InteractionRow(f"u{u}", str(i), 1.0, t) for t, i in enumerate(items)]
     return log
 
 

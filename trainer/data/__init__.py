@@ -3,18 +3,16 @@
 from trainer.data.dataset import (
     Dataset,
     DataFormatError,
-    DatasetMeta,
-    Interaction,
-    Item,
     data_hash,
     graph_interactions,
     graph_pairs,
     load_dataset,
     write_dataset,
 )
+from trainer.data.rows import DatasetMeta, InteractionRow, Item
 from trainer.data.samples import SampleRule, build_samples
 
 __all__ = [
-    "Dataset", "DataFormatError", "DatasetMeta", "Interaction", "Item", "SampleRule", "build_samples",
+    "Dataset", "DataFormatError", "DatasetMeta", "InteractionRow", "Item", "SampleRule", "build_samples",
     "data_hash", "graph_interactions", "graph_pairs", "load_dataset", "write_dataset",
 ]

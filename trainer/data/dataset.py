@@ -8,6 +8,7 @@ Layout (docs/architecture.md)::
     DIR/dataset.json         optional: {"name", "format", "implicit", "rating_threshold", "sample_rule": {...}}
     DIR/test_pairs.jsonl     optional: {"user_id", "item_id"} held-out pairs for ranking evaluation
 
+The rows' types (``Item``, ``InteractionRow``, ``DatasetMeta``) are in ``trainer.data.rows``.
 ``dataset.json`` records how the importer built the directory. Its ``sample_rule`` says how CTR samples
 are made when ``samples.jsonl`` is absent (``trainer.data.samples.SampleRule``): the rule is applied
 deterministically at load time, so the directory stays small and ``data_hash`` still covers the split.
@@ -26,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from exitrank.types import Sample
+from trainer.data.rows import DatasetMeta, InteractionRow, Item
+from trainer.data.samples import SampleRule, build_samples
 
 ITEMS = "items.jsonl"
 INTERACTIONS = "interactions.jsonl"
@@ -45,39 +48,6 @@ class DataFormatError(ValueError):
     """A data set file is malformed; the message names the file, the line and the field to fix."""
 
 
-class Item(NamedTuple):
-    item_id: str
-    title: str
-    attributes: dict[str, str] = {}
-
-
-class Interaction(NamedTuple):
-    user_id: str
-    item_id: str
-    rating: float
-    timestamp_ms: int
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    """What ``dataset.json`` holds. ``sample_rule`` is a ``SampleRule`` as a dict (or None)."""
-
-    name: str = "dataset"
-    format: str = "canonical"
-    implicit: bool = False
-    rating_threshold: float = 4.0
-    sample_rule: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, row: dict[str, Any]) -> "DatasetMeta":
-        names = ("name", "format", "implicit", "rating_threshold", "sample_rule", "extra")
-        return cls(**{k: row[k] for k in names if k in row})
-
-
 @dataclass
 class Dataset:
     """A loaded data set. ``samples`` are read from samples.jsonl or built by the sample rule on first use."""
@@ -86,14 +56,12 @@ class Dataset:
     meta: DatasetMeta
     titles: dict[str, str]
     attributes: dict[str, dict[str, str]]
-    interactions: list[Interaction]
+    interactions: list[InteractionRow]
     _samples: list[Sample] | None = None
 
     @property
     def samples(self) -> list[Sample]:
         if self._samples is None:
-            from trainer.data.samples import SampleRule, build_samples
-
             rule = SampleRule.from_meta(self.meta)
             self._samples = build_samples(self.interactions, rule) if rule.kind == "chronological" else []
         return self._samples
@@ -164,13 +132,13 @@ def read_items(path: Path) -> Iterator[Item]:
         yield Item(_field(row, "item_id", str, where), title, {str(k): str(v) for k, v in attrs.items()})
 
 
-def read_interactions(path: Path, known_items: dict[str, str] | None = None) -> Iterator[Interaction]:
+def read_interactions(path: Path, known_items: dict[str, str] | None = None) -> Iterator[InteractionRow]:
     for lineno, row in iter_jsonl(path):
         where = f"{path}:{lineno}"
         item_id = _field(row, "item_id", str, where)
         if known_items is not None and item_id not in known_items:
             raise DataFormatError(f"{where}: item_id {item_id!r} is not in {ITEMS}; add it there")
-        yield Interaction(
+        yield InteractionRow(
             _field(row, "user_id", str, where),
             item_id,
             _field(row, "rating", float, where),
@@ -244,7 +212,7 @@ def read_test_pairs(root: str | Path) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------------------- graph
 
 
-def graph_interactions(dataset: Dataset, *, all_targets: bool = False) -> list[Interaction]:
+def graph_interactions(dataset: Dataset, *, all_targets: bool = False) -> list[InteractionRow]:
     """The LightGCN graph's interactions (module docstring: no valid/test targets, positives only).
 
     ``all_targets``: leave out the training samples' targets too, so that no sample's answer is
@@ -285,7 +253,7 @@ def write_dataset(
     out: str | Path,
     *,
     items: Iterable[Item],
-    interactions: Iterable[Interaction],
+    interactions: Iterable[InteractionRow],
     meta: DatasetMeta,
     samples: Iterable[Sample] | None = None,
     test_pairs: Iterable[tuple[str, str]] | None = None,

@@ -34,7 +34,8 @@ def export_dataset(redis_url: str, out: Path, *, prefix: str = "xr", rating_thre
     Returns the row counts per file. Raises RefitError when Redis cannot be read or holds no history.
     """
     from retriever_svc.errors import StoreUnavailable
-    from trainer.data.dataset import DatasetMeta, write_dataset
+    from trainer.data.dataset import write_dataset
+    from trainer.data.rows import DatasetMeta
     from trainer.data.samples import SampleRule, build_samples
 
     try:
@@ -55,7 +56,7 @@ def export_dataset(redis_url: str, out: Path, *, prefix: str = "xr", rating_thre
 async def _pull_log(redis_url: str, prefix: str) -> tuple[list, list]:
     """(catalog items, interactions) of every user with a history, in a few round trips per 500 users."""
     from retriever_svc.store import RedisStore
-    from trainer.data.dataset import Interaction, Item
+    from trainer.data.rows import InteractionRow, Item
 
     store = RedisStore.from_url(redis_url, prefix=prefix)
     try:
@@ -64,7 +65,7 @@ async def _pull_log(redis_url: str, prefix: str) -> tuple[list, list]:
         for start in range(0, len(users), _CHUNK):
             chunk = users[start : start + _CHUNK]
             for user, rows in zip(chunk, await store.histories(chunk, HISTORY_CAP)):
-                interactions += [Interaction(user, item, rating, ts) for item, ts, rating in rows]
+                interactions += [InteractionRow(user, item, rating, ts) for item, ts, rating in rows]
         item_ids = sorted({x.item_id for x in interactions})
         items = []
         for start in range(0, len(item_ids), _CHUNK):

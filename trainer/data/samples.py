@@ -27,14 +27,12 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from exitrank.types import Event, Sample
-
-if TYPE_CHECKING:
-    from trainer.data.dataset import DatasetMeta, Interaction
+from trainer.data.rows import DatasetMeta, InteractionRow
 
 # The paper's binarisation thresholds (section 6), and MovieLens' usual one.
 DEFAULT_THRESHOLDS = {"bookcrossing": 5.0, "amazon2018": 3.0, "movielens": 4.0}
@@ -81,7 +79,7 @@ class SampleRule:
         return row
 
     @classmethod
-    def from_meta(cls, meta: "DatasetMeta") -> "SampleRule":
+    def from_meta(cls, meta: DatasetMeta) -> "SampleRule":
         """The rule of a data set; without one, the default rule with the data set's threshold."""
         row = dict(meta.sample_rule or {})
         row.setdefault("threshold", meta.rating_threshold)
@@ -136,9 +134,9 @@ class PopularitySampler:
         return out
 
 
-def build_samples(interactions: Sequence["Interaction"], rule: SampleRule) -> list[Sample]:
+def build_samples(interactions: Sequence[InteractionRow], rule: SampleRule) -> list[Sample]:
     """Apply the module's rule; returns samples grouped by user (sorted ids), chronological per user."""
-    by_user: dict[str, list[Interaction]] = defaultdict(list)
+    by_user: dict[str, list[InteractionRow]] = defaultdict(list)
     for x in interactions:
         by_user[x.user_id].append(x)
     for events in by_user.values():

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.dataset import DatasetMeta, Interaction, Item, write_dataset, write_jsonl
+from trainer.data.dataset import write_dataset, write_jsonl
+from trainer.data.rows import DatasetMeta, InteractionRow, Item
 from trainer.data.samples import SampleRule
 
 THEMES = {
@@ -87,7 +88,7 @@ def _zipf_weights(n: int, s: float, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_interactions(cfg: SynthConfig, item_group: np.ndarray,
-                      rng: np.random.Generator) -> tuple[list[Interaction], np.ndarray]:
+                      rng: np.random.Generator) -> tuple[list[InteractionRow], np.ndarray]:
     """Interactions per the module's model; returns them and each user's group (U,)."""
     popularity = _zipf_weights(cfg.items, cfg.zipf, rng)  # (I,)
     by_group = [np.flatnonzero(item_group == g) for g in range(cfg.groups)]
@@ -107,7 +108,7 @@ def make_interactions(cfg: SynthConfig, item_group: np.ndarray,
         for j, t in zip(picked, ts):
             mean = 4.3 if item_group[j] == g else 2.4
             rating = float(np.clip(np.rint(rng.normal(mean, 0.9)), 1, 5))
-            interactions.append(Interaction(f"u{u}", str(j), rating, int(t)))
+            interactions.append(InteractionRow(f"u{u}", str(j), rating, int(t)))
     return interactions, user_group
 
 

@@ -15,8 +15,9 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.data.dataset import DataFormatError, Interaction, Item
+from trainer.data.dataset import DataFormatError
 from trainer.data.importers.common import ImportOptions, finish, keep_users, rule_for
+from trainer.data.rows import InteractionRow, Item
 from trainer.data.samples import DEFAULT_THRESHOLDS
 
 
@@ -52,11 +53,11 @@ def read_meta(path: Path) -> dict[str, Item]:
     return items
 
 
-def read_reviews(path: Path, items: dict[str, Item]) -> list[Interaction]:
+def read_reviews(path: Path, items: dict[str, Item]) -> list[InteractionRow]:
     out = []
     for lineno, row in _json_lines(path):
         try:
-            x = Interaction(str(row["reviewerID"]), str(row["asin"]), float(row["overall"]),
+            x = InteractionRow(str(row["reviewerID"]), str(row["asin"]), float(row["overall"]),
                             int(row["unixReviewTime"]) * 1000)
         except (KeyError, TypeError, ValueError):
             raise DataFormatError(

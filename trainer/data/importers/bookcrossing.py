@@ -16,8 +16,9 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-from trainer.data.dataset import DataFormatError, Interaction, Item
+from trainer.data.dataset import DataFormatError
 from trainer.data.importers.common import ImportOptions, finish, keep_users, rule_for, sequence_timestamps
+from trainer.data.rows import InteractionRow, Item
 from trainer.data.samples import DEFAULT_THRESHOLDS
 
 
@@ -64,7 +65,7 @@ def run(src: Path, out: Path, options: ImportOptions) -> dict:
     by_user = read_ratings(ratings_file, books)
     kept = keep_users(by_user, options.max_users, options.seed)
     interactions = [
-        Interaction(user, isbn, rating, ts)
+        InteractionRow(user, isbn, rating, ts)
         for user in sorted(kept, key=lambda u: (len(u), u))
         for (isbn, rating), ts in zip(by_user[user], sequence_timestamps(len(by_user[user])))
     ]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.dataset import DatasetMeta, Interaction, Item, write_dataset
+from trainer.data.dataset import write_dataset
+from trainer.data.rows import DatasetMeta, InteractionRow, Item
 from trainer.data.samples import SampleRule
 
 # Synthetic clocks for sources without timestamps: one interaction a day from 2020-09-13.
@@ -59,7 +60,7 @@ def finish(
     name: str,
     fmt: str,
     items: dict[str, Item],
-    interactions: list[Interaction],
+    interactions: list[InteractionRow],
     rule: SampleRule,
     options: ImportOptions,
     **extra_files,

@@ -16,8 +16,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.data.dataset import DataFormatError, Interaction, Item
+from trainer.data.dataset import DataFormatError
 from trainer.data.importers.common import ImportOptions, finish, keep_users, rule_for, sequence_timestamps
+from trainer.data.rows import InteractionRow, Item
 
 ITEM_HEADER = ["item_id:token", "title:token_seq"]
 INTER_HEADER = ["user_id:token", "item_id_list:token_seq", "item_id:token"]
@@ -57,13 +58,13 @@ def run(src: Path, out: Path, options: ImportOptions) -> dict:
     if test_file:
         sequences.update(read_sequences(test_file))  # test's sequence extends valid's by one item
     kept = keep_users(sequences, options.max_users, options.seed)
-    interactions: list[Interaction] = []
+    interactions: list[InteractionRow] = []
     for user in sorted(kept, key=lambda u: (len(u), u)):
         seq = sequences[user]
         for item, ts in zip(seq, sequence_timestamps(len(seq))):
             if item not in items:
                 raise DataFormatError(f"user {user!r}: item {item!r} is not in {item_file.name}")
-            interactions.append(Interaction(user, item, 1.0, ts))
+            interactions.append(InteractionRow(user, item, 1.0, ts))
     rule = rule_for(options, implicit=True, threshold=1.0, kind="chronological")
     name = item_file.name.removesuffix(".item")
     return finish(out, name=name, fmt="games6k", items=items, interactions=interactions,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.data.dataset import DataFormatError, Interaction, Item
+from trainer.data.dataset import DataFormatError
 from trainer.data.importers.common import ImportOptions, finish, keep_users, rule_for, sequence_timestamps
+from trainer.data.rows import InteractionRow, Item
 
 
 def read_adjacency(path: Path) -> dict[str, list[str]]:
@@ -38,7 +39,7 @@ def run(src: Path, out: Path, options: ImportOptions) -> dict:
     train, test = read_adjacency(src / "train.txt"), read_adjacency(src / "test.txt")
     kept = keep_users(train, options.max_users, options.seed)
     interactions = [
-        Interaction(user, item, 1.0, ts)
+        InteractionRow(user, item, 1.0, ts)
         for user in sorted(kept, key=int)
         for item, ts in zip(train[user], sequence_timestamps(len(train[user])))
     ]

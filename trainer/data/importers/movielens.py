@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.data.dataset import DataFormatError, Interaction, Item, read_samples
+from trainer.data.dataset import DataFormatError, read_samples
 from trainer.data.importers.common import ImportOptions, finish, keep_users, rule_for
+from trainer.data.rows import InteractionRow, Item
 from trainer.data.samples import DEFAULT_THRESHOLDS
 
 GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -29,7 +30,7 @@ def _lines(path: Path, encoding: str) -> list[tuple[int, str]]:
         return [(n, line.rstrip("\n")) for n, line in enumerate(fh, start=1) if line.strip()]
 
 
-def _ratings(path: Path, sep: str) -> list[Interaction]:
+def _ratings(path: Path, sep: str) -> list[InteractionRow]:
     out = []
     for lineno, line in _lines(path, "latin-1"):
         cols = line.split(sep)
@@ -37,7 +38,7 @@ def _ratings(path: Path, sep: str) -> list[Interaction]:
             user, item, rating, seconds = cols[0], cols[1], float(cols[2]), int(cols[3])
         except (IndexError, ValueError):
             raise DataFormatError(f"{path}:{lineno}: expected 'user{sep}item{sep}rating{sep}timestamp'") from None
-        out.append(Interaction(user, item, rating, seconds * 1000))
+        out.append(InteractionRow(user, item, rating, seconds * 1000))
     return out
 
 

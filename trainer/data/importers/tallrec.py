@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from exitrank.types import Event, Sample
-from trainer.data.dataset import DataFormatError, Interaction, Item
+from trainer.data.dataset import DataFormatError
 from trainer.data.importers.common import ImportOptions, finish, rule_for, sequence_timestamps
+from trainer.data.rows import InteractionRow, Item
 
 PREF = "User Preference: "
 UNPREF = "User Unpreference: "
@@ -117,7 +118,7 @@ def run(src: Path, out: Path, options: ImportOptions) -> dict:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (expected TALLRec's valid.json and test.json)")
     items: dict[str, Item] = {}
-    interactions: list[Interaction] = []
+    interactions: list[InteractionRow] = []
     samples: list[Sample] = []
     rng = np.random.default_rng(options.seed)
     for prefix, path in files.items():
@@ -133,13 +134,13 @@ def run(src: Path, out: Path, options: ImportOptions) -> dict:
 
 
 def _add_record(user: str, record: Record, split: str, items: dict[str, Item],
-                interactions: list[Interaction]) -> Sample:
+                interactions: list[InteractionRow]) -> Sample:
     events = _interleave(record) + [(record.target, float(record.label))]
     history: list[Event] = []
     for ((title, author), rating), ts in zip(events, sequence_timestamps(len(events))):
         item_id = book_id(title, author)
         items.setdefault(item_id, Item(item_id, f"{title} by {author}", {"author": author}))
-        interactions.append(Interaction(user, item_id, rating, ts))
+        interactions.append(InteractionRow(user, item_id, rating, ts))
         history.append(Event(item_id, rating, ts))
     target = history.pop()
     return Sample(user_id=user, history=tuple(history), item_id=target.item_id, label=record.label,
