@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from bench.common import emit, machine, say
-from retriever_svc.model import LAYER_COMBINATIONS
 from trainer.gcn import fit_gcn, read_user_lines
+from trainer.gcn_model import LAYER_COMBINATIONS
 
 PUBLISHED = {"recall@20": 0.1824, "ndcg@20": 0.1547}  # LightGCN reference, 3 layers (README)
 TARGET = {"recall@20": 0.180, "ndcg@20": 0.152}

@@ -2,7 +2,6 @@
 
 Layers, imports flowing one way (servicer → core → model):
 
-- ``model.py``      LightGCN through torch_geometric (torch only; used by the trainer's fit)
 - ``embeddings.py`` ``GCNEmbeddings``: the fit's output, saved/loaded as safetensors + meta.json
 - ``vectors.py``    ``VectorIndex``: cosine nearest neighbours over FAISS (no I/O; also used offline)
 - ``records.py``    plain request/record types and their validation
@@ -11,5 +10,6 @@ Layers, imports flowing one way (servicer → core → model):
 - ``consumer.py``   the stream consumer group applying events to histories and embeddings
 - ``servicer.py``   the thin grpc.aio servicer; ``server.py`` the ``retriever-svc`` CLI and lifecycle
 
-Importing the package imports nothing heavy: the service never needs torch.
+Importing the package imports nothing heavy: the service never needs torch. The LightGCN model and
+its fit are the trainer's (``trainer.gcn_model``, ``trainer.bpr``, ``trainer.gcn``).
 """

@@ -10,7 +10,7 @@ On disk (``ARTIFACTS/gcn/``, see docs/architecture.md)::
                               "version", "metrics", ...}
 
 ``item_foldin`` is the fold-in basis f_i = sum_{k>=1} alpha_k e_i^(k-1) / sqrt(|N_i|) (see
-``retriever_svc.model.LightGCNRetriever.export``): a user's embedding from its interactions is
+``trainer.gcn_model.LightGCNRetriever.export``): a user's embedding from its interactions is
 sum_{i in N_u} f_i / sqrt(|N_u|) (``fold_in``, the one implementation that serving and training both
 call). Without it the retriever falls back to f_i = e_i (one propagation step of the final item
 embeddings), an approximation.

@@ -14,7 +14,7 @@ From Python (what ``trainer fit-gcn`` does)::
     publish_gcn(emb, redis_url=url)              # new embedding version for the live service
 
 Training: LightGCN's model and loss (BPR, L2 on the pairs' layer-0 rows, Adam), arranged for a
-CPU (``retriever_svc.bpr``): every step is one propagation of the whole graph and scores every
+CPU (``trainer.bpr``): every step is one propagation of the whole graph and scores every
 training edge of a batch of whole users, each with ``negatives`` uniform negatives, through
 sparse products; each user weighs the same (``weighting="user"``), the objective of LightGCN's
 reference samplers, which draw users uniformly. LightGCN's own recipe (2048 pairs per step,
@@ -43,9 +43,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retriever_svc.bpr import PairSampler, bpr_loss, pair_scores
 from retriever_svc.embeddings import GCNEmbeddings
-from retriever_svc.model import LAYER_COMBINATIONS, LightGCNRetriever, normalized_adjacency
+from trainer.bpr import PairSampler, bpr_loss, pair_scores
+from trainer.gcn_model import LAYER_COMBINATIONS, LightGCNRetriever, normalized_adjacency
 
 Pairs = Sequence[tuple[int, int]] | np.ndarray
 
@@ -87,9 +87,9 @@ def fit_gcn(
         batch_size: edges per step, approximately (whole users per batch); 0 = the whole graph.
         negatives: negative items per positive edge and step.
         candidates: 1: uniform negatives (LightGCN's); m > 1: each negative the best-scored of
-            m uniform draws (dynamic negative sampling; see ``retriever_svc.bpr``).
+            m uniform draws (dynamic negative sampling; see ``trainer.bpr``).
         weighting: ``user`` (each user weighs the same, as LightGCN's reference samplers
-            draw users uniformly) or ``edge`` (see ``retriever_svc.bpr.PairSampler``).
+            draw users uniformly) or ``edge`` (see ``trainer.bpr.PairSampler``).
         weight_decay: lambda of the L2 term (PyG's ``BPRLoss`` form).
         seed: seeds the initialisation and the sampling.
         progress: show a tqdm bar.

@@ -50,17 +50,6 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture
-def torch_one_thread():
-    """Tiny graphs: one torch thread (OpenMP barriers on a shared 2-core box cost more than they save)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def unique_prefix():
     """prefix(name): a key prefix no other test uses (module-scoped data survives flushes)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from retriever_svc.bpr import PairSampler, bpr_loss, pair_scores, sampled_dot
-from retriever_svc.model import LightGCNRetriever, normalized_adjacency
+from trainer.bpr import PairSampler, bpr_loss, pair_scores, sampled_dot
+from trainer.gcn_model import LightGCNRetriever, normalized_adjacency
 
 U, I = 7, 9
 USERS = torch.tensor([0, 0, 1, 1, 2, 3, 4, 5, 6, 6, 6, 2, 0])

@@ -8,7 +8,7 @@ References:
 
 Blocks, top-down: the layer weights of each combination, the normalised adjacency (built once),
 the symmetric sparse product, then ``LightGCNRetriever`` with its loss and export. The same loss
-arranged for large batches on a CPU (pair scores as sparse products) is in ``bpr.py``.
+arranged for large batches on a CPU (pair scores as sparse products) is in ``trainer.bpr``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
-"""LightGCNRetriever: the propagation equals the dense computation; layer mixing; fold-in; BPR."""
+"""trainer.gcn_model.LightGCNRetriever: the propagation equals the dense computation; layer mixing; fold-in; BPR."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from retriever_svc.model import (
+from trainer.gcn_model import (
     LAYER_COMBINATIONS,
     LightGCNRetriever,
     layer_weights,

@@ -1,6 +1,6 @@
 """Large-batch BPR for LightGCN on a CPU: pair sampling and pair scores as sparse products. Torch only.
 
-The model and the loss are LightGCN's (``retriever_svc.model``; BPR with L2 on the layer-0 rows of
+The model and the loss are LightGCN's (``trainer.gcn_model``; BPR with L2 on the layer-0 rows of
 every pair, as PyG's ``BPRLoss``); only the arithmetic is arranged for large batches:
 
 - one propagation per step over the normalised adjacency (built once, CSR, int32 indices);
