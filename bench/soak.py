@@ -38,7 +38,7 @@ from pathlib import Path
 
 from bench.common import emit, first_line, machine, run_load, say
 
-SOAK_TEST = "bench/soak.py (make soak)"  # the result file's test name (exitrank.reliability)
+SOAK_TEST = "bench/soak.py (make soak)"  # the result file's test name (tests.support.reliability)
 
 BIN = Path(sys.executable).parent
 ADJECTIVES = ("sunny", "golden", "bright", "gloomy", "rusty", "dull")
@@ -165,7 +165,7 @@ def soak(args: argparse.Namespace, ranker: subprocess.Popen, retriever: subproce
 
 def record(result: dict) -> None:
     """``result`` as the ``faults``/``soak`` row of ``runs/reliability`` (only when it passed)."""
-    from exitrank.reliability import recording
+    from tests.support.reliability import recording
 
     soak, ranker = result["soak"], result["soak"]["rss_mb"]["ranker"]
     if soak["errors"] or not soak["rss_flat"]:

@@ -1,4 +1,4 @@
-"""Print or refresh the reliability table from the tests' result files (``exitrank.reliability``).
+"""Print or refresh the reliability table from the tests' result files (``tests.support.reliability``).
 
     .venv/bin/python -m pytest -q -p no:cacheprovider tests    # tests write runs/reliability/*.json
     .venv/bin/python scripts/reliability_table.py               # print the table
@@ -6,7 +6,7 @@
     .venv/bin/python scripts/reliability_table.py --require security=8   # fail if rows are missing
 
 Every ``*.json`` in the results directory becomes a row, whichever test wrote it: a new area of
-guarantees (fault injection, ...) only has to record its tests with ``exitrank.reliability.recording``.
+guarantees (fault injection, ...) only has to record its tests with ``tests.support.reliability.recording``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exitrank.reliability import load_rows, results_dir, splice, table  # noqa: E402
+from tests.support.reliability import load_rows, results_dir, splice, table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The client's ``credentials`` against a real ``retriever-svc`` serving mutual TLS with a per-client rate
-limit (certificates from the dev CA, ``exitrank.security_pki``)."""
+limit (certificates from the dev CA, ``tests.support.pki``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from exitrank.client import Item, Overloaded, RetrieverClient, Unavailable
-from exitrank.security_pki import DevCA
+from tests.support.pki import DevCA
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from redis.retry import Retry
 
 from exitrank.grpc_security import peer_host
 from exitrank.redis_server import EmbeddedRedis
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.security import (
     ClientTLS,
     Limits,
@@ -26,7 +26,7 @@ from exitrank.security import (
     load_client_tls,
     load_server_tls,
 )
-from exitrank.security_pki import DevCA
+from tests.support.pki import DevCA
 
 
 @pytest.fixture(scope="module")

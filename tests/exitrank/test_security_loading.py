@@ -7,7 +7,7 @@ import ast
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = ("exitrank", "retriever_svc", "ranker_svc", "trainer", "bench", "scripts", "examples")

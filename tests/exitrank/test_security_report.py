@@ -1,4 +1,4 @@
-"""``exitrank.reliability`` and ``scripts/reliability_table.py``: rows only from tests that passed, every
+"""``tests.support.reliability`` and ``scripts/reliability_table.py``: rows only from tests that passed, every
 area's files in one table, the table spliced between RELIABILITY.md's markers."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from exitrank.reliability import BEGIN, END, load_rows, recording, splice, table
+from tests.support.reliability import BEGIN, END, load_rows, recording, splice, table
 
 ROOT = Path(__file__).resolve().parents[2]
 

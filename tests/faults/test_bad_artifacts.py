@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from exitrank.artifacts import write_manifest
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from ranker_svc.artifact import load_ranker, save_heads
 from ranker_svc.config import ModelConfig, RankerConfig, RetrieverConfig
 from ranker_svc.errors import RankerError

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 
 EXAMPLES = 120  # per RPC: enough to reach every validation branch, a few seconds each

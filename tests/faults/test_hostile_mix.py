@@ -22,7 +22,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.conftest import await_ready, launch_service, stop_service
 from tests.faults.conftest import BIN, rank_request

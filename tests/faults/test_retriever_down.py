@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.server import start_server
 from tests.faults.conftest import Load, quantile, rank_request, ranker_config

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from tests.conftest import ROOT
 
 

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.config import ModelConfig, RankerConfig, RetrieverConfig, ServerConfig
 from ranker_svc.server import start_server

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import re
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from ranker_svc.prompt import PromptBuilder, PromptConfig, sanitize_title
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from exitrank.artifacts import CURRENT, RELEASES, publish_release
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import read_meta
 from tests.conftest import await_ready, launch_service, stop_service

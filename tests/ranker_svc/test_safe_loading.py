@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from ranker_svc.artifact import load_ranker
 from retriever_svc.embeddings import GCNEmbeddings
 

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from exitrank.grpc_security import RETRY_AFTER_KEY, bind, open_channel, server_kwargs
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.security import ClientTLS, Limits, ServerTLS, load_client_tls, load_server_tls
-from exitrank.security_pki import DevCA
+from tests.support.pki import DevCA
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc, retriever_pb2_grpc
 from ranker_svc.config import ModelConfig, RankerConfig, RetrieverConfig, ServerConfig

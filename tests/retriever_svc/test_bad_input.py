@@ -12,7 +12,7 @@ import math
 import grpc
 import pytest
 
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import IndexConfig, RedisConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer

@@ -16,7 +16,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exitrank.redis_server import EmbeddedRedis
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.store import Keys
 from tests.retriever_svc.conftest import start_retriever

@@ -27,9 +27,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from exitrank.grpc_security import open_channel
 from exitrank.redis_server import EmbeddedRedis, find_redis_server
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.security import ClientTLS, load_client_tls
-from exitrank.security_pki import DevCA
+from tests.support.pki import DevCA
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import IndexConfig, RedisConfig
 from retriever_svc.errors import StoreUnavailable

@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from exitrank.grpc_security import CLIENT_ID_KEY, RETRY_AFTER_KEY, open_channel
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.security import ClientTLS, Limits, ServerTLS, load_client_tls
-from exitrank.security_pki import DevCA
+from tests.support.pki import DevCA
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.config import IndexConfig, ServerConfig
 from retriever_svc.index import Retriever

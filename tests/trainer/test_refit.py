@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from exitrank.artifacts import current_release, read_manifest, write_manifest
-from exitrank.reliability import recording
+from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
 from tests.conftest import await_ready, launch_service, stop_service

@@ -1,7 +1,7 @@
 """A throw-away certificate authority for development and tests (needs ``cryptography``, dev extra).
 
-    python -m exitrank.security_pki certs/            # ca, server (localhost, 127.0.0.1), client
-    python -m exitrank.security_pki certs/ --host retriever.internal --client feed-server
+    python -m tests.support.pki certs/            # ca, server (localhost, 127.0.0.1), client
+    python -m tests.support.pki certs/ --host retriever.internal --client feed-server
     retriever-svc serve ... --tls-cert certs/server.crt --tls-key certs/server.key \
         --tls-client-ca certs/ca.crt
     ranker-svc serve ... --retriever-tls-ca certs/ca.crt \
@@ -131,7 +131,7 @@ def _key_usage(*, ca: bool):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m exitrank.security_pki", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.support.pki", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="directory for ca.crt, server.crt/key, client.crt/key")
     parser.add_argument("--host", action="append", help="server name or IP (repeatable; default localhost, 127.0.0.1)")
     parser.add_argument("--client", default="client", help="client certificate common name")
