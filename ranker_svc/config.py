@@ -31,9 +31,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from exitrank import config_sources
+from exitrank.config_sources import ConfigError
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import ClientTLS, Limits, ServerTLS
-from ranker_svc.errors import InvalidArgument
 
 ENGINES = ("torch", "deepspeed", "onnx")
 DTYPES = ("auto", "bfloat16", "float32")
@@ -67,17 +67,17 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.reload_interval_s <= 3600:
-            raise InvalidArgument("model.reload_interval_s", f"must be in 0..3600 (0: off), got {self.reload_interval_s}")
+            raise ConfigError("model.reload_interval_s", f"must be in 0..3600 (0: off), got {self.reload_interval_s}")
         if self.engine not in ENGINES:
-            raise InvalidArgument("model.engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+            raise ConfigError("model.engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.dtype not in DTYPES:
-            raise InvalidArgument("model.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ConfigError("model.dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.num_threads < 0:
-            raise InvalidArgument("model.num_threads", f"must be >= 0, got {self.num_threads}")
+            raise ConfigError("model.num_threads", f"must be >= 0, got {self.num_threads}")
         if self.tensor_parallel < 1:
-            raise InvalidArgument("model.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
+            raise ConfigError("model.tensor_parallel", f"must be >= 1, got {self.tensor_parallel}")
         if self.tensor_parallel > 1 and self.engine != "deepspeed":
-            raise InvalidArgument("model.tensor_parallel", "needs model.engine deepspeed")
+            raise ConfigError("model.tensor_parallel", "needs model.engine deepspeed")
 
     @property
     def ranker_dir(self) -> Path:
@@ -121,15 +121,15 @@ class BatchingConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_wait_ms <= 1000:
-            raise InvalidArgument("batching.max_wait_ms", f"must be in 0..1000, got {self.max_wait_ms}")
+            raise ConfigError("batching.max_wait_ms", f"must be in 0..1000, got {self.max_wait_ms}")
         if self.max_batch_rows < 1:
-            raise InvalidArgument("batching.max_batch_rows", f"must be >= 1, got {self.max_batch_rows}")
+            raise ConfigError("batching.max_batch_rows", f"must be >= 1, got {self.max_batch_rows}")
         if self.batch_size < 1:
-            raise InvalidArgument("batching.batch_size", f"must be >= 1, got {self.batch_size}")
+            raise ConfigError("batching.batch_size", f"must be >= 1, got {self.batch_size}")
         if not 1 <= self.max_candidates <= MAX_CANDIDATES:
-            raise InvalidArgument("batching.max_candidates", f"must be in 1..{MAX_CANDIDATES}, got {self.max_candidates}")
+            raise ConfigError("batching.max_candidates", f"must be in 1..{MAX_CANDIDATES}, got {self.max_candidates}")
         if self.max_pending_requests < 1:
-            raise InvalidArgument("batching.max_pending_requests", f"must be >= 1, got {self.max_pending_requests}")
+            raise ConfigError("batching.max_pending_requests", f"must be >= 1, got {self.max_pending_requests}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +140,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise InvalidArgument("server.port", f"must be in 0..65535 (0: any free port), got {self.port}")
+            raise ConfigError("server.port", f"must be in 0..65535 (0: any free port), got {self.port}")
         if self.grace_s < 0:
-            raise InvalidArgument("server.grace_s", f"must be >= 0, got {self.grace_s}")
+            raise ConfigError("server.grace_s", f"must be >= 0, got {self.grace_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,15 +179,15 @@ class RetrieverConfig:
                 object.__setattr__(self, key, Path(getattr(self, key)))
         self.client_tls()  # cert and key together
         if self.timeout_s <= 0:
-            raise InvalidArgument("retriever.timeout_s", f"must be > 0, got {self.timeout_s}")
+            raise ConfigError("retriever.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.title_cache_size < 0:
-            raise InvalidArgument("retriever.title_cache_size", f"must be >= 0, got {self.title_cache_size}")
+            raise ConfigError("retriever.title_cache_size", f"must be >= 0, got {self.title_cache_size}")
         if self.title_ttl_s < 0:
-            raise InvalidArgument("retriever.title_ttl_s", f"must be >= 0, got {self.title_ttl_s}")
+            raise ConfigError("retriever.title_ttl_s", f"must be >= 0, got {self.title_ttl_s}")
         if self.breaker_failures < 0:
-            raise InvalidArgument("retriever.breaker_failures", f"must be >= 0 (0: no breaker), got {self.breaker_failures}")
+            raise ConfigError("retriever.breaker_failures", f"must be >= 0 (0: no breaker), got {self.breaker_failures}")
         if self.breaker_cooldown_s <= 0:
-            raise InvalidArgument("retriever.breaker_cooldown_s", f"must be > 0, got {self.breaker_cooldown_s}")
+            raise ConfigError("retriever.breaker_cooldown_s", f"must be > 0, got {self.breaker_cooldown_s}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,15 +204,15 @@ class RankerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "RankerConfig":
         """Sections from a mapping (YAML); unknown sections or keys are refused by name."""
-        return config_sources.from_mapping(cls, data, error=InvalidArgument)
+        return config_sources.from_mapping(cls, data)
 
     def with_env(self, environ: Mapping[str, str] | None = None) -> "RankerConfig":
         """Overrides from ``EXITRANK_RANKER_<SECTION>_<KEY>`` variables (typed like the field).
 
         Raises:
-            InvalidArgument: an unknown section/key or a value of the wrong type, named.
+            ConfigError: an unknown section/key or a value of the wrong type, named.
         """
-        return config_sources.with_env(self, ENV_PREFIX, environ, error=InvalidArgument)
+        return config_sources.with_env(self, ENV_PREFIX, environ)
 
     def with_section(self, name: str, **changes) -> "RankerConfig":
         return config_sources.with_section(self, name, **changes)

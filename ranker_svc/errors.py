@@ -3,7 +3,7 @@
 ::
 
     RankerError                      (INTERNAL)
-    ├── InvalidArgument(field, msg)  INVALID_ARGUMENT  a request or config field is out of range
+    ├── InvalidArgument(field, msg)  INVALID_ARGUMENT  a request field (or exit policy) is out of range
     ├── UnknownItems(item_ids)       NOT_FOUND         candidates the catalog does not hold
     ├── ContextUnavailable           UNAVAILABLE       the retriever cannot resolve candidate titles
     │   └── EmbeddingVersionUnavailable FAILED_PRECONDITION the retriever no longer serves the
@@ -12,8 +12,9 @@
     ├── DeadlineExceeded             DEADLINE_EXCEEDED the caller's deadline passed before scoring
     └── ArtifactError                FAILED_PRECONDITION the ranker artifact is missing or inconsistent
 
-``InvalidArgument`` also subclasses ``ValueError`` so that config validation at start-up reads
-naturally outside gRPC. Messages always say what to change.
+``InvalidArgument`` also subclasses ``ValueError`` so that a policy checked at start-up reads naturally
+outside gRPC. A bad config value is not a request error: it is ``exitrank.config_sources.ConfigError``,
+as in the retriever. Messages always say what to change.
 """
 
 from __future__ import annotations

@@ -29,6 +29,9 @@ Each core class gets only its section: ``Retriever`` the ``index`` section, the 
 consumer the ``redis`` section, ``server.py`` the ``server``, ``tls``, ``limits`` and ``artifacts``
 sections (``tls`` and ``limits`` are ``exitrank.security``'s, shared with the ranker), and
 ``observability`` (metrics port, log format, tracing: ``exitrank.observability.config``).
+
+A bad value anywhere (file, variable, flag, or a section's own check) is a
+``exitrank.config_sources.ConfigError`` naming the field, as in the ranker; ``retriever-svc`` exits 2 on it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from exitrank import config_sources
+from exitrank.config_sources import ConfigError
 from exitrank.observability import config as observability_config
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import Limits, ServerTLS
@@ -92,13 +96,13 @@ class RedisConfig:
 
     def __post_init__(self) -> None:
         if self.url is None and (self.tls_ca or self.tls_cert or self.tls_key):
-            raise ValueError("redis.tls_ca/tls_cert/tls_key (--redis-tls-*) need --redis-url rediss://...")
+            raise ConfigError("redis.tls_ca/tls_cert/tls_key (--redis-tls-*)", "need --redis-url rediss://...")
         if self.read_count < 1:
-            raise ValueError(f"redis.read_count must be >= 1, got {self.read_count}")
+            raise ConfigError("redis.read_count", f"must be >= 1, got {self.read_count}")
         if not 1 <= self.block_ms < self.timeout_s * 1000:
-            raise ValueError("redis.block_ms must be >= 1 and below redis.timeout_s")
+            raise ConfigError("redis.block_ms", "must be >= 1 and below redis.timeout_s")
         if not self.prefix or not self.group or not self.consumer:
-            raise ValueError("redis.prefix, redis.group and redis.consumer must be non-empty")
+            raise ConfigError("redis.prefix/group/consumer", "must be non-empty")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,15 +134,15 @@ class IndexConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.version_poll_s <= 3600:
-            raise ValueError(f"index.version_poll_s must be in (0, 3600], got {self.version_poll_s}")
+            raise ConfigError("index.version_poll_s", f"must be in (0, 3600], got {self.version_poll_s}")
         if self.kind not in INDEX_KINDS:
-            raise ValueError(f"index.kind must be one of {INDEX_KINDS}, got {self.kind!r}")
+            raise ConfigError("index.kind", f"must be one of {INDEX_KINDS}, got {self.kind!r}")
         if self.keep_versions < 1:
-            raise ValueError(f"index.keep_versions must be >= 1, got {self.keep_versions}")
+            raise ConfigError("index.keep_versions", f"must be >= 1, got {self.keep_versions}")
         if min(self.hnsw_m, self.ef_construction, self.ef_search, self.title_cache_size,
                self.faiss_threads) < 1:
-            raise ValueError("index.hnsw_m, ef_construction, ef_search, title_cache_size and "
-                             "faiss_threads must be >= 1")
+            raise ConfigError("index.hnsw_m/ef_construction/ef_search/title_cache_size/faiss_threads",
+                              "must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,9 +163,11 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"server.port must be in 0..65535, got {self.port}")
-        if self.grace_s < 0 or self.ingest_batch < 1:
-            raise ValueError("server.grace_s must be >= 0 and server.ingest_batch >= 1")
+            raise ConfigError("server.port", f"must be in 0..65535, got {self.port}")
+        if self.grace_s < 0:
+            raise ConfigError("server.grace_s", f"must be >= 0, got {self.grace_s}")
+        if self.ingest_batch < 1:
+            raise ConfigError("server.ingest_batch", f"must be >= 1, got {self.ingest_batch}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,10 +178,6 @@ class ArtifactsConfig:
 
 
 ENV_PREFIX = "EXITRANK_RETRIEVER_"
-
-
-def _config_error(name: str, message: str) -> ValueError:
-    return ValueError(f"{name}: {message}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,14 +196,14 @@ class RetrieverConfig:
         """``retriever-svc serve ...``: the file, then the environment, then the flags given.
 
         Raises:
-            ValueError: naming the section.key (or variable) of a bad value.
+            ConfigError: naming the section.key (or variable) of a bad value.
         """
         args = build_parser().parse_args(argv)
         environ = os.environ if environ is None else environ
         data = yaml.safe_load(args.config.read_text()) if args.config else None
-        config = config_sources.from_mapping(cls, data, error=_config_error)
+        config = config_sources.from_mapping(cls, data)
         config = config_sources.with_given(config, {"redis": {"url": environ.get("EXITRANK_REDIS_URL") or None}})
-        config = config_sources.with_env(config, ENV_PREFIX, environ, error=_config_error)
+        config = config_sources.with_env(config, ENV_PREFIX, environ)
         return config_sources.with_given(config, _flag_sections(args))
 
 

@@ -17,11 +17,14 @@ Health is SERVING while the retriever can answer: from its in-memory index (Near
 while Redis is down) or from Redis; NOT_SERVING while it has neither (no embeddings loaded and
 Redis unreachable), polled every ``READINESS_POLL_S`` (:func:`watch_readiness`). An artifact
 directory with a ``manifest.json`` is verified first: a ``gcn/`` file that is missing or does not
-match its hash stops the start (exit 1, the file named).
+match its hash stops the start (exit 2, the file named, as a bad config or any other start failure:
+the ranker's statuses).
 
-Stop (SIGTERM/SIGINT): health NOT_SERVING, new calls (and received ones not yet begun) refused
-UNAVAILABLE, ``server.stop(grace)`` drains in-flight calls (``grpc_security.drain_and_stop``), the
-consumer finishes its batch, Redis is closed, the embedded redis-server is stopped.
+Lifecycle, the ranker's shape: :func:`start_server` builds and starts everything and returns a
+:class:`RetrieverServer`; its ``stop(grace)`` (on SIGTERM/SIGINT) turns health NOT_SERVING, refuses
+new calls (and received ones not yet begun) with UNAVAILABLE, drains in-flight calls
+(``grpc_security.drain_and_stop``), lets the consumer finish its batch, stops the follower and the
+metrics endpoint, and closes Redis; ``main`` then stops the embedded redis-server.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ import shutil
 import signal
 import sys
 import tempfile
-import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -44,7 +47,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exitrank.artifacts import MANIFEST, verify_manifest
-from exitrank.grpc_security import bind, drain_and_stop, find_guard, server_kwargs
+from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RetrieverMetrics
@@ -52,6 +55,7 @@ from exitrank.observability.settings import log_settings
 from exitrank.redis_server import EmbeddedRedis, RedisServerError
 from exitrank.security import Limits, ServerTLS, load_server_tls
 from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
+from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import RetrieverConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
@@ -64,14 +68,44 @@ from retriever_svc.store import RedisStore
 log = logging.getLogger("retriever_svc")
 SERVICE_NAME = retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name
 READINESS_POLL_S = 0.5
-_GUARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # server -> its ServerGuard (draining)
+
+
+@dataclass
+class RetrieverServer:
+    """A started server: the bound port, its health servicer, and what ``stop`` closes after the calls.
+
+    ``start_grpc`` fills the gRPC part (a core served as it is); ``start_server`` adds the process's
+    background loops (stream consumer, replica follower), the readiness watch, metrics and the store.
+    """
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    guard: ServerGuard | None = None  # refuses new calls with UNAVAILABLE while draining
+    background: tuple[BackgroundLoop, ...] = ()  # stopped in order once the calls have drained
+    readiness: asyncio.Task | None = None
+    metrics: RetrieverMetrics | None = None
+    store: RedisStore | None = None  # closed last
+
+    async def stop(self, grace: float | None) -> None:
+        """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, then stop the loops, close Redis."""
+        if self.readiness is not None:
+            self.readiness.cancel()
+        await self.health.enter_graceful_shutdown()
+        await drain_and_stop(self.server, self.guard, grace)
+        for background in self.background:
+            await background.stop()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.store is not None:
+            await self.store.close()
 
 
 async def start_grpc(
     core: RetrieverCore, config: ServerConfig, *, tls: ServerTLS | None = None,
     limits: Limits | None = None, telemetry: ServerTelemetry | None = None,
-) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A started grpc.aio server for ``core`` with health checking and reflection; its port.
+) -> RetrieverServer:
+    """A started grpc.aio server for ``core`` with health checking and reflection, and its port.
 
     ``tls`` None: plaintext; ``limits`` None: ``Limits()`` (message sizes only, no rate limit);
     ``telemetry`` None: request ids only (no metrics, access lines for server faults).
@@ -80,7 +114,6 @@ async def start_grpc(
     pem = load_server_tls(tls)
     kwargs = with_telemetry(server_kwargs(limits or Limits(), mutual=tls.mutual), telemetry or ServerTelemetry())
     server = grpc.aio.server(**kwargs)
-    _GUARDS[server] = find_guard(kwargs["interceptors"])
     retriever_pb2_grpc.add_RetrieverServicer_to_server(
         RetrieverServicer(core=core, batch=config.ingest_batch), server
     )
@@ -93,7 +126,7 @@ async def start_grpc(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, port, health_servicer
+    return RetrieverServer(server=server, port=port, health=health_servicer, guard=find_guard(kwargs["interceptors"]))
 
 
 async def watch_readiness(retriever: Retriever, store: RedisStore, health_servicer: health.aio.HealthServicer,
@@ -151,51 +184,59 @@ def build_metrics(retriever: Retriever, consumer: StreamConsumer | None) -> Retr
     return RetrieverMetrics(stats=stats, loop=asyncio.get_running_loop())
 
 
-async def serve(config: RetrieverConfig, redis_url: str) -> None:
-    """Run the service on ``redis_url`` until SIGTERM/SIGINT."""
+async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServer:
+    """Builds config -> store -> core (embeddings published or restored) -> consumer and follower ->
+    gRPC server, and starts them; what was started is stopped again when a later step fails."""
     obs = config.observability
     log_settings(log, config, service="retriever")
     faiss.omp_set_num_threads(config.index.faiss_threads)
     store = RedisStore.from_url(redis_url, prefix=config.redis.prefix, group=config.redis.group,
                                 timeout_s=config.redis.timeout_s, tls=config.redis.tls())
-    try:
+    async with contextlib.AsyncExitStack() as undo:
+        undo.push_async_callback(store.close)
         await store.ping()
         retriever = Retriever(store=store, config=config.index, replica=config.redis.consumer)
         version = await publish_artifacts(retriever, config.artifacts.dir)
         consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
-        follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis,
-                                   index=config.index)
-        consumer.start()
-        follower.start()
+        follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis, index=config.index)
+        for background in (consumer, follower):
+            background.start()
+            undo.push_async_callback(background.stop)
         metrics = None if obs.metrics_port is None else build_metrics(retriever, consumer)
-        try:
-            if metrics is not None:
-                metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
-            telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
-            server, port, health_servicer = await start_grpc(retriever, config.server, tls=config.tls,
-                                                             limits=config.limits, telemetry=telemetry)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, stop.set)
-            watch = asyncio.create_task(watch_readiness(retriever, store, health_servicer))
-            log.info("embedding version %s", version or "(none)")
-            print(f"retriever listening on {config.server.host}:{port}", flush=True)
-            if metrics is not None:
-                print(f"retriever metrics on http://{obs.metrics_host or config.server.host}:{metrics.port}/metrics",
-                      flush=True)
-            await stop.wait()
-            log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
-            watch.cancel()
-            await health_servicer.enter_graceful_shutdown()
-            await drain_and_stop(server, _GUARDS.get(server), config.server.grace_s)
-        finally:
-            await consumer.stop()
-            await follower.stop()
-            if metrics is not None:
-                metrics.close()
+        if metrics is not None:
+            undo.callback(metrics.close)
+            metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
+        telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
+        running = await start_grpc(retriever, config.server, tls=config.tls, limits=config.limits,
+                                   telemetry=telemetry)
+        undo.pop_all()  # started: from here on ``running.stop`` owns them
+    running.background, running.metrics, running.store = (consumer, follower), metrics, store
+    running.readiness = asyncio.create_task(watch_readiness(retriever, store, running.health))
+    log.info("embedding version %s", version or "(none)")
+    return running
+
+
+async def serve(config: RetrieverConfig, redis_url: str, *, stop: asyncio.Event | None = None) -> None:
+    """Serves on ``redis_url`` until ``stop`` is set (default: until SIGTERM/SIGINT), then drains and closes."""
+    running = await start_server(config, redis_url)
+    try:
+        stop = stop or _signal_event()
+        print(f"retriever listening on {config.server.host}:{running.port}", flush=True)
+        if running.metrics is not None:
+            host = config.observability.metrics_host or config.server.host
+            print(f"retriever metrics on http://{host}:{running.metrics.port}/metrics", flush=True)
+        await stop.wait()
+        log.info("stopping: draining calls for up to %.1fs", config.server.grace_s)
     finally:
-        await store.close()
+        await running.stop(config.server.grace_s)
+
+
+def _signal_event() -> asyncio.Event:
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, event.set)
+    return event
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("embedded redis-server pid %s in %s", embedded.pid, embedded.data_dir)
         asyncio.run(serve(config, redis_url))
         return 0
-    except (RetrievalError, RedisServerError, RuntimeError) as exc:
+    except (RetrievalError, RedisServerError, RuntimeError) as exc:  # the ranker's start failures exit 2 too
         log.error("retriever-svc failed: %s", exc)
-        return 1
+        return 2
     finally:
         shutdown_tracing()
         if embedded is not None:

@@ -112,7 +112,7 @@ def test_services_exit_with_a_status_and_the_reason(request, tmp_path, stack_art
     for case, corrupt, named in RETRIEVER:
         artifacts = _copy(stack_artifacts, tmp_path / "retriever", case)
         corrupt(artifacts)
-        runs.append(("retriever-svc", case, named, 1, [str(BIN / "retriever-svc"), "serve", "--port", "0",
+        runs.append(("retriever-svc", case, named, 2, [str(BIN / "retriever-svc"), "serve", "--port", "0",
                                                        "--artifacts", str(artifacts), "--redis-url", redis_url]))
     with recording(request.node.nodeid, "bad artifact", area="bad input") as row:
         with ThreadPoolExecutor(max_workers=2) as pool:  # 2 cores: two imports at a time
@@ -123,5 +123,5 @@ def test_services_exit_with_a_status_and_the_reason(request, tmp_path, stack_art
             assert "listening" not in out and "Traceback" not in err, (service, case, err[-2000:])
         row.sent = row.refused = len(runs)
         row.measured = (f"{len(runs)}/{len(runs)} processes refused to start, the file named on stderr, no traceback, "
-                        f"no port: ranker-svc exit 2 on {', '.join(PROCESS_CASES)}; retriever-svc exit 1 on "
+                        f"no port: ranker-svc exit 2 on {', '.join(PROCESS_CASES)}; retriever-svc exit 2 on "
                         f"{', '.join(c for c, _, _ in RETRIEVER)}")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from exitrank.config_sources import ConfigError
 from ranker_svc.config import BatchingConfig, ModelConfig, RankerConfig
-from ranker_svc.errors import InvalidArgument
 from ranker_svc.server import parse_args
 
 
@@ -34,17 +34,17 @@ def test_environment_variables_override_single_typed_keys():
     ],
 )
 def test_bad_environment_values_name_the_variable_or_setting(env, name):
-    with pytest.raises(InvalidArgument, match=f"^{name}"):
+    with pytest.raises(ConfigError, match=f"^{name}"):
         RankerConfig().with_env(env)
 
 
 def test_sections_validate_new_settings():
-    with pytest.raises(InvalidArgument, match="model.tensor_parallel"):
+    with pytest.raises(ConfigError, match="model.tensor_parallel"):
         ModelConfig(tensor_parallel=0)
-    with pytest.raises(InvalidArgument, match="model.tensor_parallel"):
+    with pytest.raises(ConfigError, match="model.tensor_parallel"):
         ModelConfig(tensor_parallel=2, engine="torch")
     assert ModelConfig(tensor_parallel=2, engine="deepspeed").tensor_parallel == 2
-    with pytest.raises(InvalidArgument, match="batching.max_batch_rows"):
+    with pytest.raises(ConfigError, match="batching.max_batch_rows"):
         BatchingConfig(max_batch_rows=0)
     assert RankerConfig.from_dict({"model": {"onnx_dir": "o"}}).model.onnx_dir == Path("o")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from exitrank.config_sources import ConfigError
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.config import RankerConfig
-from ranker_svc.errors import InvalidArgument
 from ranker_svc.server import parse_args
 
 pytestmark = pytest.mark.anyio
@@ -62,9 +62,9 @@ def test_yaml_sections_and_unknown_keys(tmp_path):
     config = parse_args(["serve", "--port", "5", "--retriever", "h:1", "--artifacts", "a", "--config", str(path)])
     assert config.batching.batch_size == 8 and config.exits.overrides() == {"threshold": 0.2}
     assert config.server.grace_s == 1 and config.server.port == 5
-    with pytest.raises(InvalidArgument, match="batching.batch_sise"):
+    with pytest.raises(ConfigError, match="batching.batch_sise"):
         RankerConfig.from_dict({"batching": {"batch_sise": 8}})
-    with pytest.raises(InvalidArgument, match="modle"):
+    with pytest.raises(ConfigError, match="modle"):
         RankerConfig.from_dict({"modle": {}})
-    with pytest.raises(InvalidArgument, match="batching.max_candidates"):
+    with pytest.raises(ConfigError, match="batching.max_candidates"):
         RankerConfig.from_dict({"batching": {"max_candidates": 600}})

@@ -34,7 +34,8 @@ async def svc(redis_server, unique_prefix, clustered):
     await retriever.load_embeddings(emb)
     consumer = StreamConsumer(retriever=retriever, store=store, config=RedisConfig(consumer="bad", block_ms=50))
     consumer.start()
-    server, port, _ = await start_grpc(retriever, ServerConfig(port=0, ingest_batch=BATCH))
+    running = await start_grpc(retriever, ServerConfig(port=0, ingest_batch=BATCH))
+    server, port = running.server, running.port
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = retriever_pb2_grpc.RetrieverStub(channel)
     await stub.UpsertItems(iter([common_pb2.Item(item_id=i, title=f"Title {i}") for i in emb.item_ids]))

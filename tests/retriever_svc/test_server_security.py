@@ -48,7 +48,8 @@ async def core(redis_server, unique_prefix, clustered):
 
 @contextlib.asynccontextmanager
 async def serving(core, *, tls: ServerTLS | None = None, limits: Limits | None = None):
-    server, port, _ = await start_grpc(core.retriever, ServerConfig(port=0), tls=tls, limits=limits)
+    running = await start_grpc(core.retriever, ServerConfig(port=0), tls=tls, limits=limits)
+    server, port = running.server, running.port
     try:
         yield port
     finally:

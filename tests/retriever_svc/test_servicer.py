@@ -30,7 +30,8 @@ async def _serve(url: str, prefix: str, emb=None):
     consumer = StreamConsumer(retriever=retriever, store=store,
                               config=RedisConfig(consumer="svc", block_ms=50))
     consumer.start()
-    server, port, _ = await start_grpc(retriever, ServerConfig(port=0, ingest_batch=4))
+    running = await start_grpc(retriever, ServerConfig(port=0, ingest_batch=4))
+    server, port = running.server, running.port
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = retriever_pb2_grpc.RetrieverStub(channel)
 

@@ -142,8 +142,9 @@ async def stack(artifacts_dir, redis_server, unique_prefix):
     consumer.start()
     retriever_metrics = build_metrics(retriever, consumer)
     retriever_metrics.serve("127.0.0.1", 0)
-    server, port, _ = await start_grpc(retriever, ServerConfig(port=0),
-                                       telemetry=ServerTelemetry(metrics=retriever_metrics, access_log="all"))
+    running = await start_grpc(retriever, ServerConfig(port=0),
+                               telemetry=ServerTelemetry(metrics=retriever_metrics, access_log="all"))
+    server, port = running.server, running.port
     retriever_channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     events = await load_data(retriever_channel)
 

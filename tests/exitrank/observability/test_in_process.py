@@ -249,9 +249,9 @@ async def test_calls_refused_by_the_rate_limit_are_counted_not_logged(stack, too
 
     metrics = ServiceMetrics(service="retriever")
     port = metrics.serve("127.0.0.1", 0)
-    server, grpc_port, _ = await start_grpc(stack.retriever, ServerConfig(port=0),
-                                            limits=Limits(rate_per_s=0.01, burst=1),
-                                            telemetry=ServerTelemetry(metrics=metrics))  # access_log "errors"
+    running = await start_grpc(stack.retriever, ServerConfig(port=0), limits=Limits(rate_per_s=0.01, burst=1),
+                               telemetry=ServerTelemetry(metrics=metrics))  # access_log "errors"
+    server, grpc_port = running.server, running.port
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = retriever_pb2_grpc.RetrieverStub(channel)
