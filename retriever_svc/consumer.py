@@ -55,14 +55,14 @@ class StreamConsumer(BackgroundLoop):
         while not self._stopping.is_set():
             try:
                 if not started:
-                    await self.store.ensure_group()
+                    await self.store.streams.ensure_group()
                     await self.recover()  # whatever a previous run of this consumer left pending
                     await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
                     started = True
                 await self.step()
                 if time.monotonic() - last_claim > self.config.claim_idle_ms / 1000:
                     await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
-                    await self.store.trim_acknowledged()
+                    await self.store.streams.trim_acknowledged()
                     last_claim = time.monotonic()
                 backoff = 0.1
             except StoreUnavailable as exc:
@@ -76,7 +76,7 @@ class StreamConsumer(BackgroundLoop):
 
     async def step(self) -> int:
         """Read one batch (waiting up to ``block_ms``), apply it, acknowledge it; returns its size."""
-        entries = await self.store.read_events(
+        entries = await self.store.streams.read_events(
             self.config.consumer, count=self.config.read_count, block_ms=self.config.block_ms
         )
         return await self._process(entries)
@@ -84,7 +84,7 @@ class StreamConsumer(BackgroundLoop):
     async def recover(self) -> int:
         """Apply and acknowledge this consumer's own pending entries; returns how many."""
         total = 0
-        while entries := await self.store.own_pending(self.config.consumer,
+        while entries := await self.store.streams.own_pending(self.config.consumer,
                                                       count=self.config.read_count):
             total += await self._process(entries)
         return total
@@ -93,7 +93,7 @@ class StreamConsumer(BackgroundLoop):
         """Claim, apply and acknowledge entries pending at least ``min_idle_ms``; returns how many."""
         total = 0
         while True:
-            entries = await self.store.claim_pending(
+            entries = await self.store.streams.claim_pending(
                 self.config.consumer, min_idle_ms=min_idle_ms, count=self.config.read_count
             )
             if not entries:
@@ -106,7 +106,7 @@ class StreamConsumer(BackgroundLoop):
         events = [e for entry_id, fields in entries if (e := _valid(entry_id, fields)) is not None]
         if events:
             await self.retriever.apply_events(events)
-        await self.store.ack([entry_id for entry_id, _ in entries])  # only after the writes
+        await self.store.streams.ack([entry_id for entry_id, _ in entries])  # only after the writes
         self.applied += len(entries)
         return len(entries)
 

@@ -131,7 +131,7 @@ class Retriever:
         the served version and its age, the ingest stream's lag and pending entries, Redis
         round trips. Two Redis round trips; read when scraped, never on the request path."""
         snap = self._snapshot
-        lag, pending = await self.store.stream_backlog()
+        lag, pending = await self.store.streams.stream_backlog()
         published = await self.store.published_at(snap.version) if snap is not None else None
         return {
             "index_users": len(snap.users) if snap is not None else 0,
@@ -148,7 +148,7 @@ class Retriever:
         """Publish a fit from this process: store it in Redis (unless already there), index it,
         fold in the users it lacks, make it current (other replicas follow), swap it in."""
         self._touched = set()  # users touched from now on are re-folded into the new version
-        after = await self.store.updates_tail()
+        after = await self.store.streams.updates_tail()
         if not await self.store.version_complete(emb.version):
             await self.store.write_version(emb)
         await self._adopt(await self._build(emb, after), make_current=True)
@@ -180,7 +180,7 @@ class Retriever:
             snap, after = cached
             await self._adopt(snap, make_current=False, replay_after=after)
             return
-        after = await self.store.updates_tail()  # read before the vectors: replay is idempotent
+        after = await self.store.streams.updates_tail()  # read before the vectors: replay is idempotent
         emb = await self.store.load_version(version)
         await self._adopt(await self._build(emb, after), make_current=False)
 
@@ -201,7 +201,7 @@ class Retriever:
         except (OSError, ValueError, RuntimeError) as exc:
             log.warning("index cache %s unusable (%s): rebuilding", path, exc)
             return None
-        if extra.get("version") != version or not await self.store.updates_kept_since(extra["after"]):
+        if extra.get("version") != version or not await self.store.streams.updates_kept_since(extra["after"]):
             return None
         items = await self.store.load_version(version, with_users=False)
         item_row = {item: row for row, item in enumerate(items.item_ids)}
@@ -232,7 +232,7 @@ class Retriever:
 
     async def _replay(self, snap: _Snapshot, after: str) -> int:
         count = 0
-        while updates := await self.store.read_updates(after, count=1000, block_ms=None):
+        while updates := await self.store.streams.read_updates(after, count=1000, block_ms=None):
             users = list(dict.fromkeys(u for _, v, _, batch in updates if v == snap.version
                                        for u in batch))
             for user, vector in zip(users, await self.store.user_vectors(users, snap.version)):
@@ -303,7 +303,7 @@ class Retriever:
                 valid.append(check_interaction(event))
             except InvalidArgument as exc:
                 errors.append(refusal("interaction", first_index + offset, exc))
-        await self.store.append_events(valid)
+        await self.store.streams.append_events(valid)
         return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
 
     async def apply_events(self, events: Sequence[Interaction]) -> int:

@@ -55,7 +55,7 @@ class ReplicaFollower(BackgroundLoop):
         while not self._stopping.is_set():
             try:
                 if after is None:
-                    after = await self.store.updates_tail()  # earlier ones are in Redis already
+                    after = await self.store.streams.updates_tail()  # earlier ones are in Redis already
                 if time.monotonic() >= next_poll:
                     await self.retriever.follow_current()
                     next_poll = time.monotonic() + self.index.version_poll_s
@@ -72,7 +72,7 @@ class ReplicaFollower(BackgroundLoop):
     async def step(self, after: str) -> str:
         """Apply peers' announcements newer than ``after``; returns the last id read."""
         block_ms = max(1, min(self.redis.block_ms, int(self.index.version_poll_s * 1000)))
-        updates = await self.store.read_updates(after, count=self.redis.read_count,
+        updates = await self.store.streams.read_updates(after, count=self.redis.read_count,
                                                 block_ms=block_ms)
         for entry_id, version, origin, users in updates:
             if origin != self.retriever.replica:

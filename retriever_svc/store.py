@@ -21,8 +21,8 @@ History is idempotent and order-independent: per (user, item) the interaction wi
 (timestamp_ms, rating) wins, so applying an event twice, or replaying the stream in any order,
 leaves the same state. Nothing is pickled: ids are UTF-8, vectors raw float32, the rest JSON.
 
-Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the stream half
-of the store), the one place third-party errors convert. A ``redis+cluster://`` URL addresses a
+Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the streams the
+store holds as ``store.streams``), the one place third-party errors convert. A ``redis+cluster://`` URL addresses a
 Redis Cluster (``redis_io.connect``).
 """
 
@@ -41,7 +41,7 @@ from retriever_svc.embeddings import GCNEmbeddings
 from retriever_svc.errors import EmbeddingsError
 from retriever_svc.records import CatalogItem, Interaction
 from retriever_svc.redis_io import Client, connect, guarded, text
-from retriever_svc.stream import StreamOps
+from retriever_svc.stream import Streams
 
 # (user, item): keep the event with the larger (timestamp_ms, rating). KEYS: hist, rating.
 _APPLY_LUA = """
@@ -119,8 +119,8 @@ class Keys:
         return f"{self.prefix}:{{emb}}:v:{version}:users"
 
 
-class RedisStore(StreamOps):
-    """Histories, catalog, embedding versions and the streams (``stream.py``) in one Redis.
+class RedisStore:
+    """Histories, catalog, embedding versions, and the streams (``streams``, ``stream.py``) in one Redis.
 
     Args:
         client: a redis-py asyncio client (or cluster client) with ``decode_responses=False``.
@@ -136,6 +136,8 @@ class RedisStore(StreamOps):
         self.group = group
         self.round_trips = 0
         self._apply_sha = self._read_sha = self._put_vector_sha = ""
+        self.streams = Streams(client=client, events=self.keys.stream, updates=self.keys.updates, group=group,
+                               execute=self._execute)
 
     @classmethod
     def from_url(
@@ -393,7 +395,7 @@ class RedisStore(StreamOps):
                          version, np.asarray(vector, np.float32).tobytes(), size)
             pipe.sadd(self.keys.version_users(version), *(user for user, _, _ in folded))
             if announce_as is not None:
-                self.announce_in(pipe, version, [user for user, _, _ in folded], announce_as)
+                self.streams.announce_in(pipe, version, [user for user, _, _ in folded], announce_as)
 
         replies = await self._execute(build) if folded else []
         return [bool(r) for r in replies[: len(folded)]]

@@ -1,4 +1,5 @@
-"""The two Redis Streams of the retriever (mixed into ``RedisStore``; keys in ``store.py``).
+"""The two Redis Streams of the retriever: ``Streams``, which ``RedisStore`` holds as ``store.streams``
+(keys in ``store.py``'s layout).
 
 - ``P:{stream}:events``, the ingest log, read by one consumer group: each entry goes to one
   replica, stays pending until that replica acknowledges it after its writes, and is re-claimed
@@ -8,12 +9,16 @@
   that applied an event and read (plain XREAD, no group) by every replica, so each replica's
   FAISS index learns the others' fold-ins. Entries older than ``UPDATES_RETENTION_MS`` are
   trimmed, so an index cached less than that long ago can replay every later announcement.
+
+``Streams`` knows only its two keys, the consumer group and how to send a pipeline (the store's, so
+its round trips are counted and traced with the rest); the store calls it, never the other way round
+(its fold-in pipelines queue the announcement with :meth:`Streams.announce_in`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis import exceptions as rexc
@@ -26,17 +31,26 @@ Update = tuple[str, str, str, list[str]]  # (entry id, version, origin consumer,
 UPDATES_RETENTION_MS = 6 * 3600 * 1000
 BACKLOG_COUNT_CAP = 10_000  # stream lag counted entry by entry (Redis < 7) stops here
 _MARGIN_MS = 1000
+Execute = Callable[[Callable[[Any], None]], Awaitable[list[Any]]]  # build a pipeline, send it: its replies
 
 
-class StreamOps:
-    """Stream commands of ``RedisStore`` (uses its ``client``, ``keys``, ``group``, ``_execute``)."""
+class Streams:
+    """The ingest stream and the updates stream of one store.
 
-    client: Any
-    keys: Any
-    group: str
+    Args:
+        client: the store's redis-py asyncio client.
+        events: the ingest stream's key (``P:{stream}:events``).
+        updates: the updates stream's key (``P:{updates}:stream``).
+        group: the ingest stream's consumer group.
+        execute: sends one pipeline in one round trip (``RedisStore``'s).
+    """
 
-    async def _execute(self, build: Any) -> list[Any]:  # provided by RedisStore
-        raise NotImplementedError
+    def __init__(self, *, client: Any, events: str, updates: str, group: str, execute: Execute) -> None:
+        self.client = client
+        self.events = events
+        self.updates = updates
+        self.group = group
+        self._execute = execute
 
     # ---- the ingest stream --------------------------------------------------------------
 
@@ -48,7 +62,7 @@ class StreamOps:
             for e in events:
                 fields = {"u": e.user_id, "i": e.item_id, "r": repr(float(e.rating)),
                           "t": str(int(e.timestamp_ms))}
-                pipe.xadd(self.keys.stream, fields)
+                pipe.xadd(self.events, fields)
 
         return [text(entry_id) for entry_id in await self._execute(build)] if events else []
 
@@ -56,7 +70,7 @@ class StreamOps:
     async def ensure_group(self) -> None:
         """Create the consumer group (reading from the stream's start) unless it exists."""
         try:
-            await self.client.xgroup_create(self.keys.stream, self.group, id="0", mkstream=True)
+            await self.client.xgroup_create(self.events, self.group, id="0", mkstream=True)
         except rexc.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -65,7 +79,7 @@ class StreamOps:
     async def read_events(self, consumer: str, *, count: int, block_ms: int) -> list[StreamEntry]:
         """New entries for ``consumer`` (they stay pending until :meth:`ack`)."""
         reply = await self.client.xreadgroup(
-            self.group, consumer, {self.keys.stream: ">"}, count=count, block=block_ms
+            self.group, consumer, {self.events: ">"}, count=count, block=block_ms
         )
         return [(text(i), f) for _, entries in _stream_items(reply) for i, f in entries]
 
@@ -76,12 +90,12 @@ class StreamOps:
         Entries trimmed from the stream while pending are acknowledged and dropped.
         """
         reply = await self.client.xreadgroup(
-            self.group, consumer, {self.keys.stream: "0"}, count=count
+            self.group, consumer, {self.events: "0"}, count=count
         )
         entries = [(text(i), f) for _, batch in _stream_items(reply) for i, f in batch]
         vanished = [i for i, fields in entries if not fields]
         if vanished:
-            await self.client.xack(self.keys.stream, self.group, *vanished)
+            await self.client.xack(self.events, self.group, *vanished)
         return [(i, fields) for i, fields in entries if fields]
 
     @guarded
@@ -94,7 +108,7 @@ class StreamOps:
         start = "0-0"
         while True:
             reply = await self.client.xautoclaim(
-                self.keys.stream, self.group, consumer, min_idle_ms, start_id=start, count=count
+                self.events, self.group, consumer, min_idle_ms, start_id=start, count=count
             )
             start = text(reply[0])
             vanished = []
@@ -107,7 +121,7 @@ class StreamOps:
                 else:
                     claimed.append((text(entry_id), fields))
             if vanished:
-                await self.client.xack(self.keys.stream, self.group, *vanished)
+                await self.client.xack(self.events, self.group, *vanished)
             if start == "0-0" or len(claimed) >= count:
                 return claimed
 
@@ -115,11 +129,11 @@ class StreamOps:
     async def ack(self, entry_ids: Sequence[str]) -> int:
         if not entry_ids:
             return 0
-        return int(await self.client.xack(self.keys.stream, self.group, *entry_ids))
+        return int(await self.client.xack(self.events, self.group, *entry_ids))
 
     @guarded
     async def pending_count(self) -> int:
-        summary = await self.client.xpending(self.keys.stream, self.group)
+        summary = await self.client.xpending(self.events, self.group)
         return int(summary["pending"])
 
     @guarded
@@ -129,25 +143,25 @@ class StreamOps:
         (XINFO GROUPS); before that, or when it cannot tell, the entries after the group's last
         delivered id are counted, at most ``cap`` of them."""
         try:
-            groups = await self.client.xinfo_groups(self.keys.stream)
+            groups = await self.client.xinfo_groups(self.events)
         except rexc.ResponseError:  # no stream yet: nothing was ingested
             return 0, 0
         info = next((g for g in groups if text(g["name"]) == self.group), None)
         if info is None:  # no consumer has started: everything is lag
-            return int(await self.client.xlen(self.keys.stream)), 0
+            return int(await self.client.xlen(self.events)), 0
         lag = info.get("lag")
         if lag is None:
             last = text(info["last-delivered-id"])
-            lag = len(await self.client.xrange(self.keys.stream, min=f"({last}", max="+", count=cap))
+            lag = len(await self.client.xrange(self.events, min=f"({last}", max="+", count=cap))
         return int(lag), int(info["pending"])
 
     @guarded
     async def trim_acknowledged(self) -> int:
         """Drop stream entries every group has read and acknowledged; returns how many."""
-        groups = await self.client.xinfo_groups(self.keys.stream)
+        groups = await self.client.xinfo_groups(self.events)
         bounds: list[tuple[int, int]] = []
         for g in groups:
-            pending = await self.client.xpending(self.keys.stream, g["name"])
+            pending = await self.client.xpending(self.events, g["name"])
             if pending["pending"]:
                 bounds.append(stream_id(pending["min"]))
             else:
@@ -156,7 +170,7 @@ class StreamOps:
         if not bounds:
             return 0
         low = min(bounds)
-        return int(await self.client.xtrim(self.keys.stream, minid=f"{low[0]}-{low[1]}",
+        return int(await self.client.xtrim(self.events, minid=f"{low[0]}-{low[1]}",
                                              approximate=False))
 
     # ---- the updates stream -------------------------------------------------------------
@@ -165,13 +179,13 @@ class StreamOps:
         """Queue on ``pipe``: tell the other replicas that these users' vectors changed."""
         fields = {"v": version, "o": origin, "u": "\n".join(users)}  # ids hold no control chars
         oldest = int(time.time() * 1000) - UPDATES_RETENTION_MS
-        pipe.xadd(self.keys.updates, fields, minid=f"{oldest}-0", approximate=True)
+        pipe.xadd(self.updates, fields, minid=f"{oldest}-0", approximate=True)
 
     @guarded
     async def updates_tail(self) -> str:
         """An id to read after to see only announcements made from now on: the newest one's, or
         (none yet) Redis's clock less a margin (replaying a few more is harmless)."""
-        newest = await self.client.xrevrange(self.keys.updates, count=1)
+        newest = await self.client.xrevrange(self.updates, count=1)
         if newest:
             return text(newest[0][0])
         return f"{max(await self._redis_ms() - _MARGIN_MS, 0)}-0"
@@ -189,7 +203,7 @@ class StreamOps:
     @guarded
     async def read_updates(self, after: str, *, count: int, block_ms: int | None) -> list[Update]:
         """Updates newer than ``after``, waiting up to ``block_ms`` for one (None: no wait)."""
-        reply = await self.client.xread({self.keys.updates: after}, count=count, block=block_ms)
+        reply = await self.client.xread({self.updates: after}, count=count, block=block_ms)
         out: list[Update] = []
         for _, entries in _stream_items(reply):
             for entry_id, f in entries:

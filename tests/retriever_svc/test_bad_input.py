@@ -41,7 +41,7 @@ async def svc(redis_server, unique_prefix, clustered):
     await stub.UpsertItems(iter([common_pb2.Item(item_id=i, title=f"Title {i}") for i in emb.item_ids]))
     await stub.Ingest(iter([common_pb2.Interaction(user_id=u, item_id=i, timestamp_ms=1)
                             for u, items in history.items() for i in items]))
-    while await store.pending_count() or not await store.client.exists(store.keys.hist("c2u5")):
+    while await store.streams.pending_count() or not await store.client.exists(store.keys.hist("c2u5")):
         await asyncio.sleep(0.05)
     yield stub, channel, store
     await channel.close()

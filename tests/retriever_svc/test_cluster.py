@@ -102,10 +102,10 @@ async def test_retriever_end_to_end_on_the_cluster(cluster_store, clustered, bru
     await retriever.load_embeddings(emb)
     consumer = StreamConsumer(retriever=retriever, store=store,
                               config=RedisConfig(consumer="a", block_ms=20))
-    await store.ensure_group()
+    await store.streams.ensure_group()
     while await consumer.step():
         pass
-    assert await store.pending_count() == 0
+    assert await store.streams.pending_count() == 0
     # histories and fold-ins through Lua scripts on the nodes owning each user
     await retriever.apply_events([Interaction("newcomer", "c2i0", 1.0, 5),
                                   Interaction("newcomer", "c2i4", 1.0, 6)])

@@ -56,7 +56,7 @@ async def replicas(redis_url, unique_prefix, clustered):
     emb, _ = clustered()
     await a.core.load_embeddings(emb)
     assert await b.core.restore() == emb.version
-    await a.store.ensure_group()
+    await a.store.streams.ensure_group()
     yield a, b, emb
     await a.close()
     await b.close()
@@ -73,7 +73,7 @@ async def test_each_event_applied_once_and_replicas_learn_each_others_fold_ins(r
         await asyncio.sleep(0.03)
 
     async def settled() -> bool:
-        done = await a.store.pending_count() == 0 and a.consumer.applied + b.consumer.applied == 90
+        done = await a.store.streams.pending_count() == 0 and a.consumer.applied + b.consumer.applied == 90
         return done and all(f"new{u}" in r.core._snapshot.users for u in range(30) for r in (a, b))
 
     await _until(settled)
@@ -153,7 +153,7 @@ async def test_fold_ins_made_just_before_a_new_version_reach_every_replica(repli
     await b.core.apply_events([Interaction("c0u0", "c2i4", 1.0, 10**9)])
     # ...then the trainer publishes a fit that knew nothing of it
     await asyncio.to_thread(publish_gcn, second, redis_url=redis_url, prefix=a.store.keys.prefix)
-    tail = await a.store.updates_tail()
+    tail = await a.store.streams.updates_tail()
     assert await a.core.follow_current() and await b.core.follow_current()
     assert a.core.embedding_version == b.core.embedding_version == second.version
     fresh = second.item_foldin[second.item_ids.index("c2i4")]  # its Redis history: one item

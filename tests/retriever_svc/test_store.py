@@ -104,16 +104,16 @@ async def test_versions_round_trip_and_old_ones_are_dropped(store: RedisStore, c
 
 
 async def test_stream_append_read_ack(store: RedisStore):
-    await store.ensure_group()
-    await store.ensure_group()  # idempotent
-    ids = await store.append_events(EVENTS[:3])
+    await store.streams.ensure_group()
+    await store.streams.ensure_group()  # idempotent
+    ids = await store.streams.append_events(EVENTS[:3])
     assert len(ids) == 3 and await store.client.xlen(store.keys.stream) == 3
-    entries = await store.read_events("c1", count=10, block_ms=10)
+    entries = await store.streams.read_events("c1", count=10, block_ms=10)
     assert [entry_id for entry_id, _ in entries] == ids
-    assert await store.pending_count() == 3
-    assert await store.ack(ids[:2]) == 2
-    assert await store.pending_count() == 1
-    assert await store.trim_acknowledged() == 2  # the pending one stays
+    assert await store.streams.pending_count() == 3
+    assert await store.streams.ack(ids[:2]) == 2
+    assert await store.streams.pending_count() == 1
+    assert await store.streams.trim_acknowledged() == 2  # the pending one stays
     assert await store.client.xlen(store.keys.stream) == 1
 
 
@@ -123,7 +123,7 @@ async def test_unreachable_redis_is_store_unavailable(tmp_path):
         with pytest.raises(StoreUnavailable, match="ping"):
             await dead.ping()
         with pytest.raises(StoreUnavailable):
-            await dead.append_events(EVENTS[:1])
+            await dead.streams.append_events(EVENTS[:1])
     finally:
         await dead.close()
 
@@ -135,17 +135,17 @@ async def test_import_histories_and_updates_stream(store: RedisStore):
     carol, dave, erin = await store.histories(["carol", "dave", "erin"], max_history=10)
     assert carol == [("book-1", 10, 5.0), ("book-2", 20, 1.0)] and dave == []
     assert erin == [("book-3", 5, 2.0)] and set(await store.all_users()) == {"carol", "erin"}
-    start = await store.updates_tail()  # nothing announced yet: Redis's clock less a margin
-    assert start.endswith("-0") and int(start[:-2]) > 1e12 and await store.updates_kept_since(start)
+    start = await store.streams.updates_tail()  # nothing announced yet: Redis's clock less a margin
+    assert start.endswith("-0") and int(start[:-2]) > 1e12 and await store.streams.updates_kept_since(start)
     vectors = [("carol", np.ones(4, np.float32), 2), ("erin", np.zeros(4, np.float32), 7)]
     written = await store.put_fold_ins("v1", vectors, announce_as="replica-a")
     assert written == [True, False]  # erin's history has 1 item, not 7: not written
-    (entry_id, version, origin, users), = await store.read_updates(start, count=10, block_ms=None)
+    (entry_id, version, origin, users), = await store.streams.read_updates(start, count=10, block_ms=None)
     assert (version, origin, users) == ("v1", "replica-a", ["carol", "erin"])
-    assert await store.updates_tail() == entry_id
-    assert await store.read_updates(entry_id, count=10, block_ms=None) == []
+    assert await store.streams.updates_tail() == entry_id
+    assert await store.streams.read_updates(entry_id, count=10, block_ms=None) == []
     got = await store.user_vectors(["carol", "erin"], "v1")
     np.testing.assert_array_equal(got[0], np.ones(4))
     assert got[1] is None
-    assert await store.updates_kept_since(entry_id)
-    assert not await store.updates_kept_since("0-0")  # older than the retention: maybe trimmed
+    assert await store.streams.updates_kept_since(entry_id)
+    assert not await store.streams.updates_kept_since("0-0")  # older than the retention: maybe trimmed

@@ -101,8 +101,8 @@ async def test_retriever_metrics_follow_the_stream_and_the_version(artifacts_dir
         age = tools.sample(first, "exitrank_retriever_embedding_version_age_seconds")
         assert 0 <= age < 60
 
-        await store.ensure_group()
-        assert len(await store.read_events("lagger", count=2, block_ms=1)) == 2  # delivered, not applied
+        await store.streams.ensure_group()
+        assert len(await store.streams.read_events("lagger", count=2, block_ms=1)) == 2  # delivered, not applied
         second = await tools.ascrape(port)
         assert tools.sample(second, "exitrank_retriever_stream_lag") == 3
         assert tools.sample(second, "exitrank_retriever_stream_pending") == 2
