@@ -6,10 +6,9 @@ Figure 2 (an LLM retriever against the GCN retriever, per request).
     .venv/bin/python -m bench.bench_retriever --users 1000000
     .venv/bin/python -m bench.bench_retriever --quick          # 20k users, short phases
 
-Data: synthetic users shaped like real LightGCN users. A short LightGCN fit of gowalla gives the
-item fold-in basis; each synthetic user's history is 10 items of one real gowalla user and 5 of
-another, and its embedding is the fold-in of that history (the service's own rule). Needs
-../shared/data/gowalla (``EXITRANK_DATA``); titles are games6k's when present.
+Data: synthetic users shaped like real LightGCN users (``bench.retriever_data``: a short LightGCN
+fit of gowalla gives the item fold-in basis, each user is items of two real gowalla users and its
+embedding their fold-in). Needs ../shared/data/gowalla (``EXITRANK_DATA``).
 
 Setup: an embedded redis-server (AOF fsync always, the service default) holds the catalog, the
 histories (bulk import) and the published version; this process builds the HNSW index once and
@@ -25,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import shutil
 import signal
@@ -34,93 +32,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import emit, first_line, latency_summary, machine, run_load, stage
+from bench.retriever_data import Synthetic, synthesize
 
 K, CONTEXT_K, MAX_HISTORY = 10, 4, 15
-DATA = Path(os.environ.get("EXITRANK_DATA", "../shared/data"))
-GOWALLA, GAMES = DATA / "gowalla", DATA / "games6k" / "Games-6k.item"
-
-
-def titles(count: int) -> list[str]:
-    """Realistic item titles (games6k's, reused cyclically); "Item j" without that file."""
-    if not GAMES.is_file():
-        return [f"Item {j}" for j in range(count)]
-    lines = GAMES.read_text(encoding="utf-8").splitlines()[1:]
-    names = [line.split("\t", 1)[1].strip()[:200] or "Untitled" for line in lines if "\t" in line]
-    return [names[j % len(names)] for j in range(count)]
-
-
-@dataclass
-class Synthetic:
-    user_ids: list[str]
-    vectors: np.ndarray  # (U, d) fold-in embeddings
-    history: np.ndarray  # (U, 15) item rows, oldest first
-    distinct: np.ndarray  # (U, 15) bool: first occurrence of the item in the row
-    item_ids: list[str]
-    basis: np.ndarray  # (I, d) item fold-in basis
-    source: str
-    titles: list[str]
-
-    def items_of(self, user: int) -> list[str]:
-        return [self.item_ids[i] for i in self.history[user][self.distinct[user]]]
-
-
-# ---------------------------------------------------------------------------------------- data
-
-
-def gowalla_basis(dim: int, epochs: int) -> tuple[np.ndarray, list[np.ndarray], list[str]]:
-    """Fold-in basis of a short LightGCN fit of gowalla, its users' item rows, its item ids."""
-    import torch  # noqa: PLC0415 - only for this step
-
-    from trainer.gcn import fit_gcn, read_user_lines  # noqa: PLC0415
-
-    torch.set_num_threads(2)
-    pairs = read_user_lines(GOWALLA / "train.txt")
-    emb = fit_gcn(pairs, dim=dim, epochs=epochs, progress=False)
-    row = {item: r for r, item in enumerate(emb.item_ids)}
-    by_user: dict[str, list[int]] = {}
-    for user, item in pairs:
-        by_user.setdefault(user, []).append(row[item])
-    return emb.item_foldin, [np.array(v) for v in by_user.values()], emb.item_ids
-
-
-def synthesize(n: int, dim: int, seed: int, fit_epochs: int) -> Synthetic:
-    """``n`` users: 10 items of one real user and 5 of another, embedded by fold-in."""
-    if not (GOWALLA / "train.txt").is_file():
-        raise SystemExit(f"bench_retriever needs {GOWALLA}/train.txt (set EXITRANK_DATA to the "
-                         "shared data folder): its users shape the synthetic ones")
-    basis, real, item_ids = gowalla_basis(dim, fit_epochs)
-    source = f"gowalla fold-in basis ({fit_epochs}-epoch LightGCN fit), gowalla histories"
-    rng = np.random.default_rng(seed)
-    lengths = np.array([len(r) for r in real])
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    flat = np.concatenate(real)
-    history = np.empty((n, 15), np.int32)
-    distinct = np.empty((n, 15), bool)
-    vectors = np.empty((n, dim), np.float32)
-    for begin in range(0, n, 100_000):
-        size = min(100_000, n - begin)
-        picks = []
-        for count in (10, 5):  # positions inside a random real user's item list
-            user = rng.integers(0, len(real), size)[:, None]
-            picks.append(offsets[user] + (rng.random((size, count)) * lengths[user]).astype(int))
-        rows = flat[np.concatenate(picks, 1)]  # (size, 15)
-        order = np.argsort(rows, axis=1, kind="stable")
-        ordered = np.take_along_axis(rows, order, 1)
-        first = np.ones_like(ordered, bool)
-        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        keep = np.empty_like(first)
-        np.put_along_axis(keep, order, first, 1)
-        history[begin : begin + size], distinct[begin : begin + size] = rows, keep
-        summed = (basis[rows] * keep[:, :, None]).sum(1)  # (size, d)
-        vectors[begin : begin + size] = summed / np.sqrt(keep.sum(1, keepdims=True))
-    return Synthetic([f"u{j}" for j in range(n)], vectors, history, distinct, list(item_ids),
-                     np.ascontiguousarray(basis, np.float32), source, titles(len(item_ids)))
 
 
 # ------------------------------------------------------------------------------------- servers
@@ -320,11 +239,11 @@ def llm_vs_gcn(retriever, syn: Synthetic, queries: int, seed: int, presets: Sequ
     prompts = {u: "The user interacted with: " + "; ".join(title[i] for i in syn.items_of(u)) + "."
                for u in users}
     tokenizer = build_tokenizer(list(prompts.values()), vocab_size=2048)
-    snap = retriever._snapshot
+    index = retriever.user_index
     gcn = []
     for u in users:
         start = time.perf_counter()
-        snap.users.search(syn.user_ids[u], K)
+        index.search(syn.user_ids[u], K)
         gcn.append(time.perf_counter() - start)
     out = {"gcn": latency_summary(gcn), "queries": queries}
     for preset in presets:
@@ -336,10 +255,10 @@ def llm_vs_gcn(retriever, syn: Synthetic, queries: int, seed: int, presets: Sequ
                 ids = tokenizer(prompts[u], return_tensors="pt")
                 hidden = model.model(**ids).last_hidden_state  # (1, T, h)
                 query = hidden.mean(1)[0].float().numpy()  # mean pooling
-                if query.shape[0] == snap.users.dim:  # same width: search the same index
-                    snap.users.search_vector(query, K)
+                if query.shape[0] == index.dim:  # same width: search the same index
+                    index.search_vector(query, K)
                 else:  # a wider decoder: search cost taken as the 64-d one (a lower bound)
-                    snap.users.search(syn.user_ids[u], K)
+                    index.search(syn.user_ids[u], K)
                 times.append(time.perf_counter() - start)
                 tokens.append(ids["input_ids"].shape[1])
         params = sum(p.numel() for p in model.parameters())
@@ -386,7 +305,7 @@ async def measure(args: argparse.Namespace, syn: Synthetic, redis_url: str, work
     faiss.omp_set_num_threads(1)  # as the service: one thread per search
     hnsw = {"m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search": args.ef_search}
     retriever, publish_s = await publish(redis_url, syn, workdir, hnsw)
-    index = retriever._snapshot.users
+    index = retriever.user_index
     users = len(syn.user_ids)
     result: dict = {"users": users, "dim": syn.vectors.shape[1], "index": index.kind,
                     "hnsw": hnsw, "publish_seconds": publish_s, "data": syn.source}

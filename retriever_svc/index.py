@@ -126,6 +126,12 @@ class Retriever:
         """The published version ("" before any)."""
         return self._snapshot.version if self._snapshot else ""
 
+    @property
+    def user_index(self) -> VectorIndex | None:
+        """The published version's user index, what NearestUsers searches (None before any version).
+        Read it once and keep that object: a newer version swaps in another index."""
+        return self._snapshot.users if self._snapshot else None
+
     async def stats(self) -> dict[str, float | str | None]:
         """What ``/metrics`` shows of the core (``exitrank.observability.metrics``): index size,
         the served version and its age, the ingest stream's lag and pending entries, Redis
