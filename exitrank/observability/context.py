@@ -43,10 +43,6 @@ def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     return new_request_id()
 
 
-def current_request_id() -> str | None:
-    return request_id_var.get()
-
-
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
     """Metadata for a call made on behalf of the current request: its ``x-request-id`` and, when
     tracing is on, ``traceparent``/``tracestate`` of the current span (call inside its span)."""
