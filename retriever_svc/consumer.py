@@ -85,7 +85,7 @@ class StreamConsumer(BackgroundLoop):
         """Apply and acknowledge this consumer's own pending entries; returns how many."""
         total = 0
         while entries := await self.store.streams.own_pending(self.config.consumer,
-                                                      count=self.config.read_count):
+                                                              count=self.config.read_count):
             total += await self._process(entries)
         return total
 

@@ -73,7 +73,7 @@ class ReplicaFollower(BackgroundLoop):
         """Apply peers' announcements newer than ``after``; returns the last id read."""
         block_ms = max(1, min(self.redis.block_ms, int(self.index.version_poll_s * 1000)))
         updates = await self.store.streams.read_updates(after, count=self.redis.read_count,
-                                                block_ms=block_ms)
+                                                        block_ms=block_ms)
         for entry_id, version, origin, users in updates:
             if origin != self.retriever.replica:
                 self.remote_updates += await self.retriever.apply_remote_updates(version, users)
