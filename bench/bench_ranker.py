@@ -2,9 +2,10 @@
 
 For each preset the three trainer stages run on synthetic data (``taste_examples``): instruction
 tuning (``trainer.tune``), exit heads (``trainer.heads``), calibration in the serving dtype within an
-AUC budget of 0.3 points (``trainer.calibrate``). The artifact is then served through the core
-``Ranker`` and timed, every ratio measured side by side in one process (the two arms alternate,
-medians of several rounds), so load from other jobs on the machine hits both arms alike:
+AUC budget of 0.3 points (``trainer.calibrate``). The artifact is then served through the
+``Scorer`` (``ranker_svc.scoring``, the serving path's model side) and timed, every ratio measured
+side by side in one process (the two arms alternate, medians of several rounds), so load from other
+jobs on the machine hits both arms alike:
 
 - ``exit_speedup``: full prompts in batches of 32 (the paper's requests/s setting), calibrated policy
   over full depth; ``auc_full``/``auc_exit``/``auc_loss_points`` on held-out test examples.
@@ -61,8 +62,8 @@ from ranker_svc.artifact import load_ranker  # noqa: E402
 from ranker_svc.engine import predict_in_batches  # noqa: E402
 from ranker_svc.exits import ExitPolicy  # noqa: E402
 from ranker_svc.model import resolve_dtype  # noqa: E402
-from ranker_svc.prompt import PromptConfig  # noqa: E402
-from ranker_svc.ranker import Ranker, ScoreJob, encode_prompt  # noqa: E402
+from ranker_svc.prompt import PromptConfig, encode_prompt  # noqa: E402
+from ranker_svc.scoring import ScoreJob, Scorer  # noqa: E402
 from trainer.calibrate import calibrate, exit_probabilities  # noqa: E402
 from trainer.heads import fit_heads  # noqa: E402
 from trainer.stats import auc  # noqa: E402
@@ -207,7 +208,7 @@ def train_preset(preset: str, out: Path, *, seed: int, progress: bool, reuse: bo
 def measure_preset(ranker_dir: Path, *, seed: int, rounds: int) -> dict:
     """AUCs on test data and the side-by-side speed ratios of the served artifact."""
     loaded = load_ranker(ranker_dir, dtype=resolve_dtype("auto"))
-    ranker = Ranker(loaded=loaded)
+    ranker = Scorer(loaded=loaded)
     model, policy = loaded.model, loaded.policy
     full_depth = ExitPolicy(disabled=True)
     test = taste_examples(TEST_EXAMPLES, seed + 2)

@@ -33,8 +33,8 @@ from ranker_svc.artifact import load_ranker
 from ranker_svc.engine import predict_in_batches
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import resolve_dtype
-from ranker_svc.prompt import PromptBuilder
-from ranker_svc.ranker import Ranker, ScoreJob, encode_examples
+from ranker_svc.prompt import PromptBuilder, encode_examples
+from ranker_svc.scoring import ScoreJob, Scorer
 from trainer.tune import instruction_tune
 
 DIM = 64
@@ -72,7 +72,7 @@ def measure_collab_cost(preset: str, out: Path, *, examples: Callable[..., list[
     instruction_tune(with_vectors(examples(64, seed + 7)), out_dir=out, preset=preset, epochs=1, batch_size=16,
                      seed=seed, progress=False, prompt=collab_prompt, collab_dim=DIM, embedding_version="bench")
     loaded = load_ranker(out / "ranker", dtype=resolve_dtype("auto"))
-    ranker, model = Ranker(loaded=loaded), loaded.model
+    ranker, model = Scorer(loaded=loaded), loaded.model
     full_depth = ExitPolicy(disabled=True)
     long = with_vectors(examples(160, seed + 3, full=True))[:128]
     text_prompt = PromptBuilder(config=dataclasses.replace(loaded.prompt.config, collab="none"))
@@ -91,7 +91,7 @@ def measure_collab_cost(preset: str, out: Path, *, examples: Callable[..., list[
     table50 = model.soft_table()
     context_ids, suffixes = ranker.encode_job(job, table50)
     soft50 = table50.tensor()
-    text_ranker = Ranker(loaded=dataclasses.replace(loaded, prompt=text_prompt))
+    text_ranker = Scorer(loaded=dataclasses.replace(loaded, prompt=text_prompt))
     text_context, text_suffixes = text_ranker.encode_job(dataclasses.replace(job, embeddings=()))
     max_rows = ranker.batching.max_batch_rows
     t50_soft, t50_text = side_by_side(

@@ -11,7 +11,12 @@ client that gave up) is dropped from the batch.
 No background task lives longer than the work: a drain task is started by the first submission
 and ends when the queue is empty, so the batcher works under any event loop (servers, tests).
 
-    batcher = MicroBatcher(run=score_jobs, max_wait_s=0.002, max_rows=256, max_pending=64)
+The queue has no bound of its own: its callers bound it. The ranker admits at most
+``batching.max_pending_requests`` requests, from their retrieval to their scores
+(``ranker_svc.ranker.Ranker.rank``), and each admitted request submits one job, so live jobs never
+outnumber that; a cancelled caller's job leaves at the next batch, without model work.
+
+    batcher = MicroBatcher(run=scorer.score_jobs, max_wait_s=0.002, max_rows=256)
     decisions = await batcher.submit(job, rows=len(job.suffixes), deadline=time.perf_counter() + 0.5)
 """
 
@@ -26,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from ranker_svc.errors import DeadlineExceeded, Overloaded
+from ranker_svc.errors import DeadlineExceeded
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -61,18 +66,16 @@ class MicroBatcher(Generic[Job, Result]):
             or an exception instance for a job that failed on its own.
         max_wait_s: how long the oldest queued job may wait for company (0: only what is queued).
         max_rows: a batch closes once its jobs hold this many rows (a larger single job runs alone).
-        max_pending: jobs queued or running at most; more raise :class:`Overloaded`.
 
     ``on_batch(requests=, rows=, seconds=)``, when set, is told of every batch the model ran
     (the ranker's metrics hook).
     """
 
     def __init__(self, *, run: Callable[[list[Job]], list[Result | BaseException]], max_wait_s: float,
-                 max_rows: int, max_pending: int) -> None:
+                 max_rows: int) -> None:
         self.run = run
         self.max_wait_s = max_wait_s
         self.max_rows = max_rows
-        self.max_pending = max_pending
         self.stats = BatchStats()
         self.on_batch: Callable[..., None] | None = None
         self._queue: deque[_Pending[Job]] = deque()
@@ -83,18 +86,15 @@ class MicroBatcher(Generic[Job, Result]):
 
     @property
     def pending(self) -> int:
+        """Jobs queued or running."""
         return len(self._queue) + self._running
 
     async def submit(self, job: Job, *, rows: int, deadline: float | None = None) -> Result:
         """Queues ``job`` (``rows`` candidates) and waits for its result.
 
         Raises:
-            Overloaded: ``max_pending`` jobs are already queued or running.
             DeadlineExceeded: ``deadline`` (a ``time.perf_counter()`` value) passed before its batch ran.
         """
-        if self.pending >= self.max_pending:
-            raise Overloaded(f"{self.pending} requests are already waiting for the model "
-                             "(batching.max_pending_requests); retry with backoff")
         loop = asyncio.get_running_loop()
         pending = _Pending(job, rows, deadline, loop.create_future())
         self._queue.append(pending)

@@ -37,6 +37,11 @@ would put the answer token itself into the title. After this no title holds the 
 or " No"; a byte-level BPE or SentencePiece token is a substring of the text, so a title can
 neither contain an answer token nor fake an answered prompt (``tests/ranker_svc/test_prompt.py``
 and ``test_prompt_injection.py`` check this token by token on generated titles).
+
+Tokenisation (the one place prompts become token ids, for training, evaluation and serving alike):
+:func:`encode_prompt` (one full prompt, over-long ones cut in the middle), :func:`encode_examples`
+(examples' full prompts, soft-token slots bound) and :func:`encode_shared` (one context and its
+candidates as suffixes that continue it token for token).
 """
 
 from __future__ import annotations
@@ -44,10 +49,12 @@ from __future__ import annotations
 import re
 import string
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from exitrank.types import HistoryItem, UserContext
-from ranker_svc.collab import COLLAB_TOKEN, MODES
+from exitrank.limits import MAX_NEIGHBORS
+from exitrank.types import HistoryItem, RankExample, UserContext
+from ranker_svc.collab import COLLAB_TOKEN, MODES, SoftTable
 
 
 def answer_pattern(answers: tuple[str, ...]) -> re.Pattern:
@@ -56,7 +63,6 @@ def answer_pattern(answers: tuple[str, ...]) -> re.Pattern:
 
 
 _ANSWER_WORDS = answer_pattern(("Yes", "No"))
-MAX_NEIGHBORS = 16
 TEMPLATES = (1, 2)
 QUESTION = "Will the user click on the target item?"
 
@@ -217,3 +223,50 @@ def _user_label(index: int) -> str:
     """A, B, ..., Z, then A2, B2, ... (user ids never reach the prompt)."""
     letter = string.ascii_uppercase[index % 26]
     return letter if index < 26 else f"{letter}{index // 26 + 1}"
+
+
+def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
+    """Token ids of a prompt; over-long ones keep their first token (BOS) and their end (target + cue)."""
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) > max_tokens:
+        ids = ids[:1] + ids[len(ids) - max_tokens + 1 :]
+    return ids
+
+
+def encode_examples(examples: Sequence[RankExample], prompt: PromptBuilder, tokenizer, max_tokens: int,
+                    table: SoftTable | None = None) -> list[list[int]]:
+    """Each example's full prompt as token ids; with ``table``, its soft-token slots bound to the
+    context's vectors and the target's (``RankExample.item_embedding``)."""
+    out = []
+    for ex in examples:
+        ids = encode_prompt(tokenizer, prompt.full_text(ex.context, ex.title), max_tokens)
+        if table is not None:
+            context, target = prompt.context_vectors(ex.context), prompt.target_vectors(ex.item_embedding)
+            partners = [None] * len(context) + [ex.context.user_embedding] * len(target)
+            ids = table.bind(ids, context + target, partners)
+        out.append(ids)
+    return out
+
+
+def encode_shared(ctx: UserContext, titles: Sequence[str], prompt: PromptBuilder, tokenizer, max_tokens: int, *,
+                  targets: Sequence | None = None, table: SoftTable | None = None) -> tuple[list[int], list[list[int]]]:
+    """``(context ids, suffix ids per title)``: the shared context once (BOS first), each candidate as
+    a suffix (no BOS); ``context + suffix`` is the full prompt's ids when the tokenizer splits cleanly
+    at the boundary (``ranker_svc.artifact.check_context_split``).
+
+    A context too long for ``max_tokens`` with the longest suffix keeps its first token (BOS) and
+    its end (the user's own history and the question), like :func:`encode_prompt`. ``table``:
+    soft-token slots are bound to the context's vectors and each candidate's (``targets``, one
+    vector or None per title).
+    """
+    context = tokenizer(prompt.context_text(ctx))["input_ids"]
+    suffixes = tokenizer([prompt.target_text(t) for t in titles], add_special_tokens=False)["input_ids"]
+    budget = max_tokens - max(len(s) for s in suffixes)
+    if len(context) > budget:
+        context = context[:1] + context[len(context) - budget + 1 :]
+    if table is not None:
+        context = table.bind(context, prompt.context_vectors(ctx))
+        user = [ctx.user_embedding]  # the target's slot also reads user * item
+        targets = targets if targets is not None else (None,) * len(titles)
+        suffixes = [table.bind(s, prompt.target_vectors(e), user) for s, e in zip(suffixes, targets)]
+    return context, suffixes

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from exitrank.artifacts import MANIFEST, ManifestError, read_manifest, verify_manifest
 from exitrank.types import RankResult
+from ranker_svc.batching import MicroBatcher
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.ranker import RankObserver, Ranker
 
@@ -102,9 +103,9 @@ class ReloadingRanker:
     """The servicer's core (``ranker_svc.servicer.RankerCore``): the current :class:`Ranker`,
     replaced whole by :meth:`swap`.
 
-    Other attributes (``model_version``, ``num_layers``, ``batcher``, ``engine``, ...) are read
-    through to the current ranker; a caller that needs several of them consistently reads
-    :attr:`current` once.
+    Each property reads the current ranker at the time of the call; a caller that needs several
+    values of one model consistently (its scorer's engine and model, say) reads :attr:`current`
+    once.
     """
 
     def __init__(self, ranker: Ranker) -> None:
@@ -117,15 +118,29 @@ class ReloadingRanker:
 
     @property
     def policy(self) -> ExitPolicy:
+        """The current model's calibrated exit policy."""
         return self._current.policy
+
+    @property
+    def model_version(self) -> str:
+        return self._current.model_version
+
+    @property
+    def num_layers(self) -> int:
+        return self._current.num_layers
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        """The current model's micro-batcher (a replaced model's finishes its own queue)."""
+        return self._current.batcher
 
     async def rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
-        policy: ExitPolicy | None = None, timeout_s: float | None = None,
+        policy: ExitPolicy | None = None, deadline: float | None = None,
     ) -> RankResult:
         """``Ranker.rank`` on the model current when the call starts (read once, here)."""
         return await self._current.rank(user_id=user_id, candidate_item_ids=candidate_item_ids,
-                                        num_neighbors=num_neighbors, policy=policy, timeout_s=timeout_s)
+                                        num_neighbors=num_neighbors, policy=policy, deadline=deadline)
 
     def attach_observer(self, observer: RankObserver | None) -> None:
         """Report to ``observer`` from this model and every model swapped in later."""
@@ -138,9 +153,6 @@ class ReloadingRanker:
         ranker.attach_observer(self._observer)
         old, self._current = self._current, ranker
         return old
-
-    def __getattr__(self, name: str):
-        return getattr(self._current, name)
 
 
 @dataclass(slots=True)

@@ -201,9 +201,10 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    scorer = first.scorer
     log.info("model %s, %d layers, exit layers %s, policy %s, engine %s, shared context %s",
-             ranker.model_version, ranker.num_layers, list(ranker.model.exit_layers), ranker.policy,
-             ranker.engine.name, ranker.shared_context)
+             scorer.model_version, scorer.num_layers, list(scorer.model.exit_layers), scorer.policy,
+             scorer.engine.name, scorer.shared_context)
     watcher = watch_releases(config, ranker, release, client or context_source)
     return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client, watcher=watcher,
                         metrics=metrics, guard=find_guard(kwargs["interceptors"]))

@@ -2,8 +2,9 @@
 
 Each RPC converts the request, awaits one core call and converts the result. Errors of
 ``ranker_svc.errors`` become statuses in :func:`status_of`, the one mapping point. The caller's
-deadline travels into the core: it bounds the retriever calls (as their gRPC deadline) and the wait
-for a batch, and work whose deadline has passed is refused. ``RankStream`` keeps up to
+deadline travels into the core as one absolute ``time.perf_counter()`` value: it bounds the
+retriever calls (each gets the time left as its gRPC deadline) and the wait for a batch, and work
+whose deadline has passed is refused. ``RankStream`` keeps up to
 ``STREAM_WINDOW`` requests in flight, so they share batches, and answers in request order.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -49,9 +51,10 @@ class RankerCore(Protocol):
 
     async def rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
-        policy: ExitPolicy | None = None, timeout_s: float | None = None,
+        policy: ExitPolicy | None = None, deadline: float | None = None,
     ) -> RankResult:
-        """Scores the candidates for the user; raises ``ranker_svc.errors`` errors."""
+        """Scores the candidates for the user by ``deadline`` (a ``time.perf_counter()`` value, None:
+        none); raises ``ranker_svc.errors`` errors."""
 
 
 def status_of(exc: errors.RankerError) -> grpc.StatusCode:
@@ -142,12 +145,13 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise errors.DeadlineExceeded("the call's deadline had passed before work started")
+        deadline = None if remaining is None else time.perf_counter() + remaining
         return await self._core.rank(
             user_id=request.user_id,
             candidate_item_ids=list(request.candidate_item_ids),
             num_neighbors=request.num_neighbors,
             policy=policy_from_proto(request, self._core.policy),
-            timeout_s=remaining,
+            deadline=deadline,
         )
 
 

@@ -104,12 +104,12 @@ def collab_rows(cfg: EvalConfig, dataset: Dataset, samples: list[Sample]) -> lis
     its own LightGCN fit giving the neighbours and the soft tokens' vectors."""
     from exitrank.artifacts import verify_manifest
     from ranker_svc.artifact import load_ranker
-    from ranker_svc.ranker import Ranker
+    from ranker_svc.scoring import Scorer
     from retriever_svc.embeddings import GCNEmbeddings
 
     root = Path(cfg.collab_artifacts)
     verify_manifest(root)
-    ranker = Ranker(loaded=load_ranker(root / "ranker"))
+    ranker = Scorer(loaded=load_ranker(root / "ranker"))
     if ranker.pinned_version is None:
         raise ValueError(f"{root}/ranker reads no soft tokens: train it with `trainer fit --collab-tokens full`")
     gcn = GCNEmbeddings.load(root)
@@ -124,13 +124,13 @@ def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
     """Scores the four configurations and returns the report object (see the module docstring)."""
     from exitrank.artifacts import verify_manifest
     from ranker_svc.artifact import load_ranker
-    from ranker_svc.ranker import Ranker
+    from ranker_svc.scoring import Scorer
     from retriever_svc.embeddings import GCNEmbeddings
 
     manifest = verify_manifest(Path(cfg.artifacts))
     dataset = dataset or load_dataset(cfg.data)
     gcn = GCNEmbeddings.load(Path(cfg.artifacts))
-    ranker = Ranker(loaded=load_ranker(Path(cfg.artifacts) / "ranker"))
+    ranker = Scorer(loaded=load_ranker(Path(cfg.artifacts) / "ranker"))
     contexts = OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, cache=False)
     samples = subsample(dataset.split(cfg.split), cfg.max_samples, cfg.seed)
     if not samples:

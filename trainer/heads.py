@@ -31,8 +31,7 @@ from torch import nn
 
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_heads
-from ranker_svc.model import EarlyExitLM, ExitHead
-from ranker_svc.ranker import pad_right
+from ranker_svc.model import EarlyExitLM, ExitHead, pad_right
 from trainer.stats import auc
 from trainer.tune import batches, encode_examples
 

@@ -217,16 +217,16 @@ def evaluate(serving: Path, candidate: Path, data_dir: Path, cfg: RefitConfig) -
 def score_release(path: Path, dataset, samples) -> tuple[list[float], dict[str, str]]:
     """CTRs of one release on ``samples`` as it would serve them (its embeddings, its calibrated policy)."""
     from ranker_svc.artifact import load_ranker
-    from ranker_svc.ranker import Ranker
+    from ranker_svc.scoring import Scorer
     from retriever_svc.embeddings import GCNEmbeddings
     from trainer.context import OfflineContexts
 
     config = read_manifest(path).get("config", {}) or {}
     gcn = GCNEmbeddings.load(path) if (path / "gcn").is_dir() else None
     contexts = OfflineContexts(dataset, gcn, k=int(config.get("k", 4)), max_history=int(config.get("max_history", 15)))
-    ranker = Ranker(loaded=load_ranker(path / "ranker"))
-    decisions = ranker.score_examples([contexts.example(s, retrieval=True) for s in samples])
-    return [d.ctr for d in decisions], {"model_version": ranker.model_version,
+    scorer = Scorer(loaded=load_ranker(path / "ranker"))
+    decisions = scorer.score_examples([contexts.example(s, retrieval=True) for s in samples])
+    return [d.ctr for d in decisions], {"model_version": scorer.model_version,
                                         "embedding_version": gcn.version if gcn is not None else ""}
 
 

@@ -30,11 +30,11 @@ from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_ranker
 from ranker_svc.exits import ExitPolicy
-from ranker_svc.model import default_exit_layers
+from ranker_svc.model import default_exit_layers, pad_right
 from ranker_svc.prompt import PromptBuilder, PromptConfig
+from ranker_svc.prompt import encode_examples as ranker_examples
 from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
-from ranker_svc.ranker import Ranker, pad_right
-from ranker_svc.ranker import encode_examples as ranker_examples
+from ranker_svc.scoring import Scorer
 from trainer.lm import answer_token_ids, build_model, build_tokenizer, ensure_collab_token, load_base_model
 from trainer.stats import auc
 
@@ -152,8 +152,8 @@ def instruction_tune(
 
 def evaluate_auc(ranker_dir: Path, examples: list[RankExample], *, batch_size: int = 32) -> float:
     """AUC of the full-depth model (exits disabled) through the serving code path."""
-    ranker = Ranker(loaded=load_ranker(ranker_dir))
-    decisions = ranker.score_examples(examples, ExitPolicy(disabled=True), batch_size=batch_size)
+    scorer = Scorer(loaded=load_ranker(ranker_dir))
+    decisions = scorer.score_examples(examples, ExitPolicy(disabled=True), batch_size=batch_size)
     return auc([ex.label for ex in examples], [d.ctr for d in decisions])
 
 

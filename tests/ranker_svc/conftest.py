@@ -56,8 +56,8 @@ class MemoryContextSource:
         self.context_calls: list[tuple[str, int, int]] = []
         self.timeouts: list[float | None] = []
 
-    async def get_context(self, user_id: str, k: int, max_history: int, *,
-                          timeout_s: float | None = None) -> UserContext | None:
+    async def get_context(self, user_id: str, k: int, max_history: int, *, timeout_s: float | None = None,
+                          embedding_version: str | None = None) -> UserContext | None:
         self.context_calls.append((user_id, k, max_history))
         self.timeouts.append(timeout_s)
         if not self.available or user_id not in self.contexts:
@@ -66,13 +66,18 @@ class MemoryContextSource:
         return UserContext(user_id=ctx.user_id, history=ctx.history[-max_history:],
                            neighbors=ctx.neighbors[:k], embedding_version=ctx.embedding_version)
 
-    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None) -> dict[str, str]:
+    async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None,
+                         embedding_version: str | None = None) -> dict[str, str]:
         from ranker_svc.errors import ContextUnavailable
 
         self.timeouts.append(timeout_s)
         if not self.available:
             raise ContextUnavailable("memory source switched off")
         return {i: self.titles[i] for i in item_ids if i in self.titles}
+
+    async def get_item_vectors(self, item_ids: Sequence[str], *, embedding_version: str,
+                               timeout_s: float | None = None) -> dict:
+        return {i: None for i in item_ids}  # no vectors here: every item lacks them
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,7 +23,7 @@ from ranker_svc.errors import ArtifactError
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.model import EarlyExitLM, ExitHead
 from ranker_svc.prompt import PromptBuilder, PromptConfig
-from ranker_svc.ranker import Ranker
+from ranker_svc.scoring import Scorer
 from trainer.lm import build_model, build_tokenizer
 
 
@@ -60,8 +60,8 @@ def test_round_trip_with_trained_heads_scores_the_same(tmp_path, tiny_ranker_dir
         assert again.model.heads[layer].vocab_rows.tolist() == answer.tolist()
         torch.testing.assert_close(again.model.heads[layer].proj.weight, first.model.heads[layer].proj.weight)
     policy = ExitPolicy(threshold=0.2, window=1)
-    a = Ranker(loaded=first).score_examples(examples[:12], policy)
-    b = Ranker(loaded=again).score_examples(examples[:12], policy)
+    a = Scorer(loaded=first).score_examples(examples[:12], policy)
+    b = Scorer(loaded=again).score_examples(examples[:12], policy)
     assert [d.exit_layer for d in a] == [d.exit_layer for d in b]
     assert [d.ctr for d in a] == pytest.approx([d.ctr for d in b], abs=1e-6)
 
@@ -70,7 +70,7 @@ def test_bfloat16_load(tiny_ranker_dir, examples):
     loaded16 = load_ranker(tiny_ranker_dir, dtype=torch.bfloat16)
     assert loaded16.model.causal_lm.lm_head.weight.dtype is torch.bfloat16
     assert loaded16.model.heads["1"].proj.weight.dtype is torch.bfloat16
-    decisions = Ranker(loaded=loaded16).score_examples(examples[:4])
+    decisions = Scorer(loaded=loaded16).score_examples(examples[:4])
     assert all(0.0 < d.ctr < 1.0 for d in decisions)
 
 
@@ -135,8 +135,8 @@ def test_full_vocabulary_heads_of_older_artifacts_still_load(tmp_path, tiny_rank
     again = load_ranker(ranker_dir)
     assert again.model.heads["1"].proj.weight.shape[0] == 2
     policy = ExitPolicy(threshold=0.2, window=1)
-    a = Ranker(loaded=first).score_examples(examples[:8], policy)
-    b = Ranker(loaded=again).score_examples(examples[:8], policy)
+    a = Scorer(loaded=first).score_examples(examples[:8], policy)
+    b = Scorer(loaded=again).score_examples(examples[:8], policy)
     assert [d.exit_layer for d in a] == [d.exit_layer for d in b]
     assert [d.ctr for d in a] == pytest.approx([d.ctr for d in b], abs=1e-6)
 

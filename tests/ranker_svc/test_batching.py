@@ -1,4 +1,5 @@
-"""MicroBatcher: concurrent jobs share a run, row limits, deadlines, cancellation, overload, per-job errors."""
+"""MicroBatcher: concurrent jobs share a run, row limits, deadlines, cancellation, per-job errors (overload is
+refused by the ranker's admission before the batcher: ``test_ranker.py``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from ranker_svc.batching import MicroBatcher
-from ranker_svc.errors import DeadlineExceeded, Overloaded
+from ranker_svc.errors import DeadlineExceeded
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +31,7 @@ class Scorer:
 
 
 def batcher(scorer: Scorer, **kwargs) -> MicroBatcher:
-    settings = {"max_wait_s": 0.05, "max_rows": 100, "max_pending": 100, **kwargs}
+    settings = {"max_wait_s": 0.05, "max_rows": 100, **kwargs}
     return MicroBatcher(run=scorer, **settings)
 
 
@@ -77,12 +78,12 @@ async def test_expired_and_cancelled_jobs_do_no_model_work():
     assert scorer.batches == [[9]] and b.stats.expired == 1 and b.stats.cancelled == 1
 
 
-async def test_overload_and_per_job_failures():
+async def test_per_job_failures():
     scorer = Scorer(delay_s=0.1)
-    b = batcher(scorer, max_pending=2)
+    b = batcher(scorer)
     results = await asyncio.gather(b.submit(13, rows=1), b.submit(2, rows=1), b.submit(3, rows=1),
                                    return_exceptions=True)
-    assert isinstance(results[0], ValueError) and results[1] == 4 and isinstance(results[2], Overloaded)
+    assert isinstance(results[0], ValueError) and results[1] == 4 and results[2] == 9
     assert b.pending == 0
     assert await b.submit(5, rows=1) == 25  # the batcher keeps working after failures
 
@@ -91,6 +92,6 @@ async def test_a_failing_run_fails_every_job_of_its_batch():
     def broken(jobs):
         raise RuntimeError("model crashed")
 
-    b = MicroBatcher(run=broken, max_wait_s=0.01, max_rows=10, max_pending=10)
+    b = MicroBatcher(run=broken, max_wait_s=0.01, max_rows=10)
     results = await asyncio.gather(b.submit(1, rows=1), b.submit(2, rows=1), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)

@@ -14,7 +14,8 @@ from ranker_svc.collab import COLLAB_TOKEN, CollabProjector, SoftTable, embed_to
 from ranker_svc.errors import ArtifactError
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.prompt import PromptBuilder, PromptConfig
-from ranker_svc.ranker import Ranker, ScoreJob
+from ranker_svc.ranker import Ranker
+from ranker_svc.scoring import ScoreJob, Scorer
 from ranker_svc.server import build_engine
 from trainer.lm import build_model, build_tokenizer, ensure_collab_token
 
@@ -136,7 +137,7 @@ def test_artifact_round_trip_and_refusals(collab_dir, tmp_path):
 
 
 def test_vectors_change_the_scores(collab_dir, collab_examples):
-    ranker = Ranker(loaded=load_ranker(collab_dir))
+    ranker = Scorer(loaded=load_ranker(collab_dir))
     full = ExitPolicy(disabled=True)
     base = [d.ctr for d in ranker.score_examples(collab_examples, full)]
     other = with_vectors(collab_examples, seed=1)
@@ -147,7 +148,7 @@ def test_vectors_change_the_scores(collab_dir, collab_examples):
 def test_one_context_pass_equals_full_prompts_with_soft_tokens(collab_dir, collab_examples):
     """Three requests batched together (one soft-token table for all): each candidate's score and
     exit layer equal its full prompt scored alone."""
-    ranker = Ranker(loaded=load_ranker(collab_dir, dtype=torch.float32))
+    ranker = Scorer(loaded=load_ranker(collab_dir, dtype=torch.float32))
     policy = ExitPolicy(criterion="confidence", threshold=0.99)  # mixed depths on these weights
     jobs = [ScoreJob(collab_examples[c].context, tuple(ex.title for ex in collab_examples[4 * j: 4 * j + 4]), policy,
                      tuple(ex.item_embedding for ex in collab_examples[4 * j: 4 * j + 4]))
@@ -163,8 +164,8 @@ def test_one_context_pass_equals_full_prompts_with_soft_tokens(collab_dir, colla
 @pytest.mark.parametrize("engine", ["onnx", "deepspeed"])
 def test_every_engine_reads_the_soft_tokens_alike(collab_dir, collab_examples, tmp_path, engine):
     loaded = load_ranker(collab_dir, dtype=torch.float32)
-    torch_scores = Ranker(loaded=loaded).score_examples(collab_examples, ExitPolicy(disabled=True))
-    other = Ranker(loaded=loaded, engine=build_engine(engine, loaded, onnx_dir=tmp_path, device="cpu"))
+    torch_scores = Scorer(loaded=loaded).score_examples(collab_examples, ExitPolicy(disabled=True))
+    other = Scorer(loaded=loaded, engine=build_engine(engine, loaded, onnx_dir=tmp_path, device="cpu"))
     got = other.score_examples(collab_examples, ExitPolicy(disabled=True))
     assert [d.ctr for d in got] == pytest.approx([d.ctr for d in torch_scores], abs=1e-4)
 
@@ -209,10 +210,10 @@ async def test_rank_scores_with_the_pinned_versions_vectors_from_a_real_retrieve
         assert all(h.embedding is not None for h in ctx.history)
         vectors = await client.get_item_vectors(candidates, embedding_version="gcn-test")
         np.testing.assert_allclose(vectors[candidates[0]], emb.item[0], rtol=1e-6)
-        offline = ranker.score_jobs([ScoreJob(ctx, tuple(catalog[i] for i in candidates), ranker.policy,
+        offline = ranker.scorer.score_jobs([ScoreJob(ctx, tuple(catalog[i] for i in candidates), ranker.policy,
                                               tuple(vectors[i] for i in candidates))])[0]
         assert [s.ctr for s in result.scores] == pytest.approx([d.ctr for d in offline], abs=1e-5)
-        ranker.pinned_version = "gcn-retired"  # a ranker trained on a version no longer kept
+        ranker.scorer.pinned_version = "gcn-retired"  # a ranker trained on a version no longer kept
         with pytest.raises(EmbeddingVersionUnavailable, match="gcn-retired"):
             await ranker.rank(user_id="u0", candidate_item_ids=candidates)
     finally:

@@ -8,7 +8,7 @@ import torch
 from ranker_svc.engine import TorchEngine, predict_in_batches
 from ranker_svc.exits import ExitPolicy
 from ranker_svc.onnx_engine import OnnxEngine
-from ranker_svc.ranker import Ranker
+from ranker_svc.scoring import Scorer
 from ranker_svc.server import build_engine
 
 POLICIES = [ExitPolicy(disabled=True), ExitPolicy(threshold=0.05, window=1),
@@ -29,7 +29,7 @@ def test_the_same_requests_score_alike_through_every_engine(engines, loaded, exa
     requests = [(ex.context, titles[n : n + 6]) for n, ex in enumerate(examples[:3])]
     results = {}
     for name, engine in engines.items():
-        ranker = Ranker(loaded=loaded, engine=engine)
+        ranker = Scorer(loaded=loaded, engine=engine)
         assert ranker.shared_context == engine.shares_context  # onnx scores full prompts
         results[name] = [[ranker.score_candidates(ctx, t, policy) for ctx, t in requests] for policy in POLICIES]
     exits = set()
@@ -75,6 +75,6 @@ def test_deepspeed_wraps_the_same_weights_and_torch_is_the_default(engines, load
     a = ds.predict(ids, mask, ExitPolicy(disabled=True))
     b = engines["torch"].predict(ids, mask, ExitPolicy(disabled=True))
     torch.testing.assert_close(a[0], b[0])
-    assert Ranker(loaded=loaded).engine.name == "torch"
+    assert Scorer(loaded=loaded).engine.name == "torch"
     with pytest.raises(ValueError, match="engine must be one of"):
         build_engine("tensorrt", loaded)

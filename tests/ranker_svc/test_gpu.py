@@ -11,7 +11,7 @@ import torch
 from ranker_svc.artifact import load_ranker
 from ranker_svc.engine import predict_in_batches
 from ranker_svc.exits import ExitPolicy
-from ranker_svc.ranker import Ranker, ScoreJob
+from ranker_svc.scoring import ScoreJob, Scorer
 from ranker_svc.server import build_engine
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
@@ -20,9 +20,9 @@ POLICIES = [ExitPolicy(disabled=True), ExitPolicy(threshold=0.05, window=1),
             ExitPolicy(criterion="confidence", threshold=0.7, min_layer=2)]
 
 
-def _ranker(ranker_dir, engine: str, device: str, dtype=torch.float32) -> Ranker:
+def _ranker(ranker_dir, engine: str, device: str, dtype=torch.float32) -> Scorer:
     loaded = load_ranker(ranker_dir, dtype=dtype)  # a copy of its own: engines move the model in place
-    return Ranker(loaded=loaded, engine=build_engine(engine, loaded, device=device))
+    return Scorer(loaded=loaded, engine=build_engine(engine, loaded, device=device))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def requests(examples, catalog):
     return [(ex.context, titles[n : n + 8]) for n, ex in enumerate(examples[:4])]
 
 
-def _scores(ranker: Ranker, requests, policy: ExitPolicy):
+def _scores(ranker: Scorer, requests, policy: ExitPolicy):
     return [ranker.score_candidates(context, titles, policy) for context, titles in requests]
 
 

@@ -1,22 +1,24 @@
-"""The core Ranker with a real tiny Llama and a real in-memory ContextSource."""
+"""The core Ranker (and its Scorer) with a real tiny Llama and a real in-memory ContextSource."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
 from ranker_svc.config import BatchingConfig
 from ranker_svc.errors import ContextUnavailable, DeadlineExceeded, InvalidArgument, Overloaded, UnknownItems
 from ranker_svc.exits import ExitPolicy
-from ranker_svc.ranker import Ranker, ScoreJob
+from ranker_svc.ranker import Ranker
+from ranker_svc.scoring import ScoreJob, Scorer
 
 pytestmark = pytest.mark.anyio
 
 
 def test_scores_are_probabilities_at_valid_layers(loaded, examples):
-    ranker = Ranker(loaded=loaded)
+    ranker = Scorer(loaded=loaded)
     decisions = ranker.score_examples(examples, ExitPolicy(threshold=0.3, window=1))
     assert len(decisions) == len(examples)
     assert all(0.0 < d.ctr < 1.0 for d in decisions)
@@ -25,12 +27,12 @@ def test_scores_are_probabilities_at_valid_layers(loaded, examples):
 
 
 def test_disabled_policy_runs_every_row_to_the_last_layer(loaded, examples):
-    decisions = Ranker(loaded=loaded).score_examples(examples, ExitPolicy(disabled=True))
+    decisions = Scorer(loaded=loaded).score_examples(examples, ExitPolicy(disabled=True))
     assert {d.exit_layer for d in decisions} == {6}
 
 
 def test_batching_and_order_do_not_change_scores(loaded, examples):
-    ranker = Ranker(loaded=loaded)
+    ranker = Scorer(loaded=loaded)
     policy = ExitPolicy(threshold=0.05, window=2)
     batched = ranker.score_examples(examples[:16], policy, batch_size=16)
     single = [ranker.score_examples([ex], policy)[0] for ex in examples[:16]]
@@ -52,7 +54,7 @@ async def test_rank_uses_retrieval_for_a_known_user(loaded, examples, memory_sou
     assert {"retrieval", "inference", "total"} <= set(result.timings_ms)
     # the retrieved prompt is what gets scored: same CTRs as scoring the context offline
     ctx = examples[0].context
-    offline = ranker.score_texts([loaded.prompt.full_text(ctx, catalog[i]) for i in candidates])
+    offline = ranker.scorer.score_texts([loaded.prompt.full_text(ctx, catalog[i]) for i in candidates])
     assert [s.ctr for s in result.scores] == pytest.approx([d.ctr for d in offline], abs=1e-5)
     await ranker.rank(user_id=ctx.user_id, candidate_item_ids=candidates[:1], num_neighbors=1)
     assert source.context_calls[-1][1] == 1
@@ -65,10 +67,10 @@ async def test_unknown_user_or_unreachable_context_ranks_without_retrieval(loade
     assert all(0.0 < s.ctr < 1.0 for s in result.scores)
 
     class ContextDown:  # context fails, titles still resolve (e.g. GetContext times out)
-        async def get_context(self, user_id, k, max_history, *, timeout_s=None):
+        async def get_context(self, user_id, k, max_history, *, timeout_s=None, embedding_version=None):
             raise TimeoutError("retriever too slow")
 
-        async def get_titles(self, item_ids, *, timeout_s=None):
+        async def get_titles(self, item_ids, *, timeout_s=None, embedding_version=None):
             return {i: catalog[i] for i in item_ids if i in catalog}
 
     result = await Ranker(loaded=loaded, context_source=ContextDown()).rank(
@@ -116,13 +118,26 @@ async def test_deadline_and_overload(loaded, memory_source_factory, catalog):
                     batching=dataclasses.replace(BatchingConfig(), max_pending_requests=1))
     candidates = sorted(catalog)[:8]
     with pytest.raises(DeadlineExceeded):
-        await ranker.rank(user_id="u0", candidate_item_ids=candidates, timeout_s=0.0)
+        await ranker.rank(user_id="u0", candidate_item_ids=candidates, deadline=time.perf_counter())
     results = await asyncio.gather(
         ranker.rank(user_id="u0", candidate_item_ids=candidates),
         ranker.rank(user_id="u1", candidate_item_ids=candidates),
         return_exceptions=True,
     )
     assert isinstance(results[0].scores, tuple) and isinstance(results[1], Overloaded)
+
+
+async def test_admission_alone_bounds_the_batchers_queue(loaded, memory_source_factory, catalog):
+    """The batcher has no bound of its own: with max_pending_requests=2, of three concurrent
+    requests two are scored and the third is refused before reaching it; the batcher keeps working."""
+    ranker = Ranker(loaded=loaded, context_source=memory_source_factory(),
+                    batching=dataclasses.replace(BatchingConfig(), max_pending_requests=2, max_wait_ms=50.0))
+    candidates = sorted(catalog)[:4]
+    results = await asyncio.gather(*(ranker.rank(user_id=u, candidate_item_ids=candidates) for u in ("u0", "u1", "u2")),
+                                   return_exceptions=True)
+    assert all(len(r.scores) == 4 for r in results[:2]) and isinstance(results[2], Overloaded)
+    assert ranker.batcher.stats.jobs == 2 and ranker.batcher.pending == 0
+    assert len((await ranker.rank(user_id="u3", candidate_item_ids=candidates)).scores) == 4
 
 
 async def test_event_loop_stays_responsive_during_inference(loaded, memory_source_factory, catalog):
@@ -142,7 +157,7 @@ async def test_event_loop_stays_responsive_during_inference(loaded, memory_sourc
 
 
 def test_one_context_pass_scores_equal_full_prompts(loaded, examples, catalog):
-    ranker = Ranker(loaded=loaded)
+    ranker = Scorer(loaded=loaded)
     assert ranker.shared_context and loaded.context_split_ok  # the trained BPE splits cleanly
     ctx = examples[3].context
     titles = [catalog[i] for i in sorted(catalog)[:20]]
@@ -183,7 +198,7 @@ def test_a_tokenizer_that_merges_across_the_boundary_falls_back_to_full_prompts(
     assert not check_context_split(tokenizer, builder)
     save_ranker(tmp_path / "ranker", causal_lm=build_model(tokenizer), tokenizer=tokenizer, prompt=builder.config,
                 exit_layers=[2, 4], policy=ExitPolicy(disabled=True))
-    ranker = Ranker(loaded=load_ranker(tmp_path / "ranker"))
+    ranker = Scorer(loaded=load_ranker(tmp_path / "ranker"))
     assert not ranker.shared_context
     ctx, titles = examples[0].context, [catalog[i] for i in sorted(catalog)[:4]]
     served = ranker.score_candidates(ctx, titles)
@@ -200,7 +215,7 @@ async def test_concurrent_requests_share_one_batch(loaded, examples, memory_sour
                                       for n, u in enumerate(users)))
     assert ranker.batcher.stats.batches == 1 and ranker.batcher.stats.largest_batch_jobs == 4
     for n, (user, result) in enumerate(zip(users, together)):  # the same scores as one request at a time
-        alone = ranker.score_candidates(next(ex.context for ex in examples if ex.context.user_id == user),
+        alone = ranker.scorer.score_candidates(next(ex.context for ex in examples if ex.context.user_id == user),
                                         [catalog[i] for i in ids[n : n + 5]])
         assert [s.exit_layer for s in result.scores] == [d.exit_layer for d in alone]
         assert [s.ctr for s in result.scores] == pytest.approx([d.ctr for d in alone], abs=1e-4)
@@ -209,7 +224,7 @@ async def test_concurrent_requests_share_one_batch(loaded, examples, memory_sour
 async def test_the_callers_deadline_bounds_the_context_calls(loaded, memory_source_factory, catalog):
     source = memory_source_factory()
     ranker = Ranker(loaded=loaded, context_source=source)
-    await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog)[:2], timeout_s=3.0)
+    await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog)[:2], deadline=time.perf_counter() + 3.0)
     assert len(source.timeouts) == 2 and all(t is not None and 0 < t <= 3.0 for t in source.timeouts)
     await ranker.rank(user_id="u0", candidate_item_ids=sorted(catalog)[:2])
     assert source.timeouts[-2:] == [None, None]

@@ -40,7 +40,7 @@ async def test_rank_scores_every_candidate_in_order(stub, examples, catalog):
                               timeout=30)
     assert [s.item_id for s in reply.scores] == ids
     assert all(0.0 < s.ctr < 1.0 for s in reply.scores)
-    assert {s.exit_layer for s in reply.scores} <= set(running.ranker.model.answer_layers)
+    assert {s.exit_layer for s in reply.scores} <= set(running.ranker.current.scorer.model.answer_layers)
     assert reply.retrieval_used and reply.embedding_version == "emb-1"
     assert reply.model_version == running.ranker.model_version
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from exitrank.types import HistoryItem, NeighborContext, RankExample, UserContext
 from ranker_svc.artifact import HEADS_FILE, META_FILE, load_ranker
 from ranker_svc.exits import ExitPolicy, simulate_exits
-from ranker_svc.ranker import Ranker
+from ranker_svc.scoring import Scorer
 from trainer.calibrate import calibrate, choose, exit_probabilities, PolicyPoint
 from trainer.heads import fit_heads
 from trainer.stats import auc
@@ -114,7 +114,7 @@ def test_serving_path_matches_the_calibration_simulation(pipeline, data):
     ids, _ = encode_examples(valid, loaded.prompt, loaded.tokenizer, max_tokens=1024,
                              answer_ids=(loaded.model.yes_token_id, loaded.model.no_token_id))
     p_yes = exit_probabilities(loaded.model, ids, loaded.tokenizer.pad_token_id)
-    ranker = Ranker(loaded=loaded)
+    ranker = Scorer(loaded=loaded)
     for policy in (loaded.policy, ExitPolicy(threshold=0.02, window=1), ExitPolicy(threshold=0.05, window=3),
                    ExitPolicy(criterion="confidence", threshold=0.9, min_layer=2)):
         sim_ctr, sim_layer = simulate_exits(p_yes, loaded.model.answer_layers, policy)
@@ -133,8 +133,8 @@ def test_a_reloaded_artifact_scores_the_same(pipeline, data, tmp_path):
     _, valid = data
     copy = tmp_path / "ranker"
     shutil.copytree(out / "ranker", copy)
-    a = Ranker(loaded=load_ranker(out / "ranker")).score_examples(valid[:20])
-    b = Ranker(loaded=load_ranker(copy)).score_examples(valid[:20])
+    a = Scorer(loaded=load_ranker(out / "ranker")).score_examples(valid[:20])
+    b = Scorer(loaded=load_ranker(copy)).score_examples(valid[:20])
     assert [d.exit_layer for d in a] == [d.exit_layer for d in b]
     assert [d.ctr for d in a] == pytest.approx([d.ctr for d in b], abs=1e-6)
 
@@ -165,7 +165,7 @@ def test_lora_and_base_model_paths(pipeline, data, tmp_path):
     assert metrics["lora"] and 0.0 <= metrics["valid_auc"] <= 1.0
     weights = load_file(str(tmp_path / "ranker" / "model.safetensors"))
     assert not any("lora" in k for k in weights)
-    assert Ranker(loaded=load_ranker(tmp_path / "ranker")).score_examples(valid[:4])
+    assert Scorer(loaded=load_ranker(tmp_path / "ranker")).score_examples(valid[:4])
 
 
 def test_qwen2_stage_one_writes_a_loadable_artifact(data, tmp_path):
@@ -174,7 +174,7 @@ def test_qwen2_stage_one_writes_a_loadable_artifact(data, tmp_path):
     loaded = load_ranker(tmp_path / "ranker")
     assert loaded.meta["arch"] == "qwen2" and metrics["train_examples"] == 24 and math.isfinite(metrics["train_loss"])
     assert loaded.model.causal_lm.dtype is torch.float32  # autocast trains float32 weights
-    decisions = Ranker(loaded=loaded).score_examples(train[:3])
+    decisions = Scorer(loaded=loaded).score_examples(train[:3])
     assert all(0.0 < d.ctr < 1.0 and d.exit_layer == 6 for d in decisions)
 
 
@@ -193,7 +193,7 @@ def test_answer_row_heads_and_calibration_in_the_serving_dtype(pipeline, data, t
     assert summary["dtype"] == meta["policy_dtype"] == "bfloat16"
     loaded = load_ranker(ranker_dir)  # serves in the calibration dtype by default
     assert loaded.model.causal_lm.dtype is torch.bfloat16 and loaded.model.exit_layers == (2, 4)
-    decisions = Ranker(loaded=loaded).score_examples(valid)
+    decisions = Scorer(loaded=loaded).score_examples(valid)
     assert auc([ex.label for ex in valid], [d.ctr for d in decisions]) > 0.7
 
 

@@ -10,7 +10,7 @@ samples), and returned as plain JSON for the report:
   (``trainer.llm_retriever``); the classic baselines' AUCs. One pass per (model, retriever) gives
   every head's P(yes) on all test samples; both rows' answers are that pass replayed through
   ``run_exits`` (``simulate_exits``: the decisions serving makes, tested equal to the served
-  path), and each row's requests/s is timed through the serving path (``Ranker.score_examples``
+  path), and each row's requests/s is timed through the serving path (``Scorer.score_examples``
   with its policy) on the first ``plan.speed_samples`` samples. So the AUCs use the whole test set
   without scoring it once per row.
 - Table 3: the GCN model with neighbours from the same fit's last layer instead of its average.

@@ -117,7 +117,7 @@ def stage_baselines(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Pa
 def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: dict[str, Path], baselines: dict,
                   plan: DatasetPlan, cfg: ReproduceConfig, out: Path) -> dict:
     from ranker_svc.artifact import load_ranker
-    from ranker_svc.ranker import Ranker
+    from ranker_svc.scoring import Scorer
     from retriever_svc.embeddings import GCNEmbeddings
     from trainer.context import OfflineContexts, subsample
     from trainer.data.dataset import load_dataset
@@ -126,7 +126,7 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
 
     dataset = load_dataset(data)
     gcn = GCNEmbeddings.load(gcn_dir)
-    rankers = {name: Ranker(loaded=load_ranker(path / "ranker")) for name, path in ranker_dirs.items()}
+    rankers = {name: Scorer(loaded=load_ranker(path / "ranker")) for name, path in ranker_dirs.items()}
     samples = subsample(dataset.split("test"), plan.test, cfg.seed)
     eval_cfg = EvalConfig(data=data, artifacts=gcn_dir, report=out, seed=cfg.seed, bootstrap=cfg.bootstrap)
     gcn_contexts = OfflineContexts(dataset, gcn, k=K, max_history=MAX_HISTORY, cache=False)
