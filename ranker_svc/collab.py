@@ -15,9 +15,10 @@ instruction for the user; ``full`` mode also puts one after every history item's
 user's own and each similar user's) and one for the target item at the very end of the prompt,
 after the answer cue, so it lies in the candidate suffix and at the position the answer is read
 from: its embedding is in the residual stream the exit heads read. Placed after the target's
-title instead, three tokens before the answer, a small decoder trained from scratch on ~1k
-examples did not learn to carry it over (synthetic taste data: test AUC 0.54 there, 0.86 at the
-end; ``make reproduce`` reports the configurations).
+title instead, a few tokens before the answer, a small decoder trained from scratch has to learn
+to carry the vector over to the answer position, and with little training data it may not; at
+the answer position no such carrying is needed (the figures are in the reports of ``make
+reproduce``, not here).
 
 Binding. A prompt's placeholders are replaced by *virtual token ids* ``V + j`` (V the vocabulary
 size) that index a per-call table of raw rows :math:`[e, m]` (width 2d); :func:`embed_tokens`

@@ -106,7 +106,7 @@ class BatchingConfig:
     Args:
         batch_size: full prompts per forward pass (offline scoring, engines without context sharing).
         max_candidates: candidates one request may carry.
-        max_pending_requests: requests queued or running at most (more: RESOURCE_EXHAUSTED).
+        max_pending_requests: requests in progress at once, retrieval to scores (more: RESOURCE_EXHAUSTED).
         max_wait_ms: how long a request may wait for others to share its batch (0: no waiting).
         max_batch_rows: candidate rows per batch of concurrent requests (and per suffix pass).
         shared_context: encode each request's context once and score candidates as suffixes.

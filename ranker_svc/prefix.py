@@ -61,9 +61,6 @@ class ContextKV:
     values: list[Tensor]
     lengths: list[int]
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
 
 class KVRecorded(Exception):
     """Raised by :class:`ContextRecorder` at its ``stop_after`` layer: the rest of that layer is not needed."""
