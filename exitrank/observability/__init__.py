@@ -41,5 +41,10 @@ def setup_process(config: ObservabilityConfig, *, service: str) -> Callable[[], 
 
 def enable_crash_stacks() -> None:
     """On a fatal signal (SIGSEGV, SIGFPE, SIGABRT, SIGBUS, SIGILL) write every thread's Python
-    stack to stderr (the service's log) before the process dies: a native crash must leave a trace."""
-    faulthandler.enable(file=sys.stderr, all_threads=True)
+    stack to stderr (the service's log) before the process dies: a native crash must leave a trace.
+    A ``sys.stderr`` without a file descriptor (``main`` called in process under a capturing test
+    runner) falls back to the process's own stderr."""
+    try:
+        faulthandler.enable(file=sys.stderr, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation: no fileno()
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
