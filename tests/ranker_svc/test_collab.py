@@ -197,7 +197,8 @@ async def test_rank_scores_with_the_pinned_versions_vectors_from_a_real_retrieve
     await core.upsert_items([CatalogItem(i, catalog[i]) for i in items])
     await store.apply_events([Interaction(u, items[(3 * j + t) % len(items)], 4.0, t + 1)
                               for j, u in enumerate(users) for t in range(3)])
-    server, port, _ = await start_grpc(core, ServerConfig(port=0))
+    running = await start_grpc(core, ServerConfig(port=0))
+    server, port = running.server, running.port
     client = RetrieverClient(config=RetrieverConfig(target=f"127.0.0.1:{port}", timeout_s=5.0))
     try:
         ranker = Ranker(loaded=load_ranker(collab_dir, dtype=torch.float32), context_source=client)
