@@ -257,7 +257,7 @@ def simulate_exits(
         policy: the policy to replay.
 
     Returns:
-        ``(ctr (N,), exit_layer (N,) long)``, equal to what ``EarlyExitLM.predict`` returns: both
+        ``(ctr (N,), exit_layer (N,) long)``, equal to what ``ranker_svc.runners.predict`` returns: both
         run :func:`run_exits`.
     """
     n, e = p_yes.shape
