@@ -16,6 +16,12 @@
     .venv/bin/python -m trainer fit-heads --data data/synth --out artifacts --lambda0 1e-3 --beta 0.1
     .venv/bin/python -m trainer calibrate --data data/synth --out artifacts --auc-budget 0.3
 
+    # pretrained models: install once (verified, converted), then name them in --base-model
+    .venv/bin/python -m trainer models install smollm2-135m
+    .venv/bin/python -m trainer models list
+    .venv/bin/python -m trainer models import-gguf ~/gguf/model.gguf --name my-model
+    .venv/bin/python -m trainer fit --data data/tallrec --out artifacts --base-model smollm2-135m
+
     # evaluate the four configurations on the test split
     .venv/bin/python -m trainer eval --data data/synth --artifacts artifacts --report reports/synth
 
@@ -64,6 +70,10 @@ def _fit_config(args: argparse.Namespace):
         "calibrate": {"auc_budget_points": args.auc_budget, "margin_sigmas": args.auc_margin_sigmas,
                       "max_valid": args.max_valid},
     }
+    if args.base_model is not None:  # a missing model is named before any data is read
+        from trainer.models import resolve_base_model
+
+        args.base_model = str(resolve_base_model(args.base_model))
     return make_config(args.data, args.out, preset=args.preset, base_model=args.base_model, seed=args.seed,
                        overrides=overrides, k=args.k, progress=not args.no_progress)
 
@@ -95,7 +105,8 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, required=True, help="canonical data set directory")
     p.add_argument("--out", type=Path, required=True, help="ARTIFACTS directory")
     p.add_argument("--preset", choices=PRESET_CHOICES, default="tiny")
-    p.add_argument("--base-model", help="a local transformers checkpoint to tune instead of a fresh decoder")
+    p.add_argument("--base-model", help="an installed model's name (trainer models list) or a local transformers "
+                   "checkpoint directory, tuned instead of a fresh decoder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, help="retrieved neighbours per prompt (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -188,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-progress", action="store_true")
     rep.set_defaults(func=_reproduce)
 
+    models = sub.add_parser("models", help="install, import and list pretrained models").add_subparsers(
+        dest="models_command", required=True)
+    ins = models.add_parser("install", help="install a known model (verified, converted once to safetensors)")
+    ins.add_argument("name", help="e.g. smollm2-135m")
+    ins.add_argument("--force", action="store_true", help="convert again even when installed")
+    ins.set_defaults(func=_models_install)
+    lst = models.add_parser("list", help="installed models (and the known ones not installed)")
+    lst.set_defaults(func=_models_list)
+    gguf = models.add_parser("import-gguf", help="convert a local GGUF file (llama, qwen2, mistral)")
+    gguf.add_argument("file", type=Path)
+    gguf.add_argument("--name", required=True, help="the name --base-model will use")
+    gguf.set_defaults(func=_models_import)
+
     from trainer.refit import add_parsers as add_refit_parsers
 
     add_refit_parsers(sub)  # refit (periodic, gated by evaluation) and publish (a release, a rollback)
@@ -203,13 +227,32 @@ def _reproduce(args: argparse.Namespace) -> dict:
     return {"out": str(args.out), "goals": report["goals"], "wall_seconds": report["wall_seconds"]}
 
 
+def _models_install(args: argparse.Namespace) -> dict:
+    from trainer.models import install
+
+    return install(args.name, force=args.force)
+
+
+def _models_list(args: argparse.Namespace) -> dict:
+    from trainer.models import list_models, models_dir
+
+    return {"models_dir": str(models_dir()), "models": list_models()}
+
+
+def _models_import(args: argparse.Namespace) -> dict:
+    from trainer.models import import_gguf
+
+    return import_gguf(args.file, name=args.name)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input" (printed as one line, exit 2), not a bug (a traceback)."""
     from exitrank.artifacts import ManifestError
     from ranker_svc.errors import ArtifactError
     from retriever_svc.errors import EmbeddingsError
+    from trainer.models import ModelError
 
-    return FileNotFoundError, ValueError, ManifestError, ArtifactError, EmbeddingsError
+    return FileNotFoundError, ValueError, ManifestError, ArtifactError, EmbeddingsError, ModelError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ from transformers import (
     Qwen2Config,
 )
 
+from trainer.models import resolve_base_model
+
 ANSWERS = (" Yes", " No")
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 PRESETS: dict[str, dict[str, int]] = {
@@ -92,10 +94,9 @@ def build_model(
 
 
 def load_base_model(path: Path | str) -> tuple[PreTrainedTokenizerFast, PreTrainedModel]:
-    """A local checkpoint directory (config, safetensors weights, tokenizer); nothing is downloaded."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--base-model {path}: expected a transformers checkpoint directory with config.json")
+    """An installed model's name (``trainer.models``) or a local checkpoint directory (config,
+    safetensors weights, tokenizer), in float32; nothing is downloaded."""
+    path = resolve_base_model(path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     # use_safetensors: a checkpoint holding only pytorch_model.bin (a pickle) is refused, not unpickled
     model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32,
