@@ -232,8 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     result["rank50"] = bench_rank50(model, args, rng, device, args.requests_per_pass)
     result["rank50_one_request"] = bench_rank50(model, args, rng, device, 1)  # its pass_ms: a lone request's latency
     say(f"rank50: {result['rank50']} {result['rank50_one_request']}")
-    result["tflops_matmul_peak"] = round(matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 512), 1)
-    result["utilisation"] = round(result["prompts"]["tflops_achieved_full"] / result["tflops_matmul_peak"], 3)
+    peak = matmul_tflops(device, dtype, 8192 if device.type == "cuda" else 512)
+    result["tflops_matmul_peak"] = float(f"{peak:.3g}")  # 3 significant digits: a CPU dry run is ~0.01
+    result["utilisation"] = round(result["prompts"]["tflops_achieved_full"] / peak, 3)
     if not args.no_deepspeed:
         result["deepspeed"] = bench_deepspeed(model, args, rng, device)
         say(f"deepspeed: {result['deepspeed']}")
