@@ -64,6 +64,7 @@ def _fit_config(args: argparse.Namespace):
     overrides = {
         "gcn": {"layers": args.gcn_layers, "dim": args.gcn_dim, "epochs": args.gcn_epochs, "lr": args.gcn_lr},
         "tune": {"arch": args.arch, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                 "lora_rank": args.lora_rank,
                  "max_train": args.max_train, "lora": args.lora or None, "collab": args.collab_tokens},
         "heads": {"exit_layers": tuple(args.exit_layers) if args.exit_layers else None, "lambda0": args.lambda0,
                   "beta": args.beta, "epochs": args.heads_epochs, "max_train": args.max_train},
@@ -122,6 +123,7 @@ def _fit_flags(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--max-train", type=int, help="cap on training samples (tune and fit-heads)")
     t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    t.add_argument("--lora-rank", type=int, help="r of the LoRA adapters (default 8)")
     t.add_argument("--collab-tokens", choices=("none", "user", "full"),
                    help="LightGCN embeddings as soft tokens in the prompt (default none: text only)")
     h = p.add_argument_group("fit-heads")
@@ -257,11 +259,16 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from trainer.errors import TrainingFailed
+
     try:
         result = args.func(args)
     except _user_errors() as exc:
         print(f"trainer: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingFailed as exc:  # a collapsed model: no artifact, a distinct status for scripts
+        print(f"trainer: {exc}", file=sys.stderr)
+        return 3
     print(json.dumps(result, default=str))  # one line, the last of stdout: scripts parse it
     return 0
 

@@ -33,7 +33,8 @@ from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_heads
 from ranker_svc.model import EarlyExitLM, ExitHead, pad_right
 from trainer.stats import auc
-from trainer.tune import batches, encode_examples
+from trainer.tune import encode_examples
+from trainer.tune_loop import batches
 
 FULL_VOCAB_HEAD_PARAMS = 50_000_000
 

@@ -56,7 +56,8 @@ class TuneSection:
     max_train: int | None = 2000  # the paper tunes few-shot (< 10 % of the training data)
     lora: bool | None = None  # None: LoRA only for large base models
     collab: str = "none"  # collaborative soft tokens: none (the paper's prompt) | user | full
-    amp: bool = False  # bfloat16 autocast while tuning (AMX CPUs, GPUs)
+    amp: bool | None = None  # bfloat16 autocast while tuning; None: where bf16 matmuls are native (AMX, GPUs)
+    lora_rank: int = 8
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
     return instruction_tune(train, out_dir=cfg.out, valid=valid or None, preset=t.preset, arch=t.arch,
                             base_model=base_model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                             lora=t.lora, seed=cfg.seed, progress=cfg.progress, prompt=prompt, amp=t.amp,
+                            lora_rank=t.lora_rank, log=_say,
                             collab_dim=vectors.dim if vectors is not None else 0,
                             embedding_version=vectors.version if vectors is not None else "")
 

@@ -100,3 +100,36 @@ def paired_auc_difference(labels: Sequence[int], a: Sequence[float], b: Sequence
     auc_b, b10, b01 = _components(y, np.asarray(b, dtype=np.float64))
     var = np.var(a10 - b10, ddof=1) / len(a10) + np.var(a01 - b01, ddof=1) / len(a01)
     return auc_a - auc_b, math.sqrt(max(float(var), 0.0))
+
+
+CONSTANT_SPREAD = 1e-4  # scores this close together are one score (a float32 CTR prints alike to 4 places)
+CHANCE_SIGMAS = 2.0  # an AUC within this many DeLong standard errors of 0.5 is at chance
+# the chance test needs a validation set that can tell: se 0.05 is ~120 balanced examples, where an AUC
+# of 0.6 already stands 2 errors above chance; on fewer, only constant scores are judged
+CHANCE_MAX_SE = 0.05
+
+
+def collapse_reason(labels: Sequence[int], scores: Sequence[float], step_losses: Sequence[float]) -> str | None:
+    """Why a tuned model is a failed training run, or None: the rule of "no collapsed models".
+
+    A model whose validation scores are all alike (spread under ``CONSTANT_SPREAD``) ranks nothing;
+    one whose validation AUC is at chance (within ``CHANCE_SIGMAS`` DeLong standard errors of 0.5,
+    judged only when that error is at most ``CHANCE_MAX_SE``) while its training loss fell (the last
+    quarter of the steps below the first) learned something that does not carry to unseen users.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    spread = float(s.max() - s.min()) if len(s) else 0.0
+    if spread < CONSTANT_SPREAD:
+        return (f"the model scores every validation example alike (spread {spread:.2e} over {len(s)} examples): "
+                "it learned the label prior only")
+    if len(set(labels)) < 2 or len(step_losses) < 4:
+        return None
+    value, variance = delong_auc_variance(labels, s)
+    quarter = len(step_losses) // 4
+    first, last = float(np.mean(step_losses[:quarter])), float(np.mean(step_losses[-quarter:]))
+    se = math.sqrt(variance)
+    if last < first and se <= CHANCE_MAX_SE and abs(value - 0.5) < CHANCE_SIGMAS * se:
+        return (f"validation AUC {value:.3f} is at chance (within {CHANCE_SIGMAS:g} standard errors of 0.5, "
+                f"se {se:.3f}, {len(s)} examples) while the training loss fell "
+                f"{first:.4f} -> {last:.4f}")
+    return None

@@ -3,43 +3,51 @@ r"""Stage 1: instruction-tune the decoder on the Yes/No answer token (paper sect
 .. math::  L_{CE} = -\log p(y \mid x)
 
 with :math:`x` the prompt (``ranker_svc.prompt``) and :math:`y` the answer token " Yes" (label 1)
-or " No" (label 0), over the full vocabulary at the prompt's last position. A fresh model
-(``--preset tiny|small``) or a small base model is fully fine-tuned; a large base model
-(> ``LORA_AUTO_PARAMS`` parameters) gets LoRA adapters (peft) that are merged before saving.
+or " No" (label 0), over the full vocabulary at the prompt's last position, read as the next token
+(TALLRec's formulation). A fresh model (``--preset tiny|small``) or a small base model is fully
+fine-tuned; a pretrained model above ``LORA_AUTO_PARAMS`` parameters (``--base-model smollm2-135m``)
+gets LoRA adapters (peft) on the attention and MLP projections, merged before saving. The loop, the
+dtype choice and the FLOP count are in ``trainer.tune_loop``.
 
-Writes ``out_dir/ranker/`` (the artifact with untrained exit heads and exits disabled) and returns
-metrics. Run it through the trainer CLI (which builds the retrieval-augmented examples)::
+No collapsed models: the tuned model is written under a staging name, scored on the validation
+examples, and only then moved to ``out_dir/ranker``; a model that scores everything alike, or whose
+validation AUC is at chance while its training loss fell (``trainer.stats.collapse_reason``), raises
+:class:`TrainingFailed` and leaves no artifact.
 
     .venv/bin/python -m trainer tune --data data/synth --out artifacts --preset tiny --epochs 8
-    .venv/bin/python -m trainer tune --data data/synth --out artifacts --base-model ~/models/qwen2-0.5b --lora
+    .venv/bin/python -m trainer tune --data data/tallrec --out artifacts --base-model smollm2-135m --max-train 256
 """
 
 from __future__ import annotations
 
 import math
-import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from exitrank.types import RankExample
 from ranker_svc.artifact import load_ranker, save_ranker
 from ranker_svc.exits import ExitPolicy
-from ranker_svc.model import default_exit_layers, pad_right
+from ranker_svc.model import default_exit_layers
 from ranker_svc.prompt import PromptBuilder, PromptConfig
 from ranker_svc.prompt import encode_examples as ranker_examples
-from ranker_svc.collab import CollabProjector, SoftTable, embed_tokens
+from ranker_svc.collab import CollabProjector, SoftTable
 from ranker_svc.scoring import Scorer
 from trainer.lm import answer_token_ids, build_model, build_tokenizer, ensure_collab_token, load_base_model
-from trainer.stats import auc
+from trainer.errors import TrainingFailed
+from trainer.stats import auc, collapse_reason
+from trainer.tune_loop import train_answers
 
 LORA_AUTO_PARAMS = 50_000_000  # above this, full fine-tuning on CPU is impractical: use LoRA
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# attention and MLP projections (Llama, Qwen2, Mistral names): TALLRec adapts attention only; the MLP
+# holds most of a small model's weights, and adapting it too is what QLoRA found to matter
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
 
 
 def infer_prompt_config(examples: list[RankExample]) -> PromptConfig:
@@ -64,26 +72,6 @@ def encode_examples(
     return ids, targets
 
 
-def batches(n: int, batch_size: int, *, shuffle: bool, rng: random.Random) -> list[list[int]]:
-    order = list(range(n))
-    if shuffle:
-        rng.shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
-
-
-def answer_loss(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor,
-                projector: CollabProjector | None = None, soft: torch.Tensor | None = None) -> torch.Tensor:
-    """:math:`-\\log p(y|x)` at each row's last real token, full vocabulary, mean over the batch.
-
-    With ``projector``, virtual ids take its projection of ``soft`` (trained with the model)."""
-    embeds = embed_tokens(causal_lm.get_input_embeddings(), projector, input_ids, soft)
-    hidden = causal_lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
-    rows = torch.arange(hidden.shape[0])
-    last = hidden[rows, mask.sum(dim=1) - 1]  # (B, H)
-    logits = causal_lm.get_output_embeddings()(last).float()  # (B, V)
-    return F.cross_entropy(logits, targets)
-
-
 def instruction_tune(
     train: list[RankExample],
     *,
@@ -100,9 +88,12 @@ def instruction_tune(
     progress: bool = True,
     prompt: PromptConfig | None = None,
     vocab_size: int = 2048,
-    amp: bool = False,
+    amp: bool | None = None,
     collab_dim: int = 0,
     embedding_version: str = "",
+    lora_rank: int = 8,
+    allow_collapse: bool = False,
+    log=None,
 ) -> dict:
     """Trains the answer token and writes ``out_dir/ranker/``; returns metrics.
 
@@ -111,7 +102,10 @@ def instruction_tune(
         lora: None: LoRA only for base models above ``LORA_AUTO_PARAMS`` parameters.
         prompt: rendering settings; default :func:`infer_prompt_config` on ``train``.
         amp: bfloat16 autocast for the forward and backward passes (weights and optimiser stay
-            float32); ~1.5x faster for the small preset on CPUs with AMX.
+            float32); None: where the hardware multiplies bf16 natively (``trainer.tune_loop``).
+        lora_rank: r of the LoRA adapters (alpha = 2r).
+        allow_collapse: write the artifact even when the model collapsed (tests of other stages).
+        log: ``log(message)`` for one line per epoch (None: silent); ``progress`` adds a bar.
         collab_dim, embedding_version: for a prompt with collaborative soft tokens
             (``prompt.collab`` "user" or "full"), the width of the LightGCN vectors the examples
             carry and their version; the projector is trained with the model.
@@ -126,35 +120,72 @@ def instruction_tune(
     answer_ids = answer_token_ids(tokenizer, (prompt.answer_yes, prompt.answer_no))
     n_params = sum(p.numel() for p in causal_lm.parameters())
     use_lora = (base_model is not None and n_params > LORA_AUTO_PARAMS) if lora is None else lora
-    lr = lr or (2e-4 if use_lora else 3e-3 if base_model is None else 2e-5)
-    trainable = _attach_lora(causal_lm) if use_lora else causal_lm
+    lr = lr or (3e-4 if use_lora else 3e-3 if base_model is None else 2e-5)
+    trainable = _attach_lora(causal_lm, lora_rank) if use_lora else causal_lm
     max_tokens = int(getattr(causal_lm.config, "max_position_embeddings", 2048))
     projector, table = _collab(prompt, tokenizer, causal_lm, collab_dim, embedding_version)
     ids, targets = encode_examples(train, builder, tokenizer, max_tokens=max_tokens, answer_ids=answer_ids,
                                    table=table)
     soft = table.tensor() if table is not None else None
-    losses = _train(causal_lm, trainable, ids, targets, tokenizer.pad_token_id or 0, epochs=epochs, lr=lr,
-                    batch_size=batch_size, seed=seed, progress=progress, amp=amp, projector=projector, soft=soft)
+    run = train_answers(causal_lm, trainable, ids, targets, tokenizer.pad_token_id or 0, epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed, amp=amp, projector=projector, soft=soft,
+                        weights_train=not use_lora, **_reporters(epochs, len(ids), batch_size, progress, log))
     if use_lora:
         causal_lm = trainable.merge_and_unload()
-    metrics = {"train_loss": losses[-1], "epoch_losses": losses, "lr": lr, "lora": use_lora,
-               "num_parameters": n_params, "train_examples": len(train), "epochs": epochs}
-    ranker_dir = Path(out_dir) / "ranker"
-    save_ranker(ranker_dir, causal_lm=causal_lm.eval(), tokenizer=tokenizer, prompt=prompt,
+    metrics = {"train_loss": run["epoch_losses"][-1], "lr": lr, "lora": use_lora,
+               "lora_rank": lora_rank if use_lora else None, "num_parameters": n_params,
+               "train_examples": len(train), "epochs": epochs, "mean_prompt_tokens": round(float(np.mean(
+                   [len(i) for i in ids])), 1), **{k: v for k, v in run.items() if k != "step_losses"}}
+    staging = Path(out_dir) / ".ranker-staging"
+    save_ranker(staging, causal_lm=causal_lm.eval(), tokenizer=tokenizer, prompt=prompt,
                 exit_layers=default_exit_layers(causal_lm.config.num_hidden_layers),
                 policy=ExitPolicy(disabled=True), metrics={"tune": metrics},
                 collab=projector.eval() if projector is not None else None, embedding_version=embedding_version)
     if valid:
-        metrics["valid_auc"] = evaluate_auc(ranker_dir, valid, batch_size=batch_size)
+        labels, scores = evaluate_scores(staging, valid, batch_size=batch_size)
+        metrics["valid_auc"] = auc(labels, scores)
+        reason = collapse_reason(labels, scores, run["step_losses"])
+        if reason is not None and not allow_collapse:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise TrainingFailed(f"instruction tuning failed: {reason}; no artifact written "
+                                 "(more or other training data, more epochs or a pretrained --base-model)")
+        metrics["collapsed"] = reason
+    ranker_dir = Path(out_dir) / "ranker"
+    if ranker_dir.exists():
+        shutil.rmtree(ranker_dir)
+    staging.rename(ranker_dir)
     metrics["seconds"] = time.perf_counter() - started
     return metrics
 
 
-def evaluate_auc(ranker_dir: Path, examples: list[RankExample], *, batch_size: int = 32) -> float:
-    """AUC of the full-depth model (exits disabled) through the serving code path."""
+def _reporters(epochs: int, examples: int, batch_size: int, progress: bool, log) -> dict:
+    """``on_step`` (a tqdm bar when ``progress``) and ``on_epoch`` (one ``log`` line per epoch)."""
+    bar = tqdm(total=epochs * math.ceil(examples / batch_size), desc="instruction tuning", disable=not progress)
+
+    def on_step(loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    def on_epoch(epoch: int, loss: float, seconds: float) -> None:
+        if epoch == epochs:
+            bar.close()
+        if log is not None:
+            log(f"tune: epoch {epoch}/{epochs} mean loss {loss:.4f} in {seconds:.1f}s")
+
+    return {"on_step": on_step, "on_epoch": on_epoch}
+
+
+def evaluate_scores(ranker_dir: Path, examples: list[RankExample], *, batch_size: int = 32
+                    ) -> tuple[list[int], list[float]]:
+    """Labels and full-depth CTRs (exits disabled) through the serving code path."""
     scorer = Scorer(loaded=load_ranker(ranker_dir))
     decisions = scorer.score_examples(examples, ExitPolicy(disabled=True), batch_size=batch_size)
-    return auc([ex.label for ex in examples], [d.ctr for d in decisions])
+    return [ex.label for ex in examples], [d.ctr for d in decisions]
+
+
+def evaluate_auc(ranker_dir: Path, examples: list[RankExample], *, batch_size: int = 32) -> float:
+    """AUC of the full-depth model (exits disabled) through the serving code path."""
+    return auc(*evaluate_scores(ranker_dir, examples, batch_size=batch_size))
 
 
 def _backbone(train, builder, base_model, preset, arch, seed, vocab_size):
@@ -179,43 +210,8 @@ def _collab(prompt: PromptConfig, tokenizer, causal_lm: PreTrainedModel, dim: in
     return projector, table
 
 
-def _attach_lora(causal_lm: PreTrainedModel):
+def _attach_lora(causal_lm: PreTrainedModel, rank: int):
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
     return get_peft_model(causal_lm, config)
-
-
-def _train(causal_lm, trainable, ids, targets, pad_id, *, epochs, lr, batch_size, seed, progress,
-           amp: bool = False, projector: CollabProjector | None = None, soft: torch.Tensor | None = None
-           ) -> list[float]:
-    """AdamW with warm-up and cosine decay; returns the mean loss of each epoch."""
-    rng = random.Random(seed)
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    if projector is not None:
-        params += list(projector.parameters())
-        projector.train()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    steps = epochs * math.ceil(len(ids) / batch_size)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    causal_lm.train()
-    losses = []
-    bar = tqdm(total=steps, desc="instruction tuning", disable=not progress)
-    for _ in range(epochs):
-        epoch = []
-        for chunk in batches(len(ids), batch_size, shuffle=True, rng=rng):
-            input_ids, mask = pad_right([ids[i] for i in chunk], pad_id)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                loss = answer_loss(causal_lm, input_ids, mask, targets[chunk], projector, soft)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            schedule.step()
-            epoch.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{epoch[-1]:.4f}")
-        losses.append(float(np.mean(epoch)))
-    bar.close()
-    causal_lm.eval()
-    return losses

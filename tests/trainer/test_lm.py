@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from trainer.models import ModelError
 import torch
 
 from trainer.lm import (
@@ -79,5 +81,5 @@ def test_load_base_model_adds_missing_answer_tokens(tmp_path):
     yes, no = answer_token_ids(loaded_tok)
     assert loaded.get_input_embeddings().weight.shape[0] == len(loaded_tok) > max(yes, no)
     assert ensure_answer_tokens(loaded_tok, loaded) == []  # idempotent
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        load_base_model(tmp_path / "missing")
+    with pytest.raises(ModelError, match="checkpoint directory with config.json"):
+        load_base_model(tmp_path / "missing")  # neither a checkpoint nor an installed model's name

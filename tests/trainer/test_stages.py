@@ -19,6 +19,7 @@ from ranker_svc.scoring import Scorer
 from trainer.calibrate import calibrate, choose, exit_probabilities, PolicyPoint
 from trainer.heads import fit_heads
 from trainer.stats import auc
+from trainer.errors import TrainingFailed
 from trainer.tune import encode_examples, instruction_tune
 
 POSITIVE = ("sunny", "golden", "bright", "happy")
@@ -207,3 +208,15 @@ def test_confidence_policies_are_swept_with_a_minimum_layer():
     assert {p.window for p in policies if p.criterion == "probability_delta"} == {1, 2, 3}
     hybrid = {(p.confidence, p.min_layer) for p in policies if p.criterion == "probability_delta" and p.confidence}
     assert {(0.9, 0), (0.999, 2)} <= hybrid and not any(m > 2 for _, m in hybrid)
+
+
+def test_a_collapsed_model_fails_and_leaves_no_artifact(data, tmp_path):
+    """Prompts that carry no signal (every example the same text, labels half and half): the model can
+    only learn the prior, scores everything alike, and the run fails without writing ranker/."""
+    train, valid = data
+    same = train[0]
+    flat_train = [RankExample(same.context, same.item_id, same.title, n % 2) for n in range(32)]
+    flat_valid = [RankExample(same.context, same.item_id, same.title, n % 2) for n in range(40)]
+    with pytest.raises(TrainingFailed, match="alike"):
+        instruction_tune(flat_train, out_dir=tmp_path, valid=flat_valid, epochs=1, progress=False)
+    assert not (tmp_path / "ranker").exists() and not (tmp_path / ".ranker-staging").exists()

@@ -70,3 +70,20 @@ def test_one_auc_for_every_caller():
     assert math.isnan(auc([1, 1, 1], [0.1, 0.2, 0.3]))
     with pytest.raises(ValueError, match="2 scores for 3 labels"):
         auc([0, 1, 1], [0.1, 0.2])
+
+
+def test_collapse_reason_names_constant_scores_and_chance_after_falling_loss():
+    from trainer.stats import collapse_reason
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 400).tolist()
+    falling, flat = [2.0, 1.8, 1.5, 1.2, 0.9, 0.7, 0.6, 0.5], [0.7] * 8
+    assert "alike" in collapse_reason(labels, [0.5] * 400, falling)  # one score for everyone
+    assert "alike" in collapse_reason(labels, (0.5 + 1e-6 * rng.random(400)).tolist(), flat)
+    noise = rng.random(400).tolist()
+    assert "at chance" in collapse_reason(labels, noise, falling)  # memorised, does not carry over
+    assert collapse_reason(labels, noise, flat) is None  # loss did not fall: a weak model, not a collapse
+    signal = (np.asarray(labels) * 0.4 + rng.random(400)).tolist()
+    assert collapse_reason(labels, signal, falling) is None
+    few = labels[:40], noise[:40]  # se ~0.09: too few examples to call chance
+    assert collapse_reason(*few, falling) is None
