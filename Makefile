@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 REPORT ?= reports/reproduce
 
-.PHONY: install lock codegen test demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
+.PHONY: install lock codegen test test-pretrained demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
 
 install: $(VENV)/.installed
 
@@ -25,10 +25,14 @@ codegen: install
 	$(PY) scripts/codegen.py
 
 test: install
-	EXITRANK_DATA=$(DATA) $(PY) -m pytest -q -p no:cacheprovider tests
+	EXITRANK_DATA=$(DATA) $(PY) -m pytest -q -p no:cacheprovider -m "not pretrained" tests
+
+# the real pretrained model (install, LoRA tune, serve): minutes on 2 cores, so apart from `make test`
+test-pretrained: install
+	EXITRANK_DATA=$(DATA) $(PY) -m pytest -q -p no:cacheprovider -m pretrained tests/pretrained
 
 demo: install
-	EXITRANK_DATA=$(DATA) $(PY) scripts/demo.py --data-root $(DATA) --workdir $(RUNS)/demo
+	EXITRANK_DATA=$(DATA) $(PY) scripts/demo.py --data-root $(DATA) --workdir $(RUNS)/demo $(if $(MODEL),--model $(MODEL),)
 
 # The paper's experiments on DATA (resumable: unchanged stages are reused); QUICK=1 for subsets.
 reproduce: install
@@ -38,6 +42,7 @@ reproduce: install
 bench: bench-ranker bench-retriever bench-gcn-quality
 
 bench-ranker: install
+	$(PY) -m trainer models install smollm2-135m
 	$(PY) bench/bench_ranker.py --workdir $(RUNS)/bench-ranker
 
 bench-retriever: install

@@ -36,6 +36,7 @@ contexts (10 own items, 4 similar users with 5 each: ~350 tokens).
 
     .venv/bin/python bench/bench_ranker.py                     # tiny and small; JSON on the last line
     .venv/bin/python bench/bench_ranker.py --presets tiny --threads 1 --workdir runs/bench-ranker
+    .venv/bin/python bench/bench_ranker.py --presets smollm2 --threads 2   # after `trainer models install smollm2-135m`
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from ranker_svc.prompt import PromptConfig, encode_prompt  # noqa: E402
 from ranker_svc.scoring import ScoreJob, Scorer  # noqa: E402
 from trainer.calibrate import calibrate, exit_probabilities  # noqa: E402
 from trainer.heads import fit_heads  # noqa: E402
+from trainer.models import resolve_base_model  # noqa: E402
 from trainer.stats import auc  # noqa: E402
 from trainer.tune import instruction_tune  # noqa: E402
 
@@ -90,6 +92,10 @@ TEST_EXAMPLES = 4000  # the test loss of a policy has its own noise: ~0.1 point 
 PLANS = {
     "tiny": {"train": 1600, "epochs": 4, "lr": 3e-3, "amp": False, "head_train": 4000, "head_epochs": 10},
     "small": {"train": 1200, "epochs": 3, "lr": 1e-3, "amp": True, "head_train": 1200, "head_epochs": 10},
+    # the pretrained SmolLM2-135M (`trainer models install smollm2-135m`), LoRA, the dtype chosen by the
+    # hardware (amp None); fewer examples everywhere: a 30-layer 576-wide model costs ~200x the tiny one
+    "smollm2": {"train": 256, "epochs": 2, "lr": 3e-4, "amp": None, "head_train": 600, "head_epochs": 6,
+                "base_model": "smollm2-135m", "valid": 1200, "test": 1000, "timed_prompts": 64, "rounds": 3},
 }
 
 
@@ -178,20 +184,25 @@ def train_preset(preset: str, out: Path, *, seed: int, progress: bool, reuse: bo
     plan = PLANS[preset]
     stamp = out / "plan.json"
     train = taste_examples(plan["train"], seed)
-    valid = taste_examples(VALID_EXAMPLES, seed + 1)
+    valid = taste_examples(plan.get("valid", VALID_EXAMPLES), seed + 1)
     summary: dict = {"train_examples": len(train), "tune_epochs": plan["epochs"], "reused": False}
     if reuse and stamp.is_file() and json.loads(stamp.read_text()) == {**plan, "seed": seed}:
         summary.update(json.loads((out / "training.json").read_text()), reused=True)
     else:
         started = time.perf_counter()
-        tuned = instruction_tune(train, out_dir=out, preset=preset, epochs=plan["epochs"], lr=plan["lr"],
-                                 batch_size=16, seed=seed, progress=progress, prompt=PROMPT, amp=plan["amp"])
+        base_model = plan.get("base_model")
+        tuned = instruction_tune(train, out_dir=out, preset=preset if base_model is None else "tiny",
+                                 base_model=resolve_base_model(base_model) if base_model else None,
+                                 epochs=plan["epochs"], lr=plan["lr"], batch_size=8 if base_model else 16, seed=seed,
+                                 progress=progress, prompt=PROMPT, amp=plan["amp"])
         tuned_s = time.perf_counter() - started
         head_train = train if plan["head_train"] <= len(train) else taste_examples(plan["head_train"], seed + 5)
         heads = fit_heads(head_train, ranker_dir=out / "ranker", lambda0=3e-3, beta=0.1, epochs=plan["head_epochs"],
                           seed=seed, progress=progress)
         trained = {"tune_seconds": round(tuned_s, 1), "heads_seconds": round(heads["seconds"], 1),
-                   "train_loss": tuned["train_loss"]}
+                   "train_loss": tuned["train_loss"], "tune_tflops_achieved": tuned["tflops_achieved"],
+                   "tune_loop_seconds": tuned["seconds"], "tune_dtype": tuned["dtype"],
+                   "tune_pad_fraction": tuned["pad_fraction"]}
         (out / "training.json").write_text(json.dumps(trained))
         stamp.write_text(json.dumps({**plan, "seed": seed}))
         summary.update(trained)
@@ -205,13 +216,14 @@ def train_preset(preset: str, out: Path, *, seed: int, progress: bool, reuse: bo
             "calibration_dtype": calibration["dtype"]}
 
 
-def measure_preset(ranker_dir: Path, *, seed: int, rounds: int) -> dict:
+def measure_preset(ranker_dir: Path, *, seed: int, rounds: int, test_examples: int = TEST_EXAMPLES,
+                   timed_prompts: int = 128) -> dict:
     """AUCs on test data and the side-by-side speed ratios of the served artifact."""
     loaded = load_ranker(ranker_dir, dtype=resolve_dtype("auto"))
     ranker = Scorer(loaded=loaded)
     model, policy = loaded.model, loaded.policy
     full_depth = ExitPolicy(disabled=True)
-    test = taste_examples(TEST_EXAMPLES, seed + 2)
+    test = taste_examples(test_examples, seed + 2)
     labels = [ex.label for ex in test]
     exit_scores = ranker.score_examples(test, policy, batch_size=32)
     full_scores = ranker.score_examples(test, full_depth, batch_size=32)
@@ -219,7 +231,7 @@ def measure_preset(ranker_dir: Path, *, seed: int, rounds: int) -> dict:
 
     long = taste_examples(160, seed + 3, full=True)  # realistic full-length contexts for timing
     prompts = [encode_prompt(loaded.tokenizer, loaded.prompt.full_text(ex.context, ex.title), ranker.max_tokens)
-               for ex in long[:128]]
+               for ex in long[:timed_prompts]]
     exits_run = lambda: predict_in_batches(ranker.engine, prompts, policy, batch_size=32)  # noqa: E731
     full_run = lambda: predict_in_batches(ranker.engine, prompts, full_depth, batch_size=32)  # noqa: E731
     t_exit, t_full = side_by_side(exits_run, full_run, rounds=rounds)
@@ -283,12 +295,14 @@ def targets(presets: dict) -> dict:
                      "auc_loss_points<=0.3": p["auc_loss_points"] <= 0.3,
                      "compaction_speedup>=1.5": p["compaction_speedup"] >= 1.5,
                      "candidates50_over_one<=4": p["candidates50_over_one"] <= 4.0}
+        if name == "smollm2":
+            out[name]["utilisation>=0.4"] = p["utilisation"] >= 0.4
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PLANS))
+    parser.add_argument("--presets", nargs="+", default=["tiny", "small", "smollm2"], choices=sorted(PLANS))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the box is shared: 1 is steadier)")
     parser.add_argument("--workdir", type=Path, help="where artifacts go (default: a temporary directory)")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per ratio")
@@ -305,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
         out = workdir / preset
         training = train_preset(preset, out, seed=args.seed, progress=args.progress, reuse=args.reuse)
         print(f"{preset}: trained {json.dumps(training)}", file=sys.stderr, flush=True)
-        presets[preset] = {**measure_preset(out / "ranker", seed=args.seed, rounds=args.rounds), "training": training}
-        if not args.no_collab:
+        plan = PLANS[preset]
+        measured = measure_preset(out / "ranker", seed=args.seed, rounds=plan.get("rounds", args.rounds),
+                                  test_examples=plan.get("test", TEST_EXAMPLES),
+                                  timed_prompts=plan.get("timed_prompts", 128))
+        presets[preset] = {**measured, "training": training,
+                           **{k: training[k] for k in ("tune_tflops_achieved", "tune_seconds") if k in training}}
+        if not args.no_collab and "base_model" not in plan:  # the soft-token cost is measured on the presets
             presets[preset]["collab_cost"] = measure_collab_cost(
                 preset, out / "collab", examples=taste_examples, prompt=PROMPT, seed=args.seed, rounds=args.rounds)
         print(f"{preset}: {json.dumps(presets[preset])}", file=sys.stderr, flush=True)

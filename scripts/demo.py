@@ -1,9 +1,12 @@
 """`make demo`: the whole path end to end on real parts, as a feed server would use it.
 
     .venv/bin/python scripts/demo.py --data-root ../shared/data --workdir runs/demo
+    .venv/bin/python scripts/demo.py --model smollm2-135m     # the pretrained model (make demo MODEL=smollm2-135m)
 
 1. data: imports ``DATA/games6k`` (a user sample) when present, else synthesises a data set;
 2. ``trainer fit --preset tiny --collab-tokens full`` (skipped when the artifacts already match the data);
+   with ``--model smollm2-135m``, ``trainer models install smollm2-135m`` and the pretrained model tuned
+   with LoRA on fewer samples (``PRETRAINED_FIT``) instead;
 3. starts ``retriever-svc`` (with its embedded redis-server) and ``ranker-svc`` as real processes;
 4. loads the catalog with ``UpsertItems`` and replays every interaction that is not a held-out
    target through ``Ingest`` (the stream, the consumer, the fold-in);
@@ -53,7 +56,12 @@ def prepare_data(data_root: Path, work: Path, max_users: int, seed: int) -> Path
     return data
 
 
-def train(data: Path, artifacts: Path, seed: int) -> None:
+# the pretrained model costs ~200x the tiny preset per token on a CPU: fewer samples, LoRA
+PRETRAINED_FIT = ("--max-train", "256", "--epochs", "2", "--batch-size", "8", "--max-valid", "300",
+                  "--heads-epochs", "2")
+
+
+def train(data: Path, artifacts: Path, seed: int, model: str) -> None:
     from exitrank.artifacts import ManifestError, verify_manifest
     from ranker_svc.artifact import COLLAB_LAYOUT, META_FILE
     from trainer.data.dataset import data_hash
@@ -68,8 +76,13 @@ def train(data: Path, artifacts: Path, seed: int) -> None:
         pass
     # collaborative soft tokens: on games6k's popularity-matched negatives the text-only tiny model
     # stays at chance within a demo's budget; the soft tokens carry the LightGCN signal (README)
-    run(PY, "-m", "trainer", "fit", "--data", str(data), "--out", str(artifacts),
-        "--preset", "tiny", "--seed", str(seed), "--collab-tokens", "full", "--epochs", "2")
+    if model == "tiny":
+        run(PY, "-m", "trainer", "fit", "--data", str(data), "--out", str(artifacts),
+            "--preset", "tiny", "--seed", str(seed), "--collab-tokens", "full", "--epochs", "2")
+        return
+    run(PY, "-m", "trainer", "models", "install", model)
+    run(PY, "-m", "trainer", "fit", "--data", str(data), "--out", str(artifacts), "--base-model", model,
+        "--seed", str(seed), "--collab-tokens", "full", *PRETRAINED_FIT)
 
 
 class Service:
@@ -148,14 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-users", type=int, default=2000, help="users imported or synthesised")
     parser.add_argument("--rank-users", type=int, default=200, help="held-out users ranked")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (a fresh decoder, the default) or an installable model such as smollm2-135m")
     args = parser.parse_args(argv)
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     data = prepare_data(args.data_root, work, args.max_users, args.seed)
-    artifacts = work / "artifacts"
-    train(data, artifacts, args.seed)
+    artifacts = work / ("artifacts" if args.model == "tiny" else f"artifacts-{args.model}")
+    train(data, artifacts, args.seed, args.model)
 
     from trainer.data.dataset import load_dataset
 
@@ -184,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             ranker.stop()
         retriever.stop()
 
+    result["model"] = args.model
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     (work / "demo.json").write_text(json.dumps(result, indent=2))
     print(f"\nAUC on {result['candidates']} held-out candidates of {result['users']} users: "

@@ -58,6 +58,9 @@ class TuneSection:
     collab: str = "none"  # collaborative soft tokens: none (the paper's prompt) | user | full
     amp: bool | None = None  # bfloat16 autocast while tuning; None: where bf16 matmuls are native (AMX, GPUs)
     lora_rank: int = 8
+    # write the artifact of a collapsed model anyway (trainer.stats.collapse_reason): only `trainer reproduce`
+    # sets it, to report such a row labelled as collapsed beside the others; the CLI never does
+    allow_collapse: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
     return instruction_tune(train, out_dir=cfg.out, valid=valid or None, preset=t.preset, arch=t.arch,
                             base_model=base_model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
                             lora=t.lora, seed=cfg.seed, progress=cfg.progress, prompt=prompt, amp=t.amp,
-                            lora_rank=t.lora_rank, log=_say,
+                            lora_rank=t.lora_rank, allow_collapse=t.allow_collapse, log=_say,
                             collab_dim=vectors.dim if vectors is not None else 0,
                             embedding_version=vectors.version if vectors is not None else "")
 

@@ -38,7 +38,11 @@ def dataset_section(name: str, report: dict) -> list[str]:
              + ".", "",
              "**Table 2** (AUC × 100, 95% bootstrap interval)", "",
              "| model | ours | paper |", "|---|---|---|"]
-    lines += [f"| {labels[r['model']]} | {_auc(r)} | {_paper(r['paper_auc'])} |" for r in t2]
+    collapsed = _collapsed_rows(ds.get("rankers", {}))
+    lines += [f"| {labels[r['model']]}{' (collapsed)' if r['model'] in collapsed else ''} | {_auc(r)} "
+              f"| {_paper(r['paper_auc'])} |" for r in t2]
+    if collapsed:
+        lines += [""] + [f"Collapsed ({', '.join(rows)}): {reason}." for reason, rows in _by_reason(collapsed).items()]
     lines += ["", "**Table 3** (retrieval layer)", "", "| layer | ours | paper |", "|---|---|---|"]
     lines += [f"| {r['retrieval_layer']} | {_auc(r)} | {_paper(r['paper_auc'])} |" for r in t3]
     lines += ["", "**Table 4** (ablation; requests/s on this machine's CPU, the paper's per A100)", "",
@@ -60,10 +64,45 @@ def dataset_section(name: str, report: dict) -> list[str]:
     lines += [f"![Figure 2]({plots['figure2']}) ![Figure 3]({plots['figure3']})",
               f"![Figure 4]({plots['figure4']}) ![Figure 5]({plots['figure5']})", ""]
     lines += ["Goals: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in goals.items()) + ".", ""]
+    lines += few_shot_section(report["few_shot"].get(name))
     if name == "tallrec-book":
         lines += ["Published on this test file (AUC × 100): " + ", ".join(f"{k} {v:.2f}" for k, v in TALLREC_TEST.items())
                   + ".", ""]
     return lines
+
+
+def few_shot_section(few: dict | None) -> list[str]:
+    """TALLRec's few-shot table: AUC mean ± std over seeds per shot count, TALLRec-7B beside."""
+    if not few:
+        return []
+    plan = few["plan"]
+    lines = [f"**Few-shot** (TALLRec's protocol: {plan['model']} tuned on the first N of a seeded subset of the "
+             f"training pool, no retrieval; {len(plan['seeds'])} seed(s); AUC × 100 on the same {plan['test']} test "
+             "samples)", "", "| samples | ours: mean ± std (per seed) | TALLRec-7B | ours higher |", "|---|---|---|---|"]
+    for row in few["table"]:
+        seeds = ", ".join(f"{a:.2f}" for a in row["aucs"])
+        collapsed = f", {row['collapsed_runs']} collapsed" if row["collapsed_runs"] else ""
+        lines.append(f"| {row['shots']} | {row['auc_mean']:.2f} ± {row['auc_std']:.2f} ({seeds}{collapsed}) "
+                     f"| {_paper(row['tallrec_7b'])} | {_fmt(row['beats_tallrec_7b']) if row['tallrec_7b'] else '—'} |")
+    return lines + [""]
+
+
+# which Table 2 rows each ranker stage scores (run.py: ranker-gcn, ranker-none, ranker-collab)
+ROWS_OF_RANKER = {"gcn": ("llm_retriever", "gcn_retriever", "gcn_earlyexit"), "none": ("llm_no_retrieval",),
+                  "collab": ("gcn_collab", "gcn_collab_earlyexit")}
+
+
+def _collapsed_rows(rankers: dict) -> dict[str, str]:
+    """Table 2 row -> why its ranker collapsed, for the rankers whose tuning collapsed."""
+    return {row: r["collapsed"] for name, r in rankers.items() if r.get("collapsed")
+            for row in ROWS_OF_RANKER.get(name, ())}
+
+
+def _by_reason(collapsed: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row, reason in collapsed.items():
+        out.setdefault(reason, []).append(row)
+    return out
 
 
 def _fmt(value) -> str:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from trainer.reproduce.fewshot import FewShotPlan
+
 # Table 2 (AUC x 100), Table 3 (average vs last layer), Table 4 (AUC, requests/s per A100).
 PAPER = {
     "video_games": {
@@ -62,6 +64,7 @@ class DatasetPlan:
         speed_samples: test samples timed per requests/s point of the sweeps.
         sweep_samples: test samples of the neighbour sweep (Figure 5), the first of the evaluated ones.
         gcn_epochs: LightGCN epochs.
+        few_shot: TALLRec's few-shot table on this data set (``trainer.reproduce.fewshot``), or None.
     """
 
     name: str
@@ -81,16 +84,20 @@ class DatasetPlan:
     synth_users: int = 2000
     synth_items: int = 1500
     extra: dict = field(default_factory=dict)
+    few_shot: FewShotPlan | None = None
 
     def to_json(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["few_shot"] = self.few_shot.to_json() if self.few_shot is not None else None
+        return out
 
 
 FULL = (
     DatasetPlan("games6k", "games6k", "games6k", paper="video_games", max_users=4000),
     # the whole published test file (2,427); its prompts are the longest (titles with authors), so fewer
     # training samples keep the run within its budget
-    DatasetPlan("tallrec-book", "tallrec", "tallrec-book", paper="bookcrossing", test=2427, train=800),
+    DatasetPlan("tallrec-book", "tallrec", "tallrec-book", paper="bookcrossing", test=2427, train=800,
+                few_shot=FewShotPlan()),
     DatasetPlan("synthetic", "synth", None),
 )
 
@@ -98,9 +105,14 @@ QUICK_SIZES = {"preset": "tiny", "train": 300, "valid": 200, "test": 200, "epoch
                "speed_samples": 32, "sweep_samples": 200, "gcn_epochs": 5, "synth_users": 400, "synth_items": 300}
 
 
+# the quick run's few-shot table: the same code with the tiny preset from scratch, two shot counts, one seed
+QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=100, test=200)
+
+
 def plans(*, quick: bool = False, names: tuple[str, ...] | None = None) -> list[DatasetPlan]:
     """The data sets to run, in report order; ``quick``: subsets and the tiny preset."""
     chosen = [p for p in FULL if names is None or p.name in names]
     if quick:
-        chosen = [replace(p, **QUICK_SIZES, max_users=min(p.max_users or 600, 600)) for p in chosen]
+        chosen = [replace(p, **QUICK_SIZES, max_users=min(p.max_users or 600, 600),
+                          few_shot=QUICK_FEW_SHOT if p.few_shot is not None else None) for p in chosen]
     return chosen

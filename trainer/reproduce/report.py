@@ -74,16 +74,20 @@ def dataset_object(name: str, ds: dict, seed: int) -> dict:
             "stages_reused": ds["stages_reused"], "num_layers": ds["num_layers"], "exit_layers": ds["exit_layers"],
             "baselines": {k: _row(ds["rows"][k]) for k in ("deepfm", "din", "gru4rec", "sasrec", "lightgcn")
                           if k in ds["rows"]},
-            "baseline_seconds": ds["baseline_seconds"]}
+            "baseline_seconds": ds["baseline_seconds"], "few_shot": ds.get("few_shot")}
 
 
 def build(report: dict) -> dict:
     out = {**{k: report[k] for k in ("quick", "seed", "wall_seconds", "stage_seconds_total", "stages_reused", "stages")},
-           "datasets": {}, "table2": {}, "table3": {}, "table4": {}, "figures": {}, "goals": {}}
+           "datasets": {}, "table2": {}, "table3": {}, "table4": {}, "figures": {}, "goals": {}, "few_shot": {}}
     for name, ds in report["datasets"].items():
         out["datasets"][name] = dataset_object(name, ds, report["seed"])
         for key, value in sections(name, ds).items():
             out[key][name] = value
+        if ds.get("few_shot"):
+            out["few_shot"][name] = ds["few_shot"]
+            out["goals"][name]["beats_tallrec_7b_at_every_shot_count"] = all(
+                row["beats_tallrec_7b"] for row in ds["few_shot"]["table"] if row["tallrec_7b"] is not None)
     out["tallrec_published"] = TALLREC_TEST
     return out
 

@@ -10,6 +10,11 @@ Per data set (``DIR/<name>/``), each a stage of ``StageCache`` (skipped when its
    k=4 ranker that also reads its vectors as soft tokens (``--collab-tokens full``, beyond the paper).
 5. ``baselines``: DeepFM, DIN, GRU4Rec and SASRec on the same training samples.
 6. ``measure``: every table and figure's measurements (``experiments``).
+7. ``fewshot-<model>-<shots>-s<seed>`` (tallrec-book): TALLRec's few-shot protocol (``fewshot``).
+
+A ranker whose tuning collapsed (``trainer.stats.collapse_reason``: scores all alike, or validation AUC
+at chance while the loss fell) is kept here, unlike ``trainer fit``, and the report labels its rows
+"collapsed" with the reason, so a failed row reads as failed rather than as a result.
 
 The report (``report.md``, ``report.json``, PNG figures) is written from the stages' results only.
 """
@@ -25,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ranker_svc.artifact import COLLAB_LAYOUT
-from trainer.reproduce import experiments
-from trainer.reproduce.plan import DatasetPlan, plans
+from trainer.reproduce import experiments, fewshot
+from trainer.reproduce.plan import TALLREC_TEST, DatasetPlan, plans
 from trainer.reproduce.stages import StageCache
 
 K = 4  # the paper's "example number": similar users in the prompt
@@ -84,7 +89,8 @@ def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceCon
     from trainer.pipeline import make_config, run_stages
 
     shutil.copytree(gcn_dir / "gcn", out / "gcn")
-    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train, "collab": collab},
+    # a collapsed model is kept and its rows labelled in the report (run.py's docstring), not a crash
+    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train, "collab": collab, "allow_collapse": True},
                  "heads": {"epochs": plan.heads_epochs, "max_train": plan.train},
                  "calibrate": {"max_valid": plan.valid}}
     fit_cfg = make_config(data, out, preset=plan.preset, seed=cfg.seed, overrides=overrides, k=k,
@@ -94,6 +100,7 @@ def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceCon
     return {"version": manifest["version"], "k": k, "collab": collab,
             "tune_seconds": metrics["tune"]["seconds"], "heads_seconds": metrics["fit-heads"]["seconds"],
             "calibrate_seconds": metrics["calibrate"]["seconds"], "valid_auc": metrics["tune"].get("valid_auc"),
+            "collapsed": metrics["tune"].get("collapsed"),
             "policy": metrics["calibrate"]["policy"], "calibration_png": str(out / "calibration.png")}
 
 
@@ -197,13 +204,31 @@ def run_dataset(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache) -> d
                          lambda out: stage_measure(data.dir, gcn.dir, collab_gcn.dir,
                                                    {n: r.dir for n, r in rankers.items()},
                                                    baselines.result, plan, cfg, out))
-    stages = [data, gcn, collab_gcn, *rankers.values(), baselines, measured]
-    return {"plan": plan.to_json(), "data": data.result, "gcn": gcn.result,
+    few_runs = run_few_shot(plan, cfg, cache, settings, data)
+    stages = [data, gcn, collab_gcn, *rankers.values(), baselines, measured, *few_runs]
+    few_shot = None
+    if few_runs:
+        runs = [r.result for r in few_runs]
+        few_shot = {"plan": plan.few_shot.to_json(), "table": fewshot.table(runs, TALLREC_TEST),
+                    "runs": [{k: v for k, v in r.items() if k not in ("labels", "ctr")} for r in runs]}
+    return {"plan": plan.to_json(), "data": data.result, "gcn": gcn.result, "few_shot": few_shot,
             "rankers": {n: r.result for n, r in rankers.items()},
             "baseline_seconds": {n: b["seconds"] for n, b in baselines.result.items()},
             **measured.result,
             "stage_seconds": {s.name.split("/", 1)[1]: round(s.seconds, 1) for s in stages},
             "stages_reused": [s.name for s in stages if s.reused]}
+
+
+def run_few_shot(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache, settings: dict, data) -> list:
+    """The few-shot table's runs (one stage each), or [] when the plan has none."""
+    few = plan.few_shot
+    if few is None:
+        return []
+    return [cache.run(f"{plan.name}/fewshot-{few.model}-{shots}-s{seed}",
+                      {**settings, "data": data.fingerprint, "shots": shots, "seed": seed},
+                      lambda out, shots=shots, seed=seed: fewshot.stage_run(data.dir, few, shots, seed, MAX_HISTORY,
+                                                                            out))
+            for shots in few.shots for seed in few.seeds]
 
 
 def reproduce(cfg: ReproduceConfig) -> dict:
