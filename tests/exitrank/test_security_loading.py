@@ -27,6 +27,10 @@ def _keyword_is_true(call: ast.Call, name: str) -> bool:
     return any(k.arg == name and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
 
 
+def _has_keyword(call: ast.Call, name: str) -> bool:
+    return any(k.arg == name for k in call.keywords)
+
+
 def _dotted(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
         return node.id
@@ -62,7 +66,8 @@ def scan_source(source: str, where: str, scan: Scan) -> None:
             elif last in ("read_pickle", "loads") and name.split(".")[0] in ("pd", "pandas", "torch"):
                 scan.problems.append(f"{line} {name}")
             elif last == "from_pretrained" and "Tokenizer" not in name and "Config" not in name \
-                    and not _keyword_is_true(node, "use_safetensors"):
+                    and not _keyword_is_true(node, "use_safetensors") and not _has_keyword(node, "gguf_file"):
+                # gguf_file: transformers reads that one GGUF file (a tensor container, nothing unpickled)
                 scan.problems.append(f"{line} {name} without use_safetensors=True (would unpickle a .bin)")
             if _keyword_is_true(node, "trust_remote_code"):
                 scan.problems.append(f"{line} trust_remote_code=True")
@@ -102,6 +107,7 @@ np.load("a.npy")
 model.eval()
 re.compile("x")
 AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+AutoModelForCausalLM.from_pretrained(directory, gguf_file=name)
 AutoTokenizer.from_pretrained(path, local_files_only=True)
 """
     caught = Scan()
@@ -109,7 +115,7 @@ AutoTokenizer.from_pretrained(path, local_files_only=True)
     assert len(caught.problems) == 14, caught.problems
     clean = Scan()
     scan_source(good, "good.py", clean)
-    assert clean.problems == [] and clean.loader_calls == 4
+    assert clean.problems == [] and clean.loader_calls == 5
 
 
 def test_no_unsafe_deserialisation_in_the_project(request):
