@@ -8,7 +8,8 @@ Three settings objects, one section each in ``RetrieverConfig`` and ``RankerConf
   unless ``require_client_auth`` is false.
 * :class:`ClientTLS`: how a client verifies a server (``ca``; the system roots when only
   ``enabled``) and the certificate it presents for mutual TLS (``cert``, ``key``).
-* :class:`Limits`: per-message byte limits and a per-client token bucket (:class:`RateLimiter`).
+* :class:`Limits`: per-message byte limits, a per-client token bucket (:class:`RateLimiter`) and a
+  per-client cap on calls in progress.
 
 :func:`load_server_tls` / :func:`load_client_tls` read and check the PEM files once at start-up:
 a missing file, a file that is not PEM, or a key that does not belong to its certificate raises
@@ -26,12 +27,16 @@ import math
 import ssl
 import time
 from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
 MiB = 1 << 20
 # gRPC's limits are int32; the hard cut-off is twice the configured limit (see Limits)
 MAX_MESSAGE_BYTES = 512 * MiB
+# the current call's client, as the server's guard identified it (exitrank.grpc_security.client_identity,
+# or "token:<identity>"): cores bound their per-client shares by it without importing grpc
+caller_var: ContextVar[str | None] = ContextVar("exitrank_caller", default=None)
 
 
 class TLSConfigError(ValueError):
@@ -129,6 +134,11 @@ class Limits:
             status, gRPC's wording), so one call buffers at most 2x the limit.
         max_send_bytes: largest response message sent (``--max-send-bytes``, default 16 MiB:
             GetItems answers up to 10,000 catalog entries).
+        max_stream_message_bytes: largest message of a client stream (Ingest, UpsertItems,
+            RankStream; default 1 MiB, at most ``max_receive_bytes``): the largest valid one is a
+            RankRequest of 512 candidates (~70 KB) or an item with every attribute (~200 KB), and a
+            stream's messages overlap in the server's buffers, so each must be far below the limit
+            of a unary request.
         rate_per_s: requests per second each client may start, sustained (``--rate-limit``);
             0 (default) disables the limit: one feed server is usually the only client, and
             the right number depends on the deployment's capacity.
@@ -139,17 +149,22 @@ class Limits:
         trust_client_id: identify clients by their ``x-client-id`` metadata when they present
             no verified certificate (``--trust-client-id``; only behind a gateway that sets it,
             since a client could otherwise pick a fresh id per call). Default: by peer address.
+        max_concurrent_per_client: calls one client may have in progress at once
+            (``--max-concurrent-per-client``; a stream counts from its start to its end; health
+            checks are not counted); more are refused RESOURCE_EXHAUSTED at once. 0: no cap.
     """
 
     max_receive_bytes: int = 4 * MiB
     max_send_bytes: int = 16 * MiB
+    max_stream_message_bytes: int = MiB
     rate_per_s: float = 0.0
     burst: int = 0
     max_clients: int = 10_000
     trust_client_id: bool = False
+    max_concurrent_per_client: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_receive_bytes", "max_send_bytes"):
+        for name in ("max_receive_bytes", "max_send_bytes", "max_stream_message_bytes"):
             value = getattr(self, name)
             if not 1 <= value <= MAX_MESSAGE_BYTES:
                 raise ValueError(f"limits.{name} must be in 1..{MAX_MESSAGE_BYTES}, got {value}")
@@ -157,6 +172,9 @@ class Limits:
             raise ValueError(f"limits.rate_per_s must be >= 0 (0: no rate limit), got {self.rate_per_s}")
         if self.burst < 0 or self.max_clients < 1:
             raise ValueError("limits.burst must be >= 0 and limits.max_clients >= 1")
+        if self.max_concurrent_per_client < 0:
+            raise ValueError(f"limits.max_concurrent_per_client must be >= 0 (0: no cap), "
+                             f"got {self.max_concurrent_per_client}")
 
     @property
     def bucket_size(self) -> int:
@@ -277,8 +295,7 @@ class RateLimiter:
         self.allowed = 0
         self.refused = 0
 
-    def acquire(self, client: str) -> float:
-        """Take a token for ``client``: 0.0 when allowed, else the seconds until one is there."""
+    def _bucket(self, client: str) -> list[float]:
         now = self._clock()
         bucket = self._buckets.get(client)
         if bucket is None:
@@ -289,6 +306,21 @@ class RateLimiter:
             self._buckets.move_to_end(client)
             bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate_per_s)
             bucket[1] = now
+        return bucket
+
+    def reserve(self, client: str) -> float:
+        """Take a token for ``client`` even into debt: the seconds to wait before using it (0.0: now).
+
+        For the messages of a stream, which are paced rather than refused: the stream waits, and
+        until the debt is paid back the client's new calls are refused (:meth:`acquire`)."""
+        bucket = self._bucket(client)
+        bucket[0] -= 1.0
+        self.allowed += 1
+        return 0.0 if bucket[0] >= 0.0 else -bucket[0] / self.rate_per_s
+
+    def acquire(self, client: str) -> float:
+        """Take a token for ``client``: 0.0 when allowed, else the seconds until one is there."""
+        bucket = self._bucket(client)
         if bucket[0] >= 1.0:
             bucket[0] -= 1.0
             self.allowed += 1
