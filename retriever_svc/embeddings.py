@@ -156,7 +156,7 @@ class GCNEmbeddings:
         if not tensors_path.is_file() or not meta_path.is_file():
             raise EmbeddingsError(
                 f"no LightGCN embeddings in {src} (need {TENSORS_FILE} and {META_FILE}; "
-                "fit them with the trainer, e.g. `trainer refit-embeddings`)"
+                f"fit them with `trainer fit-gcn --data DATA --out {Path(artifacts_dir)}`, or `trainer fit`)"
             )
         try:
             meta = json.loads(meta_path.read_text())

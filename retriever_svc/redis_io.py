@@ -12,7 +12,9 @@ logs in as the ACL user ``user`` (``redis://:pw@...``: the default user, ``requi
 in the ``ssl_ca_certs`` query parameter (``rediss://:pw@host:6380/0?ssl_ca_certs=/etc/ca.pem``),
 or the one :func:`connect` gets as ``tls_ca`` (``--redis-tls-ca``); ``tls_cert``/``tls_key``
 present a client certificate (Redis ``tls-auth-clients``). TLS files given for a non-TLS URL
-are refused rather than ignored.
+are refused rather than ignored. A ``unix://`` URL without a password reaches an embedded
+redis-server of this user: the password comes from the 0600 ``credentials`` file beside the
+socket (``exitrank.redis_server.with_credentials``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
+from exitrank.redis_server import with_credentials
 from retriever_svc.errors import StoreUnavailable
 
 T = TypeVar("T")
@@ -73,7 +76,11 @@ def connect(url: str, *, timeout_s: float = 5.0, tls: dict[str, str] | None = No
     """A client for ``url`` (bytes replies; see the module docstring for cluster URLs).
 
     ``tls``: :func:`tls_options` for a ``rediss://`` URL (they win over the URL's query).
+
+    Raises:
+        RedisServerError: the embedded server's credentials file cannot be read.
     """
+    url = with_credentials(url)
     options: dict[str, Any] = {"decode_responses": False, "socket_timeout": timeout_s,
                                "socket_connect_timeout": timeout_s, **(tls or {})}
     if is_cluster_url(url):

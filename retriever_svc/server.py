@@ -4,7 +4,11 @@
     retriever-svc serve --port 0 --artifacts artifacts/ --data-dir /var/lib/retriever
     retriever-svc serve --port 50051 --artifacts artifacts/ --redis-url redis://:pw@127.0.0.1:6379/0
 
-Start: Redis (an embedded redis-server under the data dir unless ``--redis-url``), the store, the
+Start: the ports and the artifacts directory are checked (a busy port, or a missing directory with
+the embedded Redis, exits 2 naming it before anything starts: :func:`check_artifacts`); Redis (an
+embedded redis-server unless ``--redis-url``, its data kept under ``--data-dir``, default
+``~/.local/state/exitrank/retriever``, across restarts, its password in a 0600 file beside its
+socket that other CLIs read: ``exitrank.redis_server``), the store, the
 core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
 stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
 gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
@@ -32,10 +36,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import shutil
 import signal
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,12 +48,13 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from exitrank.artifacts import MANIFEST, verify_manifest
+from exitrank.artifacts import MANIFEST, ManifestError, require_artifacts_dir, verify_manifest
 from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
 from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RetrieverMetrics
 from exitrank.observability.settings import log_settings
+from exitrank.ports import check_service_ports
 from exitrank.redis_server import EmbeddedRedis, RedisServerError
 from exitrank.security import Limits, ServerTLS, load_server_tls
 from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
@@ -253,18 +256,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     shutdown_tracing = setup_process(config.observability, service="retriever")
     embedded: EmbeddedRedis | None = None
-    temp_dir: Path | None = None
     # until serve() installs its handlers, a signal still unwinds through the finally below
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
+        check_artifacts(config)  # before Redis: a wrong path costs nothing
+        check_service_ports(config.server.host, config.server.port, config.observability)
         redis_url = config.redis.url
         if redis_url is None:
-            data_dir = config.redis.data_dir
-            if data_dir is None:
-                data_dir = temp_dir = Path(tempfile.mkdtemp(prefix="retriever-"))
-            embedded = EmbeddedRedis(Path(data_dir) / "redis").start()
+            embedded = EmbeddedRedis(config.redis.embedded_dir()).start()
             redis_url = embedded.url
-            log.info("embedded redis-server pid %s in %s", embedded.pid, embedded.data_dir)
+            log.info("embedded redis-server (pid %s) keeps its data in %s across restarts (--data-dir); other "
+                     "processes of this user reach it with --redis-url %s (password read from %s, mode 0600)",
+                     embedded.pid, embedded.data_dir, embedded.socket_url, embedded.credentials_path)
         asyncio.run(serve(config, redis_url))
         return 0
     except (RetrievalError, RedisServerError, RuntimeError) as exc:  # the ranker's start failures exit 2 too
@@ -274,9 +277,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_tracing()
         if embedded is not None:
             embedded.stop()
-        if temp_dir is not None:
-            with contextlib.suppress(OSError):
-                shutil.rmtree(temp_dir)
+
+
+def check_artifacts(config: RetrieverConfig) -> None:
+    """A missing ``--artifacts`` directory stops a retriever with its own (embedded) Redis, which
+    nothing else could give embeddings: ``ManifestError`` naming the path and ``trainer fit``. With a
+    shared ``--redis-url`` it is one warning: a replica, or a retriever started before the first
+    release (``ROOT/current``), serves the embeddings Redis holds or will be given (``trainer
+    publish``, ``trainer refit``)."""
+    try:
+        require_artifacts_dir(config.artifacts.dir)
+    except ManifestError as exc:
+        if config.redis.url is None:
+            raise
+        log.warning("%s; until then this replica serves the embeddings its Redis holds", exc)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

@@ -20,6 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EXITRANK_DATA", ROOT.parent / "shared" / "data"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def state_home(tmp_path_factory) -> Path:
+    """``XDG_STATE_HOME`` of every process the tests start: a retriever without ``--data-dir`` keeps
+    its embedded Redis under it (``retriever_svc.config.default_data_dir``), never in the user's home."""
+    path = tmp_path_factory.mktemp("state-home")
+    before = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = before
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> EmbeddedRedis:
     """One real redis-server (unix socket, password, AOF) for the whole session."""

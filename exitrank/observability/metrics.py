@@ -50,6 +50,8 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
+from exitrank.ports import METRICS_PORT_SETTING, PortInUse
+
 log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 CANDIDATE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -103,8 +105,15 @@ class ServiceMetrics:
         return RpcMetrics(self, method, rpc_type)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve ``/metrics`` on ``host:port`` in a daemon thread (port 0: a free one); the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on ``host:port`` in a daemon thread (port 0: a free one); the bound port.
+
+        Raises:
+            PortInUse: the port is taken (naming ``--metrics-port``).
+        """
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise PortInUse(host, port, METRICS_PORT_SETTING, exc.strerror or str(exc)) from exc
         self.port = int(self._http.server_port)
         return self.port
 

@@ -20,14 +20,15 @@ _prefixes = itertools.count()
 CLI = Path(sys.executable).with_name("retriever-svc")
 
 
-def start_retriever(*args: str) -> tuple[subprocess.Popen, str]:
+def start_retriever(*args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     """``retriever-svc serve --port 0 ARGS`` as a real process: (the process, its address) once it listens.
 
     Its stderr goes to an unnamed temporary file, never a pipe that a long run could fill (and so
-    block the server); :func:`stderr_of` reads it.
+    block the server); :func:`stderr_of` reads it. ``env``: its environment (default: this one's).
     """
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with the process
-    proc = subprocess.Popen([str(CLI), "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=log, text=True)
+    proc = subprocess.Popen([str(CLI), "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=env)
     proc.log = log  # type: ignore[attr-defined]
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)

@@ -226,7 +226,8 @@ def test_redis_restart_while_ingesting_10000_applies_each_acked_event_once(reque
 
 def test_health_is_not_serving_only_while_nothing_can_answer(request, tmp_path):
     server = EmbeddedRedis(tmp_path / "redis").start()
-    proc, address = start_retriever("--artifacts", str(tmp_path / "none"), "--redis-url", server.url)  # no embeddings
+    (tmp_path / "none").mkdir()  # an artifacts directory without gcn/: no embeddings
+    proc, address = start_retriever("--artifacts", str(tmp_path / "none"), "--redis-url", server.url)
     statuses: list[int] = []
     with recording(request.node.nodeid, "Redis restart", area="faults") as row:
         try:

@@ -266,6 +266,7 @@ def test_cli_serves_mtls_on_an_acl_login_over_rediss(tcp_redis, pki, tmp_path, r
     """``retriever-svc`` as a real process: gRPC mutual TLS in front, Redis as an ACL user over TLS behind."""
     proxy = TLSTerminator(tcp_redis.port, server_context(pki))
     cli = Path(sys.executable).with_name("retriever-svc")
+    (tmp_path / "none").mkdir()  # no embeddings
     argv = [str(cli), "serve", "--port", "0", "--artifacts", str(tmp_path / "none"),
             "--redis-url", f"rediss://retriever:retriever-pw@localhost:{proxy.port}/0", "--redis-tls-ca", str(pki.ca),
             "--tls-cert", str(pki.server.cert), "--tls-key", str(pki.server.key), "--tls-client-ca", str(pki.ca),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,8 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from exitrank.artifacts import write_manifest
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
-from tests.retriever_svc.conftest import start_retriever, stderr_of
+from tests.retriever_svc.conftest import CLI, start_retriever, stderr_of
 
 
 
@@ -84,14 +87,55 @@ def test_serves_stops_cleanly_and_keeps_data(tmp_path, clustered, brute_force):
         _stop(proc, signal.SIGINT)
 
 
-def test_temporary_data_dir_is_removed(tmp_path):
-    proc, address = start_retriever("--artifacts", str(tmp_path / "none"))
-    redis_pid = _redis_child(proc.pid)
-    data_dir = Path(os.readlink(f"/proc/{redis_pid}/cwd"))
-    assert data_dir.is_dir()
-    with pytest.raises(grpc.RpcError) as info:
-        _nearest(address, "nobody", wait_s=0)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "no embedding version is loaded" in info.value.details()
-    _stop(proc)
-    assert not Path(f"/proc/{redis_pid}").exists() and not data_dir.exists()
+def _trainer(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def test_default_data_dir_persists_and_other_clis_reach_it(tmp_path, clustered):
+    """Without --data-dir the embedded Redis lives under $XDG_STATE_HOME/exitrank/retriever (said at
+    start), keeps the catalog across a restart, refuses a second server on it, and ``trainer publish``
+    reaches it by its socket URL alone: the password comes from the 0600 credentials file."""
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")}
+    (tmp_path / "empty").mkdir()  # an artifacts directory without embeddings
+    data_dir = tmp_path / "state" / "exitrank" / "retriever" / "redis"
+    proc, address = start_retriever("--artifacts", str(tmp_path / "empty"), env=env)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = retriever_pb2_grpc.RetrieverStub(channel)
+            assert stub.UpsertItems(iter([common_pb2.Item(item_id="c0i0", title="Zero")]), timeout=10).accepted == 1
+        assert (data_dir / "credentials").stat().st_mode & 0o777 == 0o600
+        password = (data_dir / "credentials").read_text().strip()
+        second = subprocess.run([str(CLI), "serve", "--port", "0", "--artifacts", str(tmp_path / "empty")],
+                                capture_output=True, text=True, env=env, timeout=60)
+        assert second.returncode == 2 and second.stdout == ""
+        assert f"{data_dir} is in use by another embedded redis-server" in second.stderr
+
+        emb, _ = clustered()
+        emb.save(tmp_path / "fit")
+        write_manifest(tmp_path / "fit", config={}, data_hash="test", metrics={})
+        socket_url = f"unix://{data_dir / 'redis.sock'}"
+        published = _trainer("publish", "--from", str(tmp_path / "fit"), "--artifacts", str(tmp_path / "releases"),
+                             "--redis-url", socket_url, env=env)
+        assert published.returncode == 0, published.stderr[-2000:]
+        assert json.loads(published.stdout.splitlines()[-1])["embedding_version"] == emb.version
+        assert _nearest(address, "c0u0").embedding_version == emb.version  # the retriever followed it
+        wrong = _trainer("publish", "--from", str(tmp_path / "fit"), "--artifacts", str(tmp_path / "releases"),
+                         "--redis-url", f"unix://:wrong@{data_dir / 'redis.sock'}", env=env)
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+        assert wrong.stderr.startswith("trainer: error: ") and wrong.stderr.count("\n") == 1
+    finally:
+        _stop(proc)
+    log = stderr_of(proc, tail=100_000)
+    assert f"keeps its data in {data_dir} across restarts" in log and f"--redis-url {socket_url}" in log
+    assert password not in log
+
+    proc, address = start_retriever("--artifacts", str(tmp_path / "empty"), env=env)  # the same default directory
+    try:
+        with grpc.insecure_channel(address) as channel:
+            items = retriever_pb2_grpc.RetrieverStub(channel).GetItems(
+                retriever_pb2.GetItemsRequest(item_ids=["c0i0"]), timeout=10)
+        assert [i.title for i in items.items] == ["Zero"]  # the catalog survived the restart
+        assert _nearest(address, "c0u0").embedding_version == emb.version  # so did the published embeddings
+    finally:
+        _stop(proc)
