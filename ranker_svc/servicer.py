@@ -66,7 +66,13 @@ def status_of(exc: errors.RankerError) -> grpc.StatusCode:
 
 
 def policy_from_proto(request: ranker_pb2.RankRequest, calibrated: ExitPolicy) -> ExitPolicy | None:
-    """The request's policy: unset (zero) fields keep the calibrated values; None without a policy."""
+    """The request's policy over the calibrated one; None without a policy.
+
+    A field that is set overrides the calibrated value (zero numbers and the unspecified criterion
+    are "not set"; ``disabled`` and ``confidence`` have presence, so false and 0 are values). A policy
+    that sets how to exit but not ``disabled`` asks for exits: ``disabled`` becomes false, also where
+    calibration chose the full depth (``disabled=true``), which would otherwise ignore every field.
+    """
     if not request.HasField("exit_policy"):
         return None
     p = request.exit_policy
@@ -77,14 +83,16 @@ def policy_from_proto(request: ranker_pb2.RankRequest, calibrated: ExitPolicy) -
         changes["window"] = p.window
     if p.min_layer != 0:
         changes["min_layer"] = p.min_layer
-    if p.disabled:
-        changes["disabled"] = True
     if p.HasField("confidence"):  # proto3 optional: 0 is a value (off), absence keeps the calibrated one
         changes["confidence"] = float(p.confidence)
     if p.criterion != ranker_pb2.EXIT_CRITERION_UNSPECIFIED:
         if p.criterion not in _CRITERIA:
             raise errors.InvalidArgument("exit_policy.criterion", f"unknown criterion value {p.criterion}")
         changes["criterion"] = _CRITERIA[p.criterion]
+    if p.HasField("disabled"):
+        changes["disabled"] = bool(p.disabled)
+    elif changes:
+        changes["disabled"] = False
     return dataclasses.replace(calibrated, **changes)
 
 

@@ -29,7 +29,8 @@ class ExitPolicy:
         threshold: tau in (0, 1].
         window: previous discrepancies averaged (probability_delta), 1..16.
         min_layer: no exit before this decoder layer (1-based).
-        disabled: True runs every candidate through the full depth.
+        disabled: True runs every candidate through the full depth; False exits early even where
+            calibration chose the full depth; None: False when another field is set, else calibrated.
         confidence: also exit where max(P(yes), P(no)) >= this, in (0.5, 1]; 0 turns it off.
     """
 
@@ -37,7 +38,7 @@ class ExitPolicy:
     threshold: float | None = None
     window: int | None = None
     min_layer: int | None = None
-    disabled: bool = False
+    disabled: bool | None = None
     confidence: float | None = None
 
     def __post_init__(self) -> None:
@@ -108,7 +109,7 @@ def rank_request(user_id: str, items: list[str], num_neighbors: int,
                  exit_policy: ExitPolicy | None) -> ranker_pb2.RankRequest:
     request = ranker_pb2.RankRequest(user_id=user_id, candidate_item_ids=items, num_neighbors=num_neighbors)
     if exit_policy is not None:
-        p = exit_policy
+        p = exit_policy  # None leaves a field unset (proto3 optional): the server keeps the calibrated value
         request.exit_policy.CopyFrom(ranker_pb2.ExitPolicy(
             threshold=p.threshold or 0.0, window=p.window or 0, min_layer=p.min_layer or 0,
             disabled=p.disabled, criterion=CRITERIA.get(p.criterion or "", 0), confidence=p.confidence))

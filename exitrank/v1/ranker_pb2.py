@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xitrank/v1/ranker.proto\x12\x0b\x65xitrank.v1\"\xab\x01\n\nExitPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\x0e\n\x06window\x18\x02 \x01(\x05\x12\x11\n\tmin_layer\x18\x03 \x01(\x05\x12\x10\n\x08\x64isabled\x18\x04 \x01(\x08\x12-\n\tcriterion\x18\x05 \x01(\x0e\x32\x1a.exitrank.v1.ExitCriterion\x12\x17\n\nconfidence\x18\x06 \x01(\x02H\x00\x88\x01\x01\x42\r\n\x0b_confidence\"\x7f\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x02 \x03(\t\x12\x15\n\rnum_neighbors\x18\x03 \x01(\x05\x12,\n\x0b\x65xit_policy\x18\x04 \x01(\x0b\x32\x17.exitrank.v1.ExitPolicy\"=\n\tItemScore\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63tr\x18\x02 \x01(\x02\x12\x12\n\nexit_layer\x18\x03 \x01(\x05\"\x80\x01\n\x0cRankResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.exitrank.v1.ItemScore\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0eretrieval_used\x18\x03 \x01(\x08\x12\x19\n\x11\x65mbedding_version\x18\x04 \x01(\t*t\n\rExitCriterion\x12\x1e\n\x1a\x45XIT_CRITERION_UNSPECIFIED\x10\x00\x12$\n EXIT_CRITERION_PROBABILITY_DELTA\x10\x01\x12\x1d\n\x19\x45XIT_CRITERION_CONFIDENCE\x10\x02\x32\x8c\x01\n\x06Ranker\x12;\n\x04Rank\x12\x18.exitrank.v1.RankRequest\x1a\x19.exitrank.v1.RankResponse\x12\x45\n\nRankStream\x12\x18.exitrank.v1.RankRequest\x1a\x19.exitrank.v1.RankResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65xitrank/v1/ranker.proto\x12\x0b\x65xitrank.v1\"\xbd\x01\n\nExitPolicy\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\x0e\n\x06window\x18\x02 \x01(\x05\x12\x11\n\tmin_layer\x18\x03 \x01(\x05\x12\x15\n\x08\x64isabled\x18\x04 \x01(\x08H\x00\x88\x01\x01\x12-\n\tcriterion\x18\x05 \x01(\x0e\x32\x1a.exitrank.v1.ExitCriterion\x12\x17\n\nconfidence\x18\x06 \x01(\x02H\x01\x88\x01\x01\x42\x0b\n\t_disabledB\r\n\x0b_confidence\"\x7f\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x1a\n\x12\x63\x61ndidate_item_ids\x18\x02 \x03(\t\x12\x15\n\rnum_neighbors\x18\x03 \x01(\x05\x12,\n\x0b\x65xit_policy\x18\x04 \x01(\x0b\x32\x17.exitrank.v1.ExitPolicy\"=\n\tItemScore\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63tr\x18\x02 \x01(\x02\x12\x12\n\nexit_layer\x18\x03 \x01(\x05\"\x80\x01\n\x0cRankResponse\x12&\n\x06scores\x18\x01 \x03(\x0b\x32\x16.exitrank.v1.ItemScore\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x16\n\x0eretrieval_used\x18\x03 \x01(\x08\x12\x19\n\x11\x65mbedding_version\x18\x04 \x01(\t*t\n\rExitCriterion\x12\x1e\n\x1a\x45XIT_CRITERION_UNSPECIFIED\x10\x00\x12$\n EXIT_CRITERION_PROBABILITY_DELTA\x10\x01\x12\x1d\n\x19\x45XIT_CRITERION_CONFIDENCE\x10\x02\x32\x8c\x01\n\x06Ranker\x12;\n\x04Rank\x12\x18.exitrank.v1.RankRequest\x1a\x19.exitrank.v1.RankResponse\x12\x45\n\nRankStream\x12\x18.exitrank.v1.RankRequest\x1a\x19.exitrank.v1.RankResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'exitrank.v1.ranker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EXITCRITERION']._serialized_start=538
-  _globals['_EXITCRITERION']._serialized_end=654
+  _globals['_EXITCRITERION']._serialized_start=556
+  _globals['_EXITCRITERION']._serialized_end=672
   _globals['_EXITPOLICY']._serialized_start=42
-  _globals['_EXITPOLICY']._serialized_end=213
-  _globals['_RANKREQUEST']._serialized_start=215
-  _globals['_RANKREQUEST']._serialized_end=342
-  _globals['_ITEMSCORE']._serialized_start=344
-  _globals['_ITEMSCORE']._serialized_end=405
-  _globals['_RANKRESPONSE']._serialized_start=408
-  _globals['_RANKRESPONSE']._serialized_end=536
-  _globals['_RANKER']._serialized_start=657
-  _globals['_RANKER']._serialized_end=797
+  _globals['_EXITPOLICY']._serialized_end=231
+  _globals['_RANKREQUEST']._serialized_start=233
+  _globals['_RANKREQUEST']._serialized_end=360
+  _globals['_ITEMSCORE']._serialized_start=362
+  _globals['_ITEMSCORE']._serialized_end=423
+  _globals['_RANKRESPONSE']._serialized_start=426
+  _globals['_RANKRESPONSE']._serialized_end=554
+  _globals['_RANKER']._serialized_start=675
+  _globals['_RANKER']._serialized_end=815
 # @@protoc_insertion_point(module_scope)
