@@ -10,7 +10,7 @@ command-line flags (later wins); each core class receives only its section. Exam
     batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_wait_ms: 2.0,
                max_batch_rows: 256, shared_context: true}
     server: {host: 127.0.0.1, port: 50052, grace_s: 5.0}
-    retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000, title_ttl_s: 300,
+    retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000,
                 breaker_failures: 5, breaker_cooldown_s: 2.0,
                 tls: false, tls_ca: null, tls_cert: null, tls_key: null, tls_server_name: ""}
     tls: {cert: null, key: null, client_ca: null}          # exitrank.security.ServerTLS
@@ -155,12 +155,15 @@ class RetrieverConfig:
     The circuit breaker (``ranker_svc.retriever_client.CircuitBreaker``): after ``breaker_failures``
     consecutive failed calls (unreachable, timed out, server fault; 0 turns the breaker off) the
     retriever is skipped for ``breaker_cooldown_s`` (Rank goes on without neighbours, titles come
-    from the cache), then one probe call decides whether it is back."""
+    from the cache), then one probe call decides whether it is back.
+
+    ``title_cache_size``: catalog titles kept (an LRU; ``ranker_svc.retriever_client.TitleCache``).
+    They do not expire with time: a title is valid until the catalog changes (the retriever's
+    ``catalog_version``), and while the retriever is unreachable the last title known is used."""
 
     target: str = ""
     timeout_s: float = 0.5
     title_cache_size: int = 100_000
-    title_ttl_s: float = 300.0
     breaker_failures: int = 5
     breaker_cooldown_s: float = 2.0
     tls: bool = False
@@ -182,8 +185,6 @@ class RetrieverConfig:
             raise ConfigError("retriever.timeout_s", f"must be > 0, got {self.timeout_s}")
         if self.title_cache_size < 0:
             raise ConfigError("retriever.title_cache_size", f"must be >= 0, got {self.title_cache_size}")
-        if self.title_ttl_s < 0:
-            raise ConfigError("retriever.title_ttl_s", f"must be >= 0, got {self.title_ttl_s}")
         if self.breaker_failures < 0:
             raise ConfigError("retriever.breaker_failures", f"must be >= 0 (0: no breaker), got {self.breaker_failures}")
         if self.breaker_cooldown_s <= 0:

@@ -3,8 +3,9 @@
 Failure policy: the ranker must answer even when retrieval cannot. ``get_context`` returns None for
 NOT_FOUND (unknown user) and for any transport failure (UNAVAILABLE, deadline), and the ranker then
 ranks without neighbours. Titles are required to build prompts, so ``get_titles`` serves what the
-bounded LRU cache holds and raises :class:`ContextUnavailable` only when it must ask the retriever
-and cannot reach it. Every call carries ``retriever.timeout_s``, or the ranker caller's remaining
+bounded LRU cache (:class:`TitleCache`) holds, re-reads titles the catalog changed since, and raises
+:class:`ContextUnavailable` only for ids whose title it never saw while the retriever cannot be
+reached. Every call carries ``retriever.timeout_s``, or the ranker caller's remaining
 deadline when that is shorter (the gRPC deadline propagates to the retriever), and the
 ranker call's ``x-request-id`` and trace context (``exitrank.observability``).
 
@@ -12,7 +13,7 @@ Circuit breaker (:class:`CircuitBreaker`, ``retriever.breaker_failures``/``break
 after that many consecutive failed calls (UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, UNKNOWN; an
 answer such as NOT_FOUND counts as success) the breaker opens and for the cool-down every call
 skips the retriever at once: ``get_context`` returns None, ``get_titles`` serves the cache and
-raises :class:`ContextUnavailable` ("circuit open", with the time to the next probe) for the rest,
+raises :class:`ContextUnavailable` ("circuit open", with the time to the next probe) for ids never seen,
 so a dead or hung retriever costs a request no waiting. Then one call is let through (half-open);
 its success closes the breaker, its failure opens it for another cool-down. The channel retries
 its connection at least every ``RECONNECT_BACKOFF_MS``, so a returning retriever is seen at the
@@ -118,28 +119,41 @@ class CircuitBreaker:
 
 
 class TitleCache:
-    """A bounded LRU of item titles; entries older than ``ttl_s`` are refetched (titles can change)."""
+    """A bounded LRU of catalog titles, each tagged with the catalog version it was read at.
 
-    def __init__(self, *, capacity: int, ttl_s: float) -> None:
+    Titles do not expire with time. The retriever sends its ``catalog_version`` (which every
+    UpsertItems changes) with every GetContext and GetItems answer (:meth:`observe`); a title read at
+    another version is re-read the next time the retriever can be asked, and is still served while
+    it cannot be (``stale_ok``: the last title known), so a ranker keeps ranking every item it has
+    seen while the retriever is down. ``capacity`` (``retriever.title_cache_size``) bounds memory:
+    the least recently used title goes first.
+    """
+
+    def __init__(self, *, capacity: int) -> None:
         self.capacity = capacity
-        self.ttl_s = ttl_s
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self.version: int | None = None  # the newest catalog version the retriever answered with
+        self._entries: OrderedDict[str, tuple[str, int | None]] = OrderedDict()
 
-    def get(self, item_id: str) -> str | None:
+    def observe(self, version: int) -> None:
+        """The retriever answered with catalog ``version``: titles read at another one are stale."""
+        self.version = version
+
+    def get(self, item_id: str, *, stale_ok: bool = False) -> str | None:
+        """The item's title when current (any title known with ``stale_ok``), else None."""
         entry = self._entries.get(item_id)
         if entry is None:
             return None
-        title, stored = entry
-        if time.monotonic() - stored > self.ttl_s:
-            del self._entries[item_id]
+        title, version = entry
+        if not stale_ok and version != self.version:
             return None
         self._entries.move_to_end(item_id)
         return title
 
     def put(self, item_id: str, title: str) -> None:
+        """Remembers a title read at the current catalog version."""
         if self.capacity == 0 or not title:
             return
-        self._entries[item_id] = (title, time.monotonic())
+        self._entries[item_id] = (title, self.version)
         self._entries.move_to_end(item_id)
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
@@ -166,7 +180,7 @@ class RetrieverClient:
             ("grpc.initial_reconnect_backoff_ms", min(100, RECONNECT_BACKOFF_MS)),
             ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)])
         self._stub = retriever_pb2_grpc.RetrieverStub(self._channel)
-        self.titles = TitleCache(capacity=config.title_cache_size, ttl_s=config.title_ttl_s)
+        self.titles = TitleCache(capacity=config.title_cache_size)
         self._vectors = VectorCache(capacity=config.title_cache_size)  # (version, item) -> vector
         self.breaker = CircuitBreaker(failures=config.breaker_failures, cooldown_s=config.breaker_cooldown_s)
 
@@ -220,6 +234,7 @@ class RetrieverClient:
             return None
         _check_version(embedding_version, reply.vectors_version)
         ctx = _user_context(reply)
+        self.titles.observe(reply.catalog_version)
         for item in ctx.history + tuple(h for n in ctx.neighbors for h in n.history):
             self.titles.put(item.item_id, item.title)
         return ctx
@@ -227,19 +242,35 @@ class RetrieverClient:
     async def get_titles(self, item_ids: Sequence[str], *, timeout_s: float | None = None,
                          embedding_version: str | None = None) -> dict[str, str]:
         """Titles of the known ids; with ``embedding_version`` a miss also fetches (and caches)
-        the item's vector of that version, and an id whose vector is not cached counts as a miss."""
+        the item's vector of that version, and an id whose vector is not cached counts as a miss.
+
+        Stale titles (read before the catalog last changed) are read again; when the retriever
+        cannot answer, the last titles known serve, and only ids without any raise
+        :class:`ContextUnavailable`."""
         found: dict[str, str] = {}
         misses = []
         for item_id in item_ids:
             title = self.titles.get(item_id)
-            if title is None or (embedding_version is not None and (embedding_version, item_id) not in self._vectors):
+            if title is None or not self._has_vector(embedding_version, item_id):
                 misses.append(item_id)
             else:
                 found[item_id] = title
-        for start in range(0, len(misses), GET_ITEMS_CHUNK):
-            found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK], self._timeout(timeout_s),
-                                           embedding_version))
+        try:
+            for start in range(0, len(misses), GET_ITEMS_CHUNK):
+                found.update(await self._fetch(misses[start : start + GET_ITEMS_CHUNK], self._timeout(timeout_s),
+                                               embedding_version))
+        except EmbeddingVersionUnavailable:
+            raise
+        except ContextUnavailable:
+            known = {i: t for i in misses if i not in found and self._has_vector(embedding_version, i)
+                     and (t := self.titles.get(i, stale_ok=True)) is not None}
+            if len(found) + len(known) < len(item_ids):
+                raise
+            found.update(known)  # the retriever is away: the last titles known
         return found
+
+    def _has_vector(self, embedding_version: str | None, item_id: str) -> bool:
+        return embedding_version is None or (embedding_version, item_id) in self._vectors
 
     async def get_item_vectors(self, item_ids: Sequence[str], *, embedding_version: str,
                                timeout_s: float | None = None) -> dict[str, np.ndarray | None]:
@@ -263,6 +294,7 @@ class RetrieverClient:
                 f"candidate titles: {exc.code().name} {exc.details()}"
             ) from exc
         _check_version(embedding_version, reply.vectors_version)
+        self.titles.observe(reply.catalog_version)
         out = {}
         for item in reply.items:
             self.titles.put(item.item_id, item.title)

@@ -30,9 +30,11 @@ refit); a user none of whose items are known has no embedding. One (I, d) basis 
 |N_u| rows per user: cheap enough to refresh every touched user on every stream batch.
 
 Titles come from an in-process cache filled from the catalog on a miss, so ``get_context`` is one
-Redis round trip (the histories of the user and its k neighbours) once titles are cached. The
-cache learns of UpsertItems through this process only: another replica's retitling shows here
-after a restart (titles rarely change; a catalog-change stream would close that gap).
+Redis round trip (the histories of the user and its k neighbours) once titles are cached. Every
+UpsertItems increments the catalog's version in Redis (``catalog_version``, in every GetContext and
+GetItems answer, so rankers re-read their cached titles); this process's own upserts update the cache,
+and another replica's show within ``index.version_poll_s`` (the follower's :meth:`refresh_catalog`
+sees the version move and empties the cache).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class Retriever:
         self._lock = asyncio.Lock()  # serialises fold-in writes, remote updates and swaps
         self._touched: set[str] = set()  # users folded in since the version was last confirmed
         self._titles: dict[str, str] = {}
+        self.catalog_version = 0  # the catalog's version the title cache matches
         self._kept_vectors: OrderedDict[str, _Vectors] = OrderedDict()  # older versions' items
 
     @property
@@ -331,9 +334,21 @@ class Retriever:
                 valid.append(check_item(item))
             except InvalidArgument as exc:
                 errors.append(refusal("item", first_index + offset, exc))
-        await self.store.put_items(valid)
-        self._remember_titles({item.item_id: item.title for item in valid})
+        if valid:
+            version = await self.store.put_items(valid)
+            self._note_catalog(version, own=version == self.catalog_version + 1)
+            self._remember_titles({item.item_id: item.title for item in valid})
         return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+
+    async def refresh_catalog(self) -> int:
+        """Reads the catalog's version; a change made elsewhere empties the title cache."""
+        self._note_catalog(await self.store.catalog_version())
+        return self.catalog_version
+
+    def _note_catalog(self, version: int, *, own: bool = False) -> None:
+        if version != self.catalog_version and not own:
+            self._titles.clear()  # another replica's upsert: any cached title may be stale
+        self.catalog_version = version
 
     async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None
                         ) -> tuple[list[CatalogItem], list[str]]:
@@ -398,10 +413,9 @@ class Retriever:
             try:
                 emb = await self.store.load_version(version, with_users=False)
             except (EmbeddingsError, KeyError) as exc:
-                raise EmbeddingsError(f"embedding version {version!r} is not kept by this retriever any more "
-                                      f"(current: {snap.version if snap else 'none'}); publish the ranker "
-                                      f"retrained on the current version, or keep more versions "
-                                      f"(index.keep_versions)") from exc
+                raise EmbeddingsError(f"embedding version {version!r} is not kept by this retriever (it serves "
+                                      f"{snap.version if snap else 'none'}; it keeps the newest "
+                                      f"{self.config.keep_versions} published, index.keep_versions)") from exc
             cached = _Vectors(version=version, item_row={i: r for r, i in enumerate(emb.item_ids)},
                               basis=emb.fold_in_basis(), items=emb.item)
             self._kept_vectors[version] = cached

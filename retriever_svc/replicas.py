@@ -11,7 +11,8 @@ change under a replica without its own consumer seeing them, and this loop follo
    every ``index.version_poll_s`` seconds it compares Redis's current version with its own and
    adopts a new one (``Retriever.follow_current``): indexed off the event loop, then swapped in
    atomically. Announcements made while adopting are read afterwards and applied to the new
-   version, so none is lost in the swap.
+   version, so none is lost in the swap. At the same poll it reads the catalog's version
+   (``Retriever.refresh_catalog``): a peer's UpsertItems empties this replica's title cache.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class ReplicaFollower(BackgroundLoop):
                     after = await self.store.streams.updates_tail()  # earlier ones are in Redis already
                 if time.monotonic() >= next_poll:
                     await self.retriever.follow_current()
+                    await self.retriever.refresh_catalog()
                     next_poll = time.monotonic() + self.index.version_poll_s
                 after = await self.step(after)
                 backoff = 0.1

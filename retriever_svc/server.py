@@ -200,6 +200,7 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
         await store.ping()
         retriever = Retriever(store=store, config=config.index, replica=config.redis.consumer)
         version = await publish_artifacts(retriever, config.artifacts.dir)
+        await retriever.refresh_catalog()
         consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
         follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis, index=config.index)
         for background in (consumer, follower):

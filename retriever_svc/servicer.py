@@ -35,6 +35,8 @@ R = TypeVar("R")
 class RetrieverCore(Protocol):
     """What the servicer needs of the core (``retriever_svc.index.Retriever``)."""
 
+    catalog_version: int  # the catalog's version (UpsertItems increments it), sent with titles
+
     async def ingest(self, events: Sequence[Interaction], *, first_index: int = 0) -> IngestResult:
         """Validate events and append the valid ones durably to the stream."""
 
@@ -127,6 +129,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
                 for n in answer.neighbors
             ],
             embedding_version=answer.embedding_version,
+            catalog_version=self._core.catalog_version,
         )
 
     @_aborts_on_error
@@ -141,6 +144,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
             ],
             missing_item_ids=missing,
             vectors_version=self._core.vectors_version(version) if version is not None else "",
+            catalog_version=self._core.catalog_version,
         )
 
     async def _drain(

@@ -11,6 +11,7 @@ touch a user's history atomically; ``u:``/``i:`` keep the tag non-empty whatever
     P:{u:<user_id>}:rating     HASH    item_id -> rating of that interaction
     P:{u:<user_id>}:emb        HASH    embedding version -> float32 bytes (d,) of the user
     P:{i:<item_id>}            STRING  catalog entry, JSON {"title": str, "attributes": {str: str}}
+    P:{catalog}:version        STRING  a counter UpsertItems increments: the catalog's version
     P:{emb}:current            STRING  the published embedding version
     P:{emb}:versions           ZSET    version -> publish time (ms), for keeping the newest few
     P:{emb}:v:<version>        HASH    dim, item_ids (JSON), item and item_foldin (float32 bytes,
@@ -99,6 +100,7 @@ class Keys:
         self.users = f"{prefix}:{{users}}:all"
         self.current = f"{prefix}:{{emb}}:current"
         self.versions = f"{prefix}:{{emb}}:versions"
+        self.catalog = f"{prefix}:{{catalog}}:version"
 
     def hist(self, user_id: str) -> str:
         return f"{self.prefix}:{{u:{user_id}}}:hist"
@@ -265,14 +267,20 @@ class RedisStore:
     # ---- catalog ------------------------------------------------------------------------
 
     @guarded
-    async def put_items(self, items: Sequence[CatalogItem]) -> None:
+    async def put_items(self, items: Sequence[CatalogItem]) -> int:
+        """Writes the entries and increments the catalog's version in one round trip; the new version."""
         def build(pipe: Any) -> None:
             for item in items:
                 entry = {"title": item.title, "attributes": dict(item.attributes)}
                 pipe.set(self.keys.item(item.item_id), json.dumps(entry, ensure_ascii=False))
+            pipe.incr(self.keys.catalog)
 
-        if items:
-            await self._execute(build)
+        return int((await self._execute(build))[-1]) if items else await self.catalog_version()
+
+    @guarded
+    async def catalog_version(self) -> int:
+        """The catalog's version (0: never upserted)."""
+        return int(await self.client.get(self.keys.catalog) or 0)
 
     @guarded
     async def get_items(self, item_ids: Sequence[str]) -> list[CatalogItem | None]:

@@ -66,20 +66,22 @@ class NeighborContext(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., score: _Optional[float] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ...) -> None: ...
 
 class UserContext(_message.Message):
-    __slots__ = ("user_id", "history", "neighbors", "embedding_version", "user_embedding", "vectors_version")
+    __slots__ = ("user_id", "history", "neighbors", "embedding_version", "user_embedding", "vectors_version", "catalog_version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     USER_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     VECTORS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history: _containers.RepeatedCompositeFieldContainer[_common_pb2.HistoryItem]
     neighbors: _containers.RepeatedCompositeFieldContainer[NeighborContext]
     embedding_version: str
     user_embedding: _containers.RepeatedScalarFieldContainer[float]
     vectors_version: str
-    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[NeighborContext, _Mapping]]] = ..., embedding_version: _Optional[str] = ..., user_embedding: _Optional[_Iterable[float]] = ..., vectors_version: _Optional[str] = ...) -> None: ...
+    catalog_version: int
+    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[_common_pb2.HistoryItem, _Mapping]]] = ..., neighbors: _Optional[_Iterable[_Union[NeighborContext, _Mapping]]] = ..., embedding_version: _Optional[str] = ..., user_embedding: _Optional[_Iterable[float]] = ..., vectors_version: _Optional[str] = ..., catalog_version: _Optional[int] = ...) -> None: ...
 
 class GetItemsRequest(_message.Message):
     __slots__ = ("item_ids", "with_embeddings", "embedding_version")
@@ -92,11 +94,13 @@ class GetItemsRequest(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., with_embeddings: _Optional[bool] = ..., embedding_version: _Optional[str] = ...) -> None: ...
 
 class GetItemsResponse(_message.Message):
-    __slots__ = ("items", "missing_item_ids", "vectors_version")
+    __slots__ = ("items", "missing_item_ids", "vectors_version", "catalog_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     VECTORS_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CATALOG_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[_common_pb2.Item]
     missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
     vectors_version: str
-    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ..., vectors_version: _Optional[str] = ...) -> None: ...
+    catalog_version: int
+    def __init__(self, items: _Optional[_Iterable[_Union[_common_pb2.Item, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ..., vectors_version: _Optional[str] = ..., catalog_version: _Optional[int] = ...) -> None: ...

@@ -75,18 +75,20 @@ async def test_slow_retriever_times_out_to_no_context(retriever, examples):
         await client.close()
 
 
-def test_title_cache_is_a_bounded_lru_with_expiry():
-    cache = TitleCache(capacity=2, ttl_s=60.0)
+def test_title_cache_is_a_bounded_lru_whose_titles_last_until_the_catalog_changes():
+    cache = TitleCache(capacity=2)
+    cache.observe(3)
     cache.put("a", "A")
     cache.put("b", "B")
     assert cache.get("a") == "A"  # a is now the most recent
     cache.put("c", "C")
     assert cache.get("b") is None and cache.get("a") == "A" and cache.get("c") == "C" and len(cache) == 2
-    expired = TitleCache(capacity=2, ttl_s=0.0)
-    expired.put("a", "A")
-    assert expired.get("a") is None
+    cache.observe(4)  # an UpsertItems somewhere: every title is re-read when the retriever answers
+    assert cache.get("a") is None and cache.get("a", stale_ok=True) == "A"  # ... and kept while it cannot
+    cache.put("a", "A2")
+    assert cache.get("a") == "A2" and cache.get("c") is None
     cache.put("d", "")  # empty titles are never cached
-    assert cache.get("d") is None
+    assert cache.get("d") is None and cache.get("d", stale_ok=True) is None
 
 
 def test_client_needs_a_target():
