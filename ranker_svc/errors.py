@@ -41,8 +41,9 @@ class UnknownItems(RankerError):
         shown = ", ".join(repr(i) for i in list(item_ids)[:20])
         more = f" (and {len(item_ids) - 20} more)" if len(item_ids) > 20 else ""
         super().__init__(
-            f"candidate_item_ids: unknown items {shown}{more}; upsert them into the catalog "
-            "(Retriever.UpsertItems) or remove them from the request"
+            f"candidate_item_ids: unknown items {shown}{more}; load them into the retriever's catalog "
+            "(`python -m exitrank.client load RETRIEVER --data DIR`, or Retriever.UpsertItems) or remove them "
+            "from the request"
         )
         self.item_ids = tuple(item_ids)
 
@@ -55,10 +56,13 @@ class EmbeddingVersionUnavailable(ContextUnavailable):
     """The retriever cannot give the vectors of the version the ranker was trained with."""
 
     def __init__(self, version: str, detail: str) -> None:
-        super().__init__(f"the ranker's soft tokens need LightGCN version {version!r}, which the retriever does not "
-                         f"serve ({detail}); publish a ranker retrained on the current version "
-                         "(trainer refit) or keep more versions in the retriever")
+        super().__init__(f"this ranker reads the LightGCN vectors of version {version!r} (its collaborative soft "
+                         f"tokens were trained on them), and the retriever cannot give them: {detail}. Serve the "
+                         "retriever with the same artifacts as the ranker (`retriever-svc serve --artifacts` the "
+                         "ranker's directory, or `trainer publish` them), or serve a ranker trained with the retriever's "
+                         "embeddings")
         self.version = version
+        self.detail = detail
 
 
 class Overloaded(RankerError):

@@ -126,6 +126,11 @@ class ReloadingRanker:
         return self._current.model_version
 
     @property
+    def pinned_version(self) -> str | None:
+        """The embedding version the current model's soft tokens read (None: text only)."""
+        return self._current.pinned_version
+
+    @property
     def num_layers(self) -> int:
         return self._current.num_layers
 

@@ -272,6 +272,22 @@ class RetrieverClient:
     def _has_vector(self, embedding_version: str | None, item_id: str) -> bool:
         return embedding_version is None or (embedding_version, item_id) in self._vectors
 
+    async def pinned_version_problem(self, version: str, *, timeout_s: float = 5.0) -> str | None:
+        """Why the retriever cannot give the vectors of embedding ``version`` (the message a Rank
+        would fail with), or None when it can, or cannot be asked now (an unreachable retriever is
+        the breaker's business: ranking goes on without it). One GetItems for no items."""
+        request = retriever_pb2.GetItemsRequest(with_embeddings=True, embedding_version=version)
+        try:
+            reply = await self._stub.GetItems(request, timeout=timeout_s, metadata=outgoing_metadata())
+            _check_version(version, reply.vectors_version)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                return None
+            return str(EmbeddingVersionUnavailable(version, exc.details() or ""))
+        except EmbeddingVersionUnavailable as exc:
+            return str(exc)
+        return None
+
     async def get_item_vectors(self, item_ids: Sequence[str], *, embedding_version: str,
                                timeout_s: float | None = None) -> dict[str, np.ndarray | None]:
         """The items' vectors of ``embedding_version`` (None for items the version lacks)."""

@@ -13,8 +13,12 @@ The server is where the model runtime is chosen (:func:`build_engine`: ``torch``
     ranker-svc serve ... --metrics-port 9452 --log-format json --tracing otlp   # exitrank.observability
 
 Prints ``ranker listening on HOST:PORT`` once serving (the bound port when ``--port 0``), then
-``ranker metrics on http://HOST:PORT/metrics`` when metrics are on. SIGTERM or SIGINT: health turns
-NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then it exits 0.
+``ranker metrics on http://HOST:PORT/metrics`` when metrics are on. A model trained with
+collaborative soft tokens reads the vectors of one LightGCN version: when the retriever cannot give
+that version (it serves other embeddings), health is NOT_SERVING with the reason logged, and Rank
+fails FAILED_PRECONDITION with the same one message; checked at start and every ``PIN_CHECK_S``.
+SIGTERM or SIGINT: health turns NOT_SERVING, in-flight calls get ``server.grace_s`` to finish, then
+it exits 0.
 
 A new artifact is served without a restart: ``--artifacts`` may be the symlink ``ROOT/current`` that
 ``exitrank.artifacts.publish_release`` swaps (or a directory whose manifest changes); every
@@ -61,6 +65,7 @@ from ranker_svc.servicer import RankerServicer
 
 log = logging.getLogger("ranker_svc")
 SERVICE_NAME = ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name
+PIN_CHECK_S = 2.0  # how often a soft-token model's embedding version is checked against the retriever
 
 
 def parse_args(argv: list[str] | None = None) -> RankerConfig:
@@ -157,9 +162,12 @@ class RankerServer:
     metrics: RankerMetrics | None = None
     watcher: ReleaseWatcher | None = None
     guard: ServerGuard | None = None  # refuses new calls with UNAVAILABLE while draining
+    pin_check: asyncio.Task | None = None  # watch_embedding_pin
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
+        if self.pin_check is not None:
+            self.pin_check.cancel()
         if self.watcher is not None:
             await self.watcher.stop()
         await self.health.enter_graceful_shutdown()
@@ -203,15 +211,44 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     if metrics is not None:
         metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving = await check_embedding_pin(ranker, client, health_servicer, serving=None)
     scorer = first.scorer
     log.info("model %s, %d layers, exit layers %s, policy %s, engine %s, shared context %s",
              scorer.model_version, scorer.num_layers, list(scorer.model.exit_layers), scorer.policy,
              scorer.engine.name, scorer.shared_context)
     watcher = watch_releases(config, ranker, release, client or context_source)
+    pin_check = None if client is None else asyncio.create_task(
+        watch_embedding_pin(ranker, client, health_servicer, serving=serving))
     return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client, watcher=watcher,
-                        metrics=metrics, guard=find_guard(kwargs["interceptors"]))
+                        metrics=metrics, guard=find_guard(kwargs["interceptors"]), pin_check=pin_check)
+
+
+async def check_embedding_pin(core: ReloadingRanker, client: RetrieverClient | None,
+                              health_servicer: health.aio.HealthServicer, *, serving: bool | None) -> bool:
+    """Health SERVING unless the model reads soft tokens of an embedding version the retriever cannot
+    give (then NOT_SERVING, the reason logged once); returns whether serving. A retriever that
+    cannot be asked counts as no mismatch: ranking goes on without it."""
+    version = core.pinned_version
+    problem = None if client is None or version is None else await client.pinned_version_problem(version)
+    if problem is not None and serving is not False:
+        log.error("health NOT_SERVING: %s", problem)
+    elif problem is None and serving is False:
+        log.info("health SERVING: the retriever serves embedding version %s again", version)
+    if serving != (problem is None):
+        status = health_pb2.HealthCheckResponse.SERVING if problem is None else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+    return problem is None
+
+
+async def watch_embedding_pin(core: ReloadingRanker, client: RetrieverClient,
+                              health_servicer: health.aio.HealthServicer, *, serving: bool,
+                              interval_s: float = PIN_CHECK_S) -> None:
+    """:func:`check_embedding_pin` every ``interval_s``: a retriever that starts serving the model's
+    version (or a model retrained on the retriever's) turns health SERVING again, and back."""
+    while True:
+        await asyncio.sleep(interval_s)
+        serving = await check_embedding_pin(core, client, health_servicer, serving=serving)
 
 
 def watch_releases(config: RankerConfig, core: ReloadingRanker, release: Release, source: ContextSource | None
