@@ -55,12 +55,14 @@ def _data_import(args: argparse.Namespace) -> dict:
 def _data_synth(args: argparse.Namespace) -> dict:
     from trainer.data.synth import SynthConfig, synth
 
-    return synth(args.out, SynthConfig(users=args.users, items=args.items, groups=args.groups, seed=args.seed))
+    return synth(args.out, SynthConfig(users=args.users, items=args.items, groups=args.groups, seed=args.seed),
+                 force=args.force)
 
 
 def _fit_config(args: argparse.Namespace):
     from trainer.pipeline import make_config
 
+    args = argparse.Namespace(**{**dict.fromkeys(_ALL_FIT_FLAGS), **vars(args)})  # a stage's parser lacks the others'
     overrides = {
         "gcn": {"layers": args.gcn_layers, "dim": args.gcn_dim, "epochs": args.gcn_epochs, "lr": args.gcn_lr},
         "tune": {"arch": args.arch, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -96,46 +98,62 @@ def _eval(args: argparse.Namespace) -> dict:
 
     cfg = EvalConfig(data=args.data, artifacts=args.artifacts, report=args.report, max_samples=args.max_samples,
                      seed=args.seed, batch_size=args.batch_size, bootstrap=args.bootstrap, k=args.k,
-                     collab_artifacts=args.collab_artifacts)
+                     compare=args.compare)
     report = run(cfg)
     return {"report": str(Path(args.report) / "report.json"),
             "auc": {row["name"]: round(row["auc"], 4) for row in report["configs"]}}
 
 
-def _fit_flags(p: argparse.ArgumentParser) -> None:
+_ALL_FIT_FLAGS = ("gcn_layers", "gcn_dim", "gcn_epochs", "gcn_lr", "arch", "epochs", "lr", "batch_size", "max_train",
+                  "lora", "lora_rank", "collab_tokens", "base_model", "k", "exit_layers", "lambda0", "beta",
+                  "heads_epochs", "auc_budget", "auc_margin_sigmas", "max_valid")
+
+
+def _fit_flags(p: argparse.ArgumentParser, stages: tuple[str, ...]) -> None:
+    """The flags of ``stages`` only (``fit``: all of them); settings of the others come from the preset."""
     p.add_argument("--data", type=Path, required=True, help="canonical data set directory")
     p.add_argument("--out", type=Path, required=True, help="ARTIFACTS directory")
-    p.add_argument("--preset", choices=PRESET_CHOICES, default="tiny")
-    p.add_argument("--base-model", help="an installed model's name (trainer models list) or a local transformers "
-                   "checkpoint directory, tuned instead of a fresh decoder")
+    p.add_argument("--preset", choices=PRESET_CHOICES, default="tiny",
+                   help="hyper-parameters of every stage (trainer/pipeline.py PRESETS): tiny (default; a 6-layer "
+                        "decoder, 2,000 training samples, minutes on a CPU) or small (bigger, more samples)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--k", type=int, help="retrieved neighbours per prompt (default 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g = p.add_argument_group("fit-gcn")
-    g.add_argument("--gcn-layers", type=int)
-    g.add_argument("--gcn-dim", type=int)
-    g.add_argument("--gcn-epochs", type=int)
-    g.add_argument("--gcn-lr", type=float)
-    t = p.add_argument_group("tune")
-    t.add_argument("--arch", choices=("llama", "qwen2", "mistral"))
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--max-train", type=int, help="cap on training samples (tune and fit-heads)")
-    t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
-    t.add_argument("--lora-rank", type=int, help="r of the LoRA adapters (default 8)")
-    t.add_argument("--collab-tokens", choices=("none", "user", "full"),
-                   help="LightGCN embeddings as soft tokens in the prompt (default none: text only)")
-    h = p.add_argument_group("fit-heads")
-    h.add_argument("--exit-layers", type=int, nargs="+")
-    h.add_argument("--lambda0", type=float, help="base learning rate of the exit heads")
-    h.add_argument("--beta", type=float, help="depth decay: lr_n = lambda0 * exp(-beta * depth)")
-    h.add_argument("--heads-epochs", type=int)
-    c = p.add_argument_group("calibrate")
-    c.add_argument("--auc-budget", type=float, help="AUC points the exit policy may lose (default 0.3)")
-    c.add_argument("--auc-margin-sigmas", type=float,
-                   help="standard errors of the validation loss that must fit in the budget too (default 1)")
-    c.add_argument("--max-valid", type=int, help="cap on valid samples used for calibration")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars: one log line per epoch instead")
+    if "fit-gcn" in stages or "tune" in stages:
+        p.add_argument("--collab-tokens", choices=("none", "user", "full"),
+                       help="LightGCN embeddings as soft tokens in the prompt (default none: text only); "
+                            "fit-gcn then leaves every valid/test target out of the graph")
+    if set(stages) & {"tune", "fit-heads", "calibrate"}:
+        p.add_argument("--k", type=int, help="retrieved neighbours per prompt (default 4)")
+    if "tune" in stages or "fit-heads" in stages:
+        p.add_argument("--max-train", type=int, help="cap on training samples (tune and fit-heads)")
+    if "fit-gcn" in stages:
+        g = p.add_argument_group("fit-gcn")
+        g.add_argument("--gcn-layers", type=int)
+        g.add_argument("--gcn-dim", type=int)
+        g.add_argument("--gcn-epochs", type=int)
+        g.add_argument("--gcn-lr", type=float)
+    if "tune" in stages:
+        t = p.add_argument_group("tune")
+        t.add_argument("--base-model", help="an installed model's name (trainer models list) or a local transformers "
+                       "checkpoint directory, tuned instead of a fresh decoder")
+        t.add_argument("--arch", choices=("llama", "qwen2", "mistral"))
+        t.add_argument("--epochs", type=int)
+        t.add_argument("--lr", type=float)
+        t.add_argument("--batch-size", type=int)
+        t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+        t.add_argument("--lora-rank", type=int, help="r of the LoRA adapters (default 8)")
+    if "fit-heads" in stages:
+        h = p.add_argument_group("fit-heads")
+        h.add_argument("--exit-layers", type=int, nargs="+")
+        h.add_argument("--lambda0", type=float, help="base learning rate of the exit heads")
+        h.add_argument("--beta", type=float, help="depth decay: lr_n = lambda0 * exp(-beta * depth)")
+        h.add_argument("--heads-epochs", type=int)
+    if "calibrate" in stages:
+        c = p.add_argument_group("calibrate")
+        c.add_argument("--auc-budget", type=float, help="AUC points the exit policy may lose (default 0.3)")
+        c.add_argument("--auc-margin-sigmas", type=float,
+                       help="standard errors of the validation loss that must fit in the budget too (default 1)")
+        c.add_argument("--max-valid", type=int, help="cap on valid samples used for calibration")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,11 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--sample-rule", choices=("chronological", "given", "none"))
     imp.set_defaults(func=_data_import)
     syn = data.add_parser("synth", help="a synthetic data set with taste groups")
-    syn.add_argument("out", type=Path)
-    syn.add_argument("--users", type=int, default=2000)
-    syn.add_argument("--items", type=int, default=1500)
-    syn.add_argument("--groups", type=int, default=8)
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("out", type=Path, help="the data set directory to write (refused when it holds files)")
+    syn.add_argument("--users", type=int, default=2000, help="users, each with 8-24 interactions (default 2000)")
+    syn.add_argument("--items", type=int, default=1500, help="catalog items (default 1500)")
+    syn.add_argument("--groups", type=int, default=8, help="taste groups users and items belong to (default 8)")
+    syn.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same data")
+    syn.add_argument("--force", action="store_true", help="replace an existing data set in OUT")
     syn.set_defaults(func=_data_synth)
 
     for name, stages, help_text in (
@@ -174,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("calibrate", ("calibrate",), "choose the exit policy on the valid split"),
     ):
         p = sub.add_parser(name, help=help_text)
-        _fit_flags(p)
+        _fit_flags(p, stages)
         p.set_defaults(func=_stages(*stages))
 
     ev = sub.add_parser("eval", help="AUC, requests/s and exit depth of the four configurations")
@@ -185,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--batch-size", type=int, default=32)
     ev.add_argument("--bootstrap", type=int, default=1000)
-    ev.add_argument("--k", type=int, default=4)
-    ev.add_argument("--collab-artifacts", type=Path,
-                    help="artifacts trained with --collab-tokens: adds the gcn_retrieval+collab_tokens rows")
+    ev.add_argument("--k", type=int, help="neighbours per prompt (default: the artifact's, as it serves)")
+    ev.add_argument("--compare", type=Path,
+                    help="a second artifacts directory scored on the same samples (its rows are named compare/...)")
     ev.set_defaults(func=_eval)
 
     rep = sub.add_parser("reproduce", help="the paper's tables and figures on the real data, one report")
@@ -251,15 +270,20 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "fix your input" (printed as one line, exit 2), not a bug (a traceback)."""
     from exitrank.artifacts import ManifestError
     from ranker_svc.errors import ArtifactError
-    from retriever_svc.errors import EmbeddingsError
+    from exitrank.redis_server import RedisServerError
+    from retriever_svc.errors import RetrievalError
     from trainer.models import ModelError
 
-    return FileNotFoundError, ValueError, ManifestError, ArtifactError, EmbeddingsError, ModelError
+    return (FileNotFoundError, FileExistsError, ValueError, ManifestError, ArtifactError, RetrievalError, ModelError,
+            RedisServerError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from trainer.errors import TrainingFailed
+    from trainer.logs import quiet_libraries
+
+    quiet_libraries(progress=not getattr(args, "no_progress", False))
 
     try:
         result = args.func(args)

@@ -28,6 +28,7 @@ policy (``policy_dtype``) and ``load_ranker`` serves in it by default.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,12 +119,15 @@ def calibrate(
     plot_path: Path | None = None,
     batch_size: int = 32,
     dtype: str = "auto",
+    log=None,
 ) -> dict:
     """Sweeps policies on ``valid`` in the serving ``dtype``; stores the chosen one in ``exitrank.json``.
 
     ``margin_sigmas``: standard errors of the AUC loss that must fit in the budget beside the loss
-    itself (0: the validation loss alone decides).
+    itself (0: the validation loss alone decides). ``log(message)``: a line once the heads have
+    scored the examples and one once the sweep has chosen (None: silent).
     """
+    started = time.perf_counter()
     labels = [ex.label for ex in valid]
     if len(set(labels)) != 2:
         raise ValueError("valid must hold both labels to compute AUC")
@@ -137,8 +141,14 @@ def calibrate(
     p_yes = exit_probabilities(model, ids, loaded.tokenizer.pad_token_id or 0, batch_size=batch_size,
                                soft=table.tensor() if table is not None else None)
     full_auc = auc(labels, p_yes[:, -1].tolist())
+    if log is not None:
+        log(f"calibrate: {len(valid)} valid examples scored at every exit head in {time.perf_counter() - started:.1f}s, "
+            f"full-depth AUC {full_auc:.4f}")
     points = sweep(p_yes, labels, model.answer_layers, candidate_policies(len(model.exit_layers), model.exit_layers))
     best = choose(points, full_auc, auc_budget_points / 100.0, margin_sigmas)
+    if log is not None:
+        log(f"calibrate: {len(points)} policies replayed; chosen {best.policy} (AUC {best.auc:.4f}, "
+            f"mean exit layer {best.mean_exit_layer:.2f} of {model.num_layers})")
     summary = {
         "policy": best.policy.to_json(),
         "full_auc": full_auc,

@@ -1,10 +1,16 @@
 """Offline evaluation on the test split: AUC with a bootstrap interval, requests/s and exit depth.
 
-Four configurations share one trained artifact (``--collab-artifacts`` adds two more from a
-second one, trained with collaborative soft tokens: ``gcn_retrieval+collab_tokens`` with and
-without early exit) (the paper's Table 2/3 rows): ``no_retrieval`` and
+Four configurations share one trained artifact (the paper's Table 2/3 rows): ``no_retrieval`` and
 ``gcn_retrieval`` (the user's history alone, or plus its k=4 GCN-nearest users), each with the full
 depth (``ExitPolicy(disabled=True)``) and with the calibrated early-exit policy (``+early_exit``).
+
+An artifact carries its own prompt configuration, and each model is scored the way it serves: with
+the neighbours per prompt it asks for (its prompt's ``num_neighbors``, the ``--k`` it was tuned with;
+``--k`` here overrides), and a ranker trained with collaborative soft tokens (``trainer fit --collab-tokens``) reads the LightGCN
+vectors of the version it is pinned to (its own ``gcn/``, checked), and its rows are named
+``no_retrieval+collab_tokens``, ``gcn_retrieval+collab_tokens`` (each also ``+early_exit``).
+``--compare DIR`` scores a second artifact on the same samples the same way; its rows are named
+``compare/<name>``.
 
 - AUC: ``trainer.stats.auc_with_ci`` of the Yes-probability (paper eq. ``y = e^{s_a}/(e^{s_a}+e^{s_b})``)
   against the 0/1 labels; ``auc_ci95`` is the percentile interval of ``bootstrap`` resamples of the
@@ -18,6 +24,7 @@ from measured values.
 
     .venv/bin/python -m trainer eval --data data/synth --artifacts artifacts --report reports/synth
     .venv/bin/python -m trainer eval --data data/games6k --artifacts artifacts --report r --max-samples 2000
+    .venv/bin/python -m trainer eval --data data/synth --artifacts collab --compare text-only --report r
 """
 
 from __future__ import annotations
@@ -55,10 +62,10 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32
     bootstrap: int = 1000
-    k: int = 4
+    k: int | None = None  # neighbours per prompt; None: the artifact's (its prompt's num_neighbors), as it serves
     max_history: int = 15
     split: str = "test"
-    collab_artifacts: Path | None = None  # a second artifact trained with --collab-tokens
+    compare: Path | None = None  # a second artifact scored on the same samples (rows compare/...)
 
 
 def timed_run(ranker, contexts: OfflineContexts, samples: list[Sample], *, retrieval: bool, policy,
@@ -99,46 +106,57 @@ def run_config(ranker, contexts: OfflineContexts, samples: list[Sample], *, name
     }
 
 
-def collab_rows(cfg: EvalConfig, dataset: Dataset, samples: list[Sample]) -> list[dict]:
-    """``gcn_retrieval+collab_tokens`` with and without early exit: the collab artifact's ranker,
-    its own LightGCN fit giving the neighbours and the soft tokens' vectors."""
+COLLAB_SUFFIX = "+collab_tokens"
+
+
+def load_model(artifacts: Path, dataset: Dataset, cfg: EvalConfig):
+    """``(scorer, contexts, gcn, manifest)`` for an artifact as it serves: its ranker, its LightGCN
+    fit for the neighbours, and the soft tokens' vectors when the ranker reads them (of the version
+    it was trained on: ``gcn/`` must hold that version)."""
     from exitrank.artifacts import verify_manifest
     from ranker_svc.artifact import load_ranker
     from ranker_svc.scoring import Scorer
     from retriever_svc.embeddings import GCNEmbeddings
 
-    root = Path(cfg.collab_artifacts)
-    verify_manifest(root)
-    ranker = Scorer(loaded=load_ranker(root / "ranker"))
-    if ranker.pinned_version is None:
-        raise ValueError(f"{root}/ranker reads no soft tokens: train it with `trainer fit --collab-tokens full`")
+    root = Path(artifacts)
+    manifest = verify_manifest(root)
     gcn = GCNEmbeddings.load(root)
-    if gcn.version != ranker.pinned_version:
-        raise ValueError(f"{root}: the ranker was trained on embeddings {ranker.pinned_version}, gcn/ holds {gcn.version}")
-    contexts = OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, cache=False, vectors=gcn)
-    return [run_config(ranker, contexts, samples, name=name, retrieval="gcn", early_exit=early, cfg=cfg)
-            for name, early in (("gcn_retrieval+collab_tokens", False), ("gcn_retrieval+collab_tokens+early_exit", True))]
+    loaded = load_ranker(root / "ranker")
+    k = cfg.k if cfg.k is not None else loaded.prompt.config.num_neighbors
+    ranker = Scorer(loaded=loaded)
+    vectors = None
+    if ranker.pinned_version is not None:
+        if gcn.version != ranker.pinned_version:
+            raise ValueError(f"{root}: the ranker reads soft tokens of embeddings {ranker.pinned_version}, but "
+                             f"gcn/ holds {gcn.version}; evaluate the artifact directory it was trained in")
+        vectors = gcn
+    contexts = OfflineContexts(dataset, gcn, k=k, max_history=cfg.max_history, cache=False, vectors=vectors)
+    return ranker, contexts, gcn, manifest
+
+
+def model_rows(ranker, contexts: OfflineContexts, samples: list[Sample], cfg: EvalConfig, *, prefix: str = "") -> list[dict]:
+    """The four configurations of one model; soft-token models' names carry ``+collab_tokens``."""
+    suffix = COLLAB_SUFFIX if ranker.pinned_version is not None else ""
+    rows = []
+    for name, retrieval, early in CONFIGS:
+        base, _, exits = name.partition("+")
+        label = f"{prefix}{base}{suffix}" + (f"+{exits}" if exits else "")
+        rows.append(run_config(ranker, contexts, samples, name=label, retrieval=retrieval, early_exit=early, cfg=cfg))
+    return rows
 
 
 def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
-    """Scores the four configurations and returns the report object (see the module docstring)."""
-    from exitrank.artifacts import verify_manifest
-    from ranker_svc.artifact import load_ranker
-    from ranker_svc.scoring import Scorer
-    from retriever_svc.embeddings import GCNEmbeddings
-
-    manifest = verify_manifest(Path(cfg.artifacts))
+    """Scores the four configurations (and ``cfg.compare``'s) and returns the report object (see the
+    module docstring)."""
     dataset = dataset or load_dataset(cfg.data)
-    gcn = GCNEmbeddings.load(Path(cfg.artifacts))
-    ranker = Scorer(loaded=load_ranker(Path(cfg.artifacts) / "ranker"))
-    contexts = OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, cache=False)
+    ranker, contexts, gcn, manifest = load_model(Path(cfg.artifacts), dataset, cfg)
     samples = subsample(dataset.split(cfg.split), cfg.max_samples, cfg.seed)
     if not samples:
         raise ValueError(f"the {cfg.split!r} split of {cfg.data} is empty: nothing to evaluate")
-    rows = [run_config(ranker, contexts, samples, name=n, retrieval=r, early_exit=e, cfg=cfg)
-            for n, r, e in CONFIGS]
-    if cfg.collab_artifacts is not None:
-        rows += collab_rows(cfg, dataset, samples)
+    rows = model_rows(ranker, contexts, samples, cfg)
+    if cfg.compare is not None:
+        other, other_contexts, _, _ = load_model(Path(cfg.compare), dataset, cfg)
+        rows += model_rows(other, other_contexts, samples, cfg, prefix="compare/")
     for row in rows:
         del row["ctr"]  # per-sample scores: for callers comparing configs, not for the report
     labels = Counter(s.label for s in samples)
@@ -149,11 +167,13 @@ def evaluate(cfg: EvalConfig, *, dataset: Dataset | None = None) -> dict:
         "configs": rows,
         "evaluated": {"split": cfg.split, "samples": len(samples), "positives": labels[1], "negatives": labels[0]},
         "model_version": ranker.model_version,
+        "collab_tokens": ranker.pinned_version is not None,
         "embedding_version": gcn.version,
         "artifacts_version": manifest.get("version", ""),
+        "compare": str(cfg.compare) if cfg.compare is not None else None,
         "num_layers": ranker.num_layers,
         "exit_layers": list(ranker.model.exit_layers),
-        "k": cfg.k,
+        "k": contexts.k,
         "batch_size": cfg.batch_size,
         "bootstrap": cfg.bootstrap,
         "machine": {"cores": os.cpu_count()},

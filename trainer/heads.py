@@ -67,11 +67,14 @@ def fit_heads(
     seed: int = 0,
     progress: bool = True,
     full_vocab: bool | None = None,
+    log=None,
 ) -> dict:
     """Trains fresh heads (copies of the final head) at the artifact's (or ``exit_layers``) layers; saves them.
 
     Args:
         full_vocab: full-vocabulary heads; None: when ``V x H x heads <= FULL_VOCAB_HEAD_PARAMS``.
+        log: ``log(message)`` for a line once the frozen states are computed and one per epoch
+            (None: silent); ``progress`` adds a bar.
 
     Returns:
         ``{"epoch_losses": {layer: [...]}, "train_auc": {layer: auc}, "learning_rates": {layer: lr}, ...}``
@@ -90,9 +93,12 @@ def fit_heads(
                                    answer_ids=(model.yes_token_id, model.no_token_id), table=table)
     states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0,
                          soft=table.tensor() if table is not None else None)  # (N, E, H)
+    if log is not None:
+        log(f"fit-heads: hidden states of {len(ids)} examples at {len(model.answer_layers)} layers "
+            f"in {time.perf_counter() - started:.1f}s")
     optimizer = model.configure_head_optimizer(lambda0=lambda0, beta=beta)
     losses = _train_heads(model, optimizer, states, targets, epochs=epochs, batch_size=batch_size,
-                          seed=seed, progress=progress)
+                          seed=seed, progress=progress, log=log)
     model.eval()
     with torch.no_grad():
         p_yes = model.answer_logits_from_states(states).float().softmax(-1)[..., 0]  # (N, E)
@@ -122,9 +128,11 @@ def _fresh_heads(model: EarlyExitLM, exit_layers: list[int] | None, full_vocab: 
                        exit_layers=layers, heads=heads, collab=model.collab)
 
 
-def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batch_size, seed, progress) -> np.ndarray:
+def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batch_size, seed, progress,
+                 log=None) -> np.ndarray:
     """Sum of the heads' losses per step (each head only receives its own gradient); (epochs, heads) means."""
     rng = random.Random(seed)
+    started = time.perf_counter()
     model.heads.train()
     history = []
     steps = epochs * ((len(states) + batch_size - 1) // batch_size)
@@ -139,5 +147,8 @@ def _train_heads(model: EarlyExitLM, optimizer, states, targets, *, epochs, batc
             epoch.append(per_head.detach().numpy())
             bar.update(1)
         history.append(np.mean(epoch, axis=0))
+        if log is not None:
+            log(f"fit-heads: epoch {len(history)}/{epochs} mean loss per head {float(history[-1].mean()):.4f} "
+                f"in {time.perf_counter() - started:.1f}s")
     bar.close()
     return np.stack(history)

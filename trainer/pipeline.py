@@ -144,20 +144,34 @@ def stage_fit_gcn(cfg: FitConfig, dataset: Dataset) -> dict:
     if not pairs:
         raise ValueError(f"{cfg.data} has no graph interactions (positives outside valid/test targets)")
     settings = {k: v for k, v in asdict(cfg.gcn).items() if v is not None}
-    gcn = fit_gcn(pairs, **settings, seed=cfg.seed, progress=cfg.progress)
+    on_epoch = None if cfg.progress else (  # --no-progress: a line per epoch instead of a bar
+        lambda row: _say(f"fit-gcn: epoch {row['epoch']}/{cfg.gcn.epochs} loss {row['loss']:.4f} "
+                         f"at {row['seconds']:.1f}s"))
+    gcn = fit_gcn(pairs, **settings, seed=cfg.seed, progress=cfg.progress, on_epoch=on_epoch)
     gcn.save(cfg.out)
     return {"edges": len(pairs), "users": len(gcn.user_ids), "items": len(gcn.item_ids), "version": gcn.version,
             **gcn.meta.get("metrics", {})}
 
 
-def _contexts(cfg: FitConfig, dataset: Dataset) -> OfflineContexts:
+def _contexts(cfg: FitConfig, dataset: Dataset, *, collab: str | None = None) -> OfflineContexts:
+    """Contexts over ``ARTIFACTS/gcn``; soft-token vectors when ``collab`` (default: ``cfg.tune.collab``)
+    is not ``none``."""
     from retriever_svc.embeddings import GCNEmbeddings
 
     if not (Path(cfg.out) / "gcn").is_dir():
         raise FileNotFoundError(f"{cfg.out}/gcn is missing: run `trainer fit-gcn` (or `trainer fit`) first")
     gcn = GCNEmbeddings.load(cfg.out)
-    vectors = gcn if cfg.tune.collab != "none" else None
+    vectors = gcn if (collab or cfg.tune.collab) != "none" else None
     return OfflineContexts(dataset, gcn, k=cfg.k, max_history=cfg.max_history, vectors=vectors)
+
+
+def _tuned_contexts(cfg: FitConfig, dataset: Dataset) -> OfflineContexts:
+    """Contexts for the stages after ``tune``: soft tokens as the tuned ranker reads them (its
+    artifact says), whatever ``--collab-tokens`` says now."""
+    from ranker_svc.artifact import read_meta
+
+    mode = (read_meta(Path(cfg.out) / "ranker").get("collab") or {}).get("mode", "none")
+    return _contexts(cfg, dataset, collab=mode)
 
 
 def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
@@ -170,7 +184,7 @@ def stage_tune(cfg: FitConfig, dataset: Dataset) -> dict:
     valid = contexts.examples("valid", retrieval=True, limit=cfg.calibrate.max_valid, seed=cfg.seed)
     _say(f"tune: {len(train)} train / {len(valid)} valid examples, preset {t.preset}, arch {t.arch}")
     base_model = Path(t.base_model) if t.base_model else None
-    prompt = replace(infer_prompt_config(train), collab=t.collab)
+    prompt = replace(infer_prompt_config(train), collab=t.collab, num_neighbors=cfg.k)  # serving asks for as many
     vectors = contexts.vectors
     return instruction_tune(train, out_dir=cfg.out, valid=valid or None, preset=t.preset, arch=t.arch,
                             base_model=base_model, epochs=t.epochs, lr=t.lr, batch_size=t.batch_size,
@@ -185,21 +199,23 @@ def stage_fit_heads(cfg: FitConfig, dataset: Dataset) -> dict:
     from trainer.heads import fit_heads
 
     h = cfg.heads
-    train = _contexts(cfg, dataset).examples("train", retrieval=True, limit=h.max_train, seed=cfg.seed + 1)
+    train = _tuned_contexts(cfg, dataset).examples("train", retrieval=True, limit=h.max_train, seed=cfg.seed + 1)
     exit_layers = list(h.exit_layers) if h.exit_layers else None
     return fit_heads(train, ranker_dir=Path(cfg.out) / "ranker", exit_layers=exit_layers, lambda0=h.lambda0,
-                     beta=h.beta, epochs=h.epochs, batch_size=h.batch_size, seed=cfg.seed, progress=cfg.progress)
+                     beta=h.beta, epochs=h.epochs, batch_size=h.batch_size, seed=cfg.seed, progress=cfg.progress,
+                     log=_say)
 
 
 def stage_calibrate(cfg: FitConfig, dataset: Dataset) -> dict:
     """Choose the exit policy on the valid split; stores it in the ranker artifact."""
     from trainer.calibrate import calibrate
 
-    valid = _contexts(cfg, dataset).examples("valid", retrieval=True, limit=cfg.calibrate.max_valid, seed=cfg.seed)
+    valid = _tuned_contexts(cfg, dataset).examples("valid", retrieval=True, limit=cfg.calibrate.max_valid,
+                                                   seed=cfg.seed)
     if not valid:
         raise ValueError(f"the valid split of {cfg.data} is empty: calibration needs samples")
     return calibrate(valid, ranker_dir=Path(cfg.out) / "ranker", auc_budget_points=cfg.calibrate.auc_budget_points,
-                     margin_sigmas=cfg.calibrate.margin_sigmas, plot_path=Path(cfg.out) / "calibration.png")
+                     margin_sigmas=cfg.calibrate.margin_sigmas, plot_path=Path(cfg.out) / "calibration.png", log=_say)
 
 
 STAGE_FUNCTIONS = {"fit-gcn": stage_fit_gcn, "tune": stage_tune, "fit-heads": stage_fit_heads,

@@ -103,22 +103,52 @@ def test_flags_override_the_preset():
         make_config("d", "o", preset="huge")
 
 
-def test_collab_tokens_fit_and_evaluate_beside_the_text_only_model(pipeline, tmp_path):
-    """``fit --collab-tokens full`` writes a pinned projector over a target-free graph; ``eval
-    --collab-artifacts`` adds its two rows beside the text-only four."""
+def test_collab_tokens_fit_and_evaluate_as_they_serve_beside_another_model(pipeline, tmp_path):
+    """``fit --collab-tokens full`` writes a pinned projector over a target-free graph; ``eval`` scores
+    such an artifact with its soft tokens (its own prompt configuration), and ``--compare`` adds a
+    second model's rows."""
     data, art, _, _, _ = pipeline
     collab, rep = tmp_path / "collab", tmp_path / "report"
     ok("fit", "--data", data, "--out", collab, "--preset", "tiny", "--seed", 0, "--no-progress", "--max-train", 48,
-       "--epochs", 1, "--gcn-epochs", 3, "--heads-epochs", 1, "--max-valid", 40, "--collab-tokens", "full")
+       "--epochs", 1, "--gcn-epochs", 3, "--heads-epochs", 1, "--max-valid", 40, "--collab-tokens", "full",
+       "--k", 2)
     meta = json.loads((collab / "ranker/exitrank.json").read_text())
     gcn = json.loads((collab / "gcn/meta.json").read_text())
     assert meta["collab"]["mode"] == "full" and meta["collab"]["embedding_version"] == gcn["version"]
+    assert meta["prompt"]["num_neighbors"] == 2  # the prompt asks for as many neighbours as tuning saw
     assert "ranker/collab.safetensors" in verify_manifest(collab)["files"]
     text_gcn = json.loads((art / "gcn/meta.json").read_text())
     assert gcn["interactions"] < text_gcn["interactions"]  # no training target is in the collab graph
-    ok("eval", "--data", data, "--artifacts", art, "--collab-artifacts", collab, "--report", rep,
+    ok("eval", "--data", data, "--artifacts", collab, "--compare", art, "--report", rep,
        "--max-samples", 40, "--bootstrap", 50)
-    names = [c["name"] for c in json.loads((rep / "report.json").read_text())["configs"]]
-    assert names == [n for n, _, _ in CONFIGS] + ["gcn_retrieval+collab_tokens", "gcn_retrieval+collab_tokens+early_exit"]
-    bad = trainer("eval", "--data", data, "--artifacts", art, "--collab-artifacts", art, "--report", rep)
-    assert bad.returncode == 2 and "reads no soft tokens" in bad.stderr
+    report = json.loads((rep / "report.json").read_text())
+    names = [c["name"] for c in report["configs"]]
+    assert names == ["no_retrieval+collab_tokens", "no_retrieval+collab_tokens+early_exit", "gcn_retrieval+collab_tokens",
+                     "gcn_retrieval+collab_tokens+early_exit"] + [f"compare/{n}" for n, _, _ in CONFIGS]
+    assert report["collab_tokens"] is True and report["k"] == 2 and report["compare"] == str(art)
+
+
+STAGE_FLAGS = {"fit-gcn": "--gcn-epochs", "tune": "--lora-rank", "fit-heads": "--lambda0", "calibrate": "--auc-budget"}
+
+
+def test_each_stage_lists_its_own_flags_and_every_flag_says_what_it_does():
+    for stage, own in STAGE_FLAGS.items():
+        shown = trainer(stage, "--help", timeout=60)
+        assert shown.returncode == 0 and own in shown.stdout, stage
+        assert not [flag for other, flag in STAGE_FLAGS.items() if other != stage and flag in shown.stdout], stage
+        assert "hyper-parameters of every stage" in shown.stdout  # --preset says what it is
+    everything = trainer("fit", "--help", timeout=60).stdout
+    assert all(flag in everything for flag in STAGE_FLAGS.values())
+    synth = trainer("data", "synth", "--help", timeout=60).stdout
+    for flag, says in (("--users", "users, each with"), ("--items", "catalog items"), ("--groups", "taste groups"),
+                       ("--seed", "random seed"), ("--force", "replace an existing data set")):
+        assert flag in synth and says in synth, flag
+
+
+def test_one_stage_alone_logs_a_line_per_epoch(pipeline, tmp_path):
+    data = pipeline[0]
+    proc = trainer("fit-gcn", "--data", data, "--out", tmp_path / "gcn-only", "--gcn-epochs", 3, "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if "fit-gcn: epoch" in line][-1].startswith(
+        "[trainer] fit-gcn: epoch 3/3 loss ")
+    assert json.loads(proc.stdout.splitlines()[-1])["metrics"]["fit-gcn"]["edges"] > 0

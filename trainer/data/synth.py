@@ -112,10 +112,18 @@ def make_interactions(cfg: SynthConfig, item_group: np.ndarray,
     return interactions, user_group
 
 
-def synth(out: str | Path, cfg: SynthConfig) -> dict:
-    """Write the synthetic data set to ``out``; returns a summary."""
+def synth(out: str | Path, cfg: SynthConfig, *, force: bool = True) -> dict:
+    """Write the synthetic data set to ``out``; returns a summary.
+
+    Raises:
+        FileExistsError: ``force`` is False and ``out`` already holds files (``trainer data synth``
+            without ``--force``: a data set, or anything else, is never overwritten by surprise).
+    """
     if cfg.users < 1 or cfg.items < cfg.groups or cfg.groups < 1:
         raise ValueError("synth needs users >= 1, groups >= 1 and items >= groups")
+    if not force and Path(out).is_dir() and any(Path(out).iterdir()):
+        raise FileExistsError(f"{out} already holds files: choose another directory, or pass --force to "
+                              "replace the data set in it")
     rng = np.random.default_rng(cfg.seed)
     items, item_group = make_items(cfg, rng)
     interactions, user_group = make_interactions(cfg, item_group, rng)
