@@ -9,36 +9,52 @@ Both services build their server the same way::
 and the ranker's retriever channel is ``open_channel(target, load_client_tls(...))``. Health checks
 and reflection are served on the same port, so they run over TLS whenever the service does.
 
-:class:`ServerGuard` (a ``grpc.aio.ServerInterceptor``) enforces :class:`~exitrank.security.Limits`:
+:class:`ServerGuard` (a ``grpc.aio.ServerInterceptor``) admits each call before any work, in this
+order (each refusal counted by reason: ``ServerGuard.refusals``, and the ``on_refusal`` hook that
+feeds the metric ``exitrank_server_refused_total``):
 
-* **message size**: gRPC's own ``grpc.max_receive_message_length`` is set to twice
-  ``max_receive_bytes`` (the hard cut-off, gRPC's wording); between the limit and the cut-off
-  the guard's request deserializer sees the raw bytes first and turns them into a marker, and
-  the call ends with RESOURCE_EXHAUSTED "request message of N bytes exceeds
-  limits.max_receive_bytes=L (--max-receive-bytes)" before any protobuf parsing. Responses are
-  capped by ``grpc.max_send_message_length``.
-* **malformed requests**: bytes that do not parse as the request message (a string field with
-  invalid UTF-8 from a raw client, corrupt wire format), which gRPC would answer UNKNOWN, end
-  with INVALID_ARGUMENT naming the field (``exitrank.wire.malformed_field``), before the servicer.
 * **draining** (:func:`drain_and_stop`, on SIGTERM): from :meth:`ServerGuard.start_draining` on,
   every call the server begins is refused with UNAVAILABLE "shutting down" (health checks
   excepted: they answer NOT_SERVING), including calls gRPC had received but not yet begun, which
   ``server.stop`` alone would end CANCELLED; calls already running finish within the grace.
-* **per-client rate limit**: one token per call (a stream is one call), from the bucket of the
-  caller's identity (:func:`client_identity`); a refused call ends with RESOURCE_EXHAUSTED, a
-  message with the retry delay, and trailing metadata ``retry-after-ms``. Health checks are
-  exempt (load balancers poll them).
+* **who may call what** (``auth.policy``, ``exitrank.access``): the caller is recognised by its
+  verified client certificate's names or its bearer token; no identity is UNAUTHENTICATED, an
+  identity the policy does not let call the method PERMISSION_DENIED (the messages name the
+  identity and the method, nothing else). Without a policy every caller may call everything.
+* **per-client rate limit**: one token per call and one per further message of a client stream,
+  from the bucket of the caller (:func:`client_identity`; ``token:<identity>`` for token callers);
+  a refused call ends with RESOURCE_EXHAUSTED, the retry delay in the message and in trailing
+  metadata ``retry-after-ms``; a stream's messages beyond the bucket are paced (the stream waits
+  for its tokens, so HTTP/2 flow control slows the sender) and the client's new calls are refused
+  until it has paid. Health checks are exempt (load balancers poll them).
+* **per-client concurrency**: at most ``limits.max_concurrent_per_client`` calls in progress per
+  client, more are RESOURCE_EXHAUSTED at once. The caller's key is set in
+  ``exitrank.security.caller_var`` for the service (the ranker's per-client share of its queue).
+* **message size**: gRPC's own ``grpc.max_receive_message_length`` is set to twice
+  ``max_receive_bytes`` (the hard cut-off, gRPC's wording); between the limit and the cut-off
+  the guard's request deserializer, which runs in gRPC's receive path before admission, only
+  measures the bytes, and the call ends with RESOURCE_EXHAUSTED "request message of N bytes
+  exceeds limits.max_receive_bytes=L (--max-receive-bytes)". Responses are capped by
+  ``grpc.max_send_message_length``.
+* **malformed requests**: parsing happens only after admission, in protobuf's C code; bytes that
+  do not parse (invalid UTF-8 in a string field from a raw client, corrupt wire format), which
+  gRPC would answer UNKNOWN, end with INVALID_ARGUMENT: naming the field for messages up to
+  ``exitrank.wire.MAX_WALK_BYTES`` (a Python walk, ``malformed_field``), and "request: not a valid
+  <Message> (invalid UTF-8 or wire format)" for larger ones, so a malformed 4 MiB request costs
+  milliseconds, not seconds of the event loop. A client stream's messages are parsed one by one
+  as they arrive.
 
 Each method's wrapped handler is built once and cached, so the per-call cost is one dict look-up,
-one ``context.peer()`` and one bucket update: O(1).
+one ``context.peer()`` (or the certificate's names), a bucket update and a counter: O(1).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -46,7 +62,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from exitrank.ports import GRPC_PORT_SETTING, PortInUse
-from exitrank.security import ClientPEM, Limits, RateLimiter, ServerPEM
+from exitrank.access import BEARER_KEY, AccessPolicy
+from exitrank.security import ClientPEM, Limits, RateLimiter, ServerPEM, caller_var
 from exitrank.server_streams import write_responses
 from exitrank.wire import malformed_field
 
@@ -68,11 +85,15 @@ def server_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def server_kwargs(limits: Limits, *, mutual: bool = False,
+def server_kwargs(limits: Limits, *, mutual: bool = False, access: AccessPolicy | None = None,
                   interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> dict[str, Any]:
-    """Keyword arguments of ``grpc.aio.server``: the limit options and the guard first."""
+    """Keyword arguments of ``grpc.aio.server``: the limit options and the guard first. Without an
+    access policy a warning says that every client reaching the port may call every RPC."""
+    if access is None:
+        log.warning("no access policy (auth.policy, --auth-policy): every client that reaches this port may call "
+                    "every RPC; set one to authorise callers per RPC (README: Who may call what)")
     return {"options": server_options(limits),
-            "interceptors": [ServerGuard(limits, mutual=mutual), *interceptors]}
+            "interceptors": [ServerGuard(limits, mutual=mutual, access=access), *interceptors]}
 
 
 def bind(server: grpc.aio.Server, address: str, pem: ServerPEM | None, *,
@@ -142,40 +163,68 @@ def client_identity(context: grpc.aio.ServicerContext, *, mutual: bool, trust_cl
     return "addr:" + peer_host(context.peer())
 
 
+def certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
+    """The verified client certificate's subject alternative names and common name (mutual TLS)."""
+    auth = context.auth_context()
+    return [value.decode("utf-8", "replace")
+            for key in ("x509_subject_alternative_name", "x509_common_name") for value in auth.get(key, ())]
+
+
+def bearer_token(context: grpc.aio.ServicerContext) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` metadata entry, or None."""
+    for key, value in context.invocation_metadata() or ():
+        if key == BEARER_KEY:
+            text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
 class _Oversized:
     """What the guard's deserializer returns instead of a message over the limit."""
 
-    __slots__ = ("size",)
+    __slots__ = ("size", "limit")
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, limit: int) -> None:
+        self.size, self.limit = size, limit
 
 
-class _Malformed:
-    """What the guard's deserializer returns instead of bytes that do not parse."""
+class _Refused(Exception):
+    """A call the guard refuses: the status, the client-facing message, the metrics reason."""
 
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str, trailing: tuple = ()) -> None:
+        super().__init__(message)
+        self.code, self.message, self.reason, self.trailing = code, message, reason, trailing
 
 
 class ServerGuard(grpc.aio.ServerInterceptor):
-    """Enforces message-size and per-client rate limits (see the module docstring).
+    """Authorises every call and enforces the limits before the service sees it (module docstring).
 
     Args:
         limits: the limits; ``rate_per_s`` 0 checks sizes only.
         mutual: the server verifies client certificates (identity by certificate subject).
+        access: who may call what (``exitrank.access``); None: every caller may call every RPC.
+        on_refusal: told ``(method, reason)`` of every refused call (metrics); reasons are
+            ``draining``, ``unauthenticated``, ``permission_denied``, ``rate_limit``,
+            ``concurrency``, ``oversized``, ``malformed``.
     """
 
-    def __init__(self, limits: Limits, *, mutual: bool = False) -> None:
+    def __init__(self, limits: Limits, *, mutual: bool = False, access: AccessPolicy | None = None,
+                 on_refusal: Callable[[str, str], None] | None = None) -> None:
         self.limits = limits
         self.mutual = mutual
+        self.access = access
+        self.on_refusal = on_refusal
         self.limiter = (RateLimiter(rate_per_s=limits.rate_per_s, burst=limits.bucket_size,
                                     max_clients=limits.max_clients) if limits.rate_per_s > 0 else None)
-        self.oversized = 0
         self.draining = False
+        self.refusals: collections.Counter[str] = collections.Counter()  # by reason
+        self._calls: dict[str, int] = {}  # calls in progress per client (clients with none are dropped)
         self._cache: dict[int, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    @property
+    def oversized(self) -> int:
+        return self.refusals["oversized"]
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -193,57 +242,121 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         """Refuse every call begun from now on with UNAVAILABLE (health checks excepted)."""
         self.draining = True
 
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext, limited: bool,
-                     exempt: bool = False) -> None:
+    def in_progress(self, client: str) -> int:
+        """Calls ``client`` has in progress (counted against ``limits.max_concurrent_per_client``)."""
+        return self._calls.get(client, 0)
+
+    def _identify(self, method: str, context: grpc.aio.ServicerContext) -> str:
+        """The client the call counts against; raises _Refused when the policy does not let it call."""
+        access = self.access
+        names = certificate_names(context) if self.mutual else []
+        if access is None or access.is_open(method):
+            return client_identity(context, mutual=self.mutual, trust_client_id=self.limits.trust_client_id)
+        identity = access.by_certificate(names)
+        client = None
+        if identity is None:
+            token = bearer_token(context)
+            if token is not None:
+                identity = access.by_token(token) if token else None
+                if identity is None:
+                    raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "the bearer token in the 'authorization' "
+                                   "metadata is not valid for this server", "unauthenticated")
+                client = f"token:{identity.name}"
+            elif names:
+                raise _Refused(grpc.StatusCode.PERMISSION_DENIED, "the client certificate belongs to no identity "
+                               "of this server's access policy (auth.policy)", "permission_denied")
+            else:
+                raise _Refused(grpc.StatusCode.UNAUTHENTICATED, "this server requires a caller identity: a client "
+                               "certificate (mutual TLS) or 'authorization: Bearer <token>' metadata", "unauthenticated")
+        if not identity.may_call(method):
+            raise _Refused(grpc.StatusCode.PERMISSION_DENIED,
+                           f"identity {identity.name!r} may not call {method.lstrip('/')} (auth.policy)",
+                           "permission_denied")
+        return client or client_identity(context, mutual=self.mutual, trust_client_id=self.limits.trust_client_id)
+
+    def _admit(self, method: str, context: grpc.aio.ServicerContext, exempt: bool) -> str | None:
+        """Draining, then who the caller is and may it call this, then its rate and its calls in
+        progress: the client the call now holds a slot of (None: not counted), or _Refused."""
         if self.draining and not exempt:
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                "the server is shutting down: retry on another replica or after its restart")
-        if type(request) is _Oversized:
-            await self._refuse_size(request, context)
-        if type(request) is _Malformed:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-        if limited:
-            client = client_identity(context, mutual=self.mutual, trust_client_id=self.limits.trust_client_id)
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry on another replica "
+                           "or after its restart", "draining")
+        client = self._identify(method, context)
+        caller_var.set(client)
+        if exempt:
+            return None
+        if self.limiter is not None:
             wait_s = self.limiter.acquire(client)
             if wait_s:
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit: client {client} exceeded {self.limits.rate_per_s:g} requests/s "
-                    f"(burst {self.limiter.burst}); retry in {wait_s:.3f}s "
-                    "(limits.rate_per_s, --rate-limit)",
-                    trailing_metadata=((RETRY_AFTER_KEY, str(max(1, round(wait_s * 1000)))),),
-                )
+                raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"rate limit: client {client} exceeded {self.limits.rate_per_s:g} requests/s "
+                               f"(burst {self.limiter.burst}); retry in {wait_s:.3f}s (limits.rate_per_s, --rate-limit)",
+                               "rate_limit", ((RETRY_AFTER_KEY, str(max(1, round(wait_s * 1000)))),))
+        cap, held = self.limits.max_concurrent_per_client, self._calls.get(client, 0)
+        if cap and held >= cap:
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"client {client} already has {held} calls in progress "
+                           "(limits.max_concurrent_per_client, --max-concurrent-per-client); retry with backoff",
+                           "concurrency")
+        self._calls[client] = held + 1
+        return client
 
-    async def _refuse_size(self, request: _Oversized, context: grpc.aio.ServicerContext) -> None:
-        self.oversized += 1
-        await context.abort(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"request message of {request.size} bytes exceeds limits.max_receive_bytes="
-            f"{self.limits.max_receive_bytes} (raise it with --max-receive-bytes)",
-        )
+    def _release(self, client: str | None) -> None:
+        if client is not None:
+            left = self._calls[client] - 1
+            if left:
+                self._calls[client] = left
+            else:
+                del self._calls[client]
 
-    async def _checked(self, requests: AsyncIterator[Any], context) -> AsyncIterator[Any]:
-        async for request in requests:
-            if type(request) is _Oversized:
-                await self._refuse_size(request, context)
-            if type(request) is _Malformed:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
-            yield request
+    async def _refuse(self, context: grpc.aio.ServicerContext, method: str, refused: _Refused) -> None:
+        self.refusals[refused.reason] += 1
+        if self.on_refusal is not None:
+            self.on_refusal(method, refused.reason)
+        await context.abort(refused.code, refused.message, trailing_metadata=refused.trailing)
+
+    def _parse(self, raw: Any, parse: Callable[[bytes], Any] | None) -> Any:
+        """The request message of ``raw`` (C-speed protobuf parsing), or _Refused."""
+        if type(raw) is _Oversized:
+            if raw.limit == self.limits.max_receive_bytes:
+                setting = f"limits.max_receive_bytes={raw.limit} (raise it with --max-receive-bytes)"
+            else:
+                setting = f"limits.max_stream_message_bytes={raw.limit}, the limit of one message of a stream"
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request message of {raw.size} bytes exceeds "
+                           f"{setting}", "oversized")
+        if parse is None:
+            return raw
+        try:
+            return parse(raw)
+        except DecodeError:
+            descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+            reason = "request: not a valid protobuf message" if descriptor is None else malformed_field(raw, descriptor)
+            raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, reason, "malformed") from None
+
+    async def _checked(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext, method: str,
+                       parse: Callable[[bytes], Any] | None, client: str | None) -> AsyncIterator[Any]:
+        """A client stream's messages, each parsed as it arrives; each after the first takes a
+        token of the client's rate (the call took one), waiting for it: a stream is paced, not cut."""
+        first = True
+        async for raw in requests:
+            try:
+                message = self._parse(raw, parse)
+            except _Refused as refused:
+                await self._refuse(context, method, refused)
+            if not first and self.limiter is not None and client is not None:
+                wait_s = self.limiter.reserve(client)
+                if wait_s:
+                    await asyncio.sleep(wait_s)
+            first = False
+            yield message
 
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         exempt = method.startswith(EXEMPT_PREFIXES)
-        limited = self.limiter is not None and not exempt
         limit, parse = self.limits.max_receive_bytes, handler.request_deserializer
+        if handler.request_streaming:
+            limit = min(limit, self.limits.max_stream_message_bytes)
 
-        def deserialize(raw: bytes) -> Any:
-            if len(raw) > limit:
-                return _Oversized(len(raw))
-            try:
-                return parse(raw) if parse is not None else raw
-            except DecodeError:
-                descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
-                return _Malformed(malformed_field(raw, descriptor) if descriptor is not None
-                                  else "request: not a valid protobuf message")
+        def deserialize(raw: bytes) -> Any:  # in gRPC's receive path, before admission: the size only
+            return _Oversized(len(raw), limit) if len(raw) > limit else raw
 
         if handler.request_streaming and handler.response_streaming:
             behavior, factory = handler.stream_stream, grpc.stream_stream_rpc_method_handler
@@ -256,21 +369,42 @@ class ServerGuard(grpc.aio.ServerInterceptor):
         if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
             log.warning("%s has a synchronous handler: limits are not applied to it", method)
             return handler
-        admit, checked = self._admit, self._checked
         streaming_in = handler.request_streaming
+        streaming_out = inspect.isasyncgenfunction(behavior)
 
-        if inspect.isasyncgenfunction(behavior):  # driven here, closed within the call (exitrank.server_streams)
-            async def guarded(request, context):
-                await admit(None if streaming_in else request, context, limited, exempt)
-                await write_responses(behavior(checked(request, context) if streaming_in else request, context),
-                                      context)
-        else:
-            async def guarded(request, context):
-                await admit(None if streaming_in else request, context, limited, exempt)
-                return await behavior(checked(request, context) if streaming_in else request, context)
+        async def guarded(request, context):
+            try:
+                client = self._admit(method, context, exempt)
+            except _Refused as refused:
+                await self._refuse(context, method, refused)
+            try:
+                if streaming_in:
+                    request = self._checked(request, context, method, parse, client)
+                else:
+                    try:
+                        request = self._parse(request, parse)
+                    except _Refused as refused:
+                        await self._refuse(context, method, refused)
+                if streaming_out:  # driven here, closed within the call (exitrank.server_streams)
+                    return await write_responses(behavior(request, context), context)
+                return await behavior(request, context)
+            finally:
+                self._release(client)
 
-        return factory(guarded, request_deserializer=deserialize,
-                       response_serializer=handler.response_serializer)
+        return factory(guarded, request_deserializer=deserialize, response_serializer=handler.response_serializer)
+
+
+async def start_health_port(health_servicer: Any, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A second, plaintext gRPC server on ``host:port`` answering only ``grpc.health.v1`` from the
+    service's own health servicer (``server.health_port``): kubelet's gRPC probes cannot speak TLS
+    nor present a certificate. It serves nothing else, so it needs neither. Returns it and its port."""
+    from grpc_health.v1 import health_pb2_grpc  # noqa: PLC0415 - only servers with a health port
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = bind(server, f"{host}:{port}", None, setting="server.health_port (--health-port)")  # PortInUse if taken
+    await server.start()
+    return server, bound
 
 
 def find_guard(interceptors: Sequence[Any]) -> ServerGuard | None:

@@ -5,6 +5,10 @@ Served on ``http://HOST:PORT/metrics`` by :meth:`ServiceMetrics.serve` when
 
     grpc_server_started_total{grpc_service, grpc_method, grpc_type}
     grpc_server_handling_seconds{grpc_service, grpc_method, grpc_type, grpc_code}  histogram
+    exitrank_server_refused_total{grpc_service, grpc_method, reason}   calls the guard refused before the
+                                                service saw them (exitrank.grpc_security.ServerGuard):
+                                                unauthenticated, permission_denied, rate_limit, concurrency,
+                                                oversized, malformed, draining
     process_*, python_gc_*, python_info                                        (the usual collectors)
 
 The names and labels are go-grpc-prometheus's, so existing gRPC dashboards and alerts apply.
@@ -98,8 +102,15 @@ class ServiceMetrics:
             "grpc_server_handling_seconds", "Time from the start of an RPC to its end, by status code.",
             ("grpc_service", "grpc_method", "grpc_type", "grpc_code"), buckets=LATENCY_BUCKETS,
             registry=self.registry)
+        self.refused = Counter("exitrank_server_refused", "Calls the server's guard refused before the service saw "
+                               "them, by reason.", ("grpc_service", "grpc_method", "reason"), registry=self.registry)
         self._http: Any = None
         self.port: int | None = None
+
+    def count_refusal(self, method: str, reason: str) -> None:
+        """One call refused by the guard (its ``on_refusal`` hook); methods and reasons are few and known."""
+        service, _, name = method.lstrip("/").rpartition("/")
+        self.refused.labels(service, name, reason).inc()
 
     def rpc(self, method: str, rpc_type: str) -> RpcMetrics:
         return RpcMetrics(self, method, rpc_type)

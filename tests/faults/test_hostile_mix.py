@@ -6,6 +6,12 @@ read ``context.peer()`` of a stream whose generator grpc had left open past the 
 (``exitrank.server_streams``). Now it survives every round, stays SERVING and answers a well-formed
 ``Rank`` afterwards; ``faulthandler`` is on, so a native crash would leave the Python stacks in its log.
 
+Issue 17's flood: while three clients send those requests without pause, health checks with a 0.5 s
+deadline and a fourth client's ``Rank`` keep answering. The guard admits a call before parsing it,
+and refuses a malformed request larger than ``exitrank.wire.MAX_WALK_BYTES`` after protobuf's C
+parser, without the Python walk that names the field (seconds of the event loop per 4 MiB request:
+on the issue's main, 25 of 25 such health checks failed).
+
 And that ``faulthandler`` is on in both services: a fatal signal leaves every thread's Python stack
 in the service's log.
 """
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
@@ -25,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.support.reliability import recording
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from tests.conftest import await_ready, launch_service, stop_service
-from tests.faults.conftest import BIN, rank_request
+from tests.faults.conftest import BIN, quantile, rank_request
 
 pytestmark = pytest.mark.anyio
 
@@ -37,6 +44,8 @@ STREAM_DEADLINE_S = 10.0  # passes mid-stream: the flood keeps the ranker's even
 # the stream client's HTTP/2 window: small, so the server's writes wait for a reader that never comes
 SLOW_READER = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 RANK_METHOD = "/exitrank.v1.Ranker/Rank"
+FLOOD_S = 8.0  # how long health checks and the fourth client's Ranks run under the flood
+HEALTH_DEADLINE_S = 0.5
 
 
 def malformed_rank(size: int = 4_000_000) -> bytes:
@@ -142,13 +151,81 @@ async def test_malformed_flood_beside_streams_and_ranks_leaves_the_ranker_servin
                         "a well-formed Rank answered after; exit 0 on SIGTERM")
 
 
+async def test_health_checks_and_a_fourth_clients_ranks_answer_during_a_malformed_flood(
+        request, tmp_path, stack_artifacts, retriever_process):
+    proc, address, log = await asyncio.to_thread(start_ranker, tmp_path, retriever_process.address,
+                                                 stack_artifacts.artifacts)
+    payload = malformed_rank()
+    stop, flood_codes = asyncio.Event(), []
+    health_s: list[float] = []
+    health_failed: list[str] = []
+    ranks: list[tuple[grpc.StatusCode, float]] = []
+
+    async def check_health(stub, until: float) -> None:
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service="exitrank.v1.Ranker"),
+                                         timeout=HEALTH_DEADLINE_S)
+                health_s.append(time.perf_counter() - started)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    health_failed.append(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+            except grpc.aio.AioRpcError as exc:
+                health_failed.append(exc.code().name)
+            await asyncio.sleep(0.1)
+
+    async def rank_all_along(stub, until: float) -> None:
+        n = 0
+        while time.monotonic() < until:
+            started = time.perf_counter()
+            try:
+                await stub.Rank(rank_request(stack_artifacts, n), timeout=10)
+                ranks.append((grpc.StatusCode.OK, time.perf_counter() - started))
+            except grpc.aio.AioRpcError as exc:
+                ranks.append((exc.code(), time.perf_counter() - started))
+            n += 1
+
+    with recording(request.node.nodeid, "malformed flood", area="faults") as row:
+        try:
+            async with grpc.aio.insecure_channel(address) as health_channel, \
+                    grpc.aio.insecure_channel(address) as rank_channel:
+                ranker = ranker_pb2_grpc.RankerStub(rank_channel)
+                await ranker.Rank(rank_request(stack_artifacts, 0), timeout=60)  # warm: titles cached
+                floods = [asyncio.ensure_future(flood(address, payload, stop, flood_codes)) for _ in range(FLOODERS)]
+                while len(flood_codes) < FLOODERS:  # every flooder has been answered: the flood is on
+                    await asyncio.sleep(0.01)
+                before = len(flood_codes)
+                until = time.monotonic() + FLOOD_S
+                await asyncio.gather(check_health(health_pb2_grpc.HealthStub(health_channel), until),
+                                     rank_all_along(ranker, until))
+                during = len(flood_codes) - before
+                stop.set()
+                await asyncio.gather(*floods)
+        finally:
+            code = stop_service(proc)
+        assert set(flood_codes) == {grpc.StatusCode.INVALID_ARGUMENT}, set(flood_codes)
+        assert during >= FLOODERS * FLOOD_S, during  # the flood went on all along (>= one a second each)
+        assert health_s and not health_failed, (health_failed, len(health_s))
+        assert ranks and all(c == grpc.StatusCode.OK for c, _ in ranks), ranks
+        assert code == 0
+        rank_s = [s for _, s in ranks]
+        row.sent = len(flood_codes) + len(health_s) + len(ranks)
+        row.refused = len(flood_codes)
+        row.measured = (f"ranker-svc process, {FLOODERS} clients sending malformed ~4 MiB Ranks without pause "
+                        f"({during} in {FLOOD_S:g} s, all INVALID_ARGUMENT): {len(health_s)}/{len(health_s)} health "
+                        f"checks with a {HEALTH_DEADLINE_S} s deadline SERVING (p50 {quantile(health_s, 0.5) * 1e3:.0f} "
+                        f"ms, max {max(health_s) * 1e3:.0f} ms); a fourth client's {len(ranks)} Ranks all OK (p50 "
+                        f"{quantile(rank_s, 0.5) * 1e3:.0f} ms, max {max(rank_s) * 1e3:.0f} ms); issue 17's main: 25/25 "
+                        "health checks failed")
+
+
 @pytest.mark.parametrize("service", ["retriever", "ranker"])
 def test_a_fatal_signal_leaves_every_threads_python_stack_in_the_log(service, tmp_path, stack_artifacts,
                                                                       retriever_process):
     log = tmp_path / f"{service}.log"
     if service == "retriever":
         argv = [str(BIN / "retriever-svc"), "serve", "--port", "0", "--artifacts", str(stack_artifacts.artifacts),
-                "--data-dir", str(tmp_path / "data")]
+                "--data-dir", str(tmp_path / "crash-data")]  # not retriever_process's data dir
     else:
         argv = [str(BIN / "ranker-svc"), "serve", "--port", "0", "--retriever", retriever_process.address,
                 "--artifacts", str(stack_artifacts.artifacts), "--dtype", "float32", "--num-threads", "1"]

@@ -32,10 +32,10 @@ ENV_DIR = "EXITRANK_RELIABILITY_DIR"
 # rows of these areas come first, in this order; any other area follows alphabetically
 AREA_ORDER = ("security", "faults", "bad input")
 # within an area, known classes in this order, then the others alphabetically
-CLASS_ORDER = ("TLS", "TLS bad config", "mTLS refusal", "Redis auth", "Embedded Redis", "Redis TLS",
-               "message size", "rate limit", "safe loading", "prompt injection",
-               "Redis restart", "retriever down", "SIGTERM drain", "overload", "soak",
-               "retriever fields", "ranker fields", "cancelled stream", "fuzzing", "bad artifact")
+CLASS_ORDER = ("TLS", "TLS bad config", "mTLS refusal", "authorisation", "Redis auth", "Embedded Redis", "Redis TLS",
+               "message size", "rate limit", "concurrency", "safe loading", "prompt injection",
+               "Redis restart", "retriever down", "SIGTERM drain", "overload", "malformed flood", "hostile mix", "soak",
+               "retriever fields", "ranker fields", "resource caps", "cancelled stream", "fuzzing", "bad artifact")
 BEGIN, END = "<!-- reliability-table:begin -->", "<!-- reliability-table:end -->"
 
 
