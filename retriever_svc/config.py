@@ -23,7 +23,7 @@ Example ``retriever.yaml``::
             keep_versions: 2, version_poll_s: 1.0, cache_dir: /var/cache/xr}
     server: {host: 0.0.0.0, port: 50051, grace_s: 5.0, ingest_batch: 512}
     artifacts: {dir: /artifacts/current}
-    tls: {cert: null, key: null, client_ca: null}      # and limits, observability: as the ranker's
+    tls: {cert: null, key: null, client_ca: null}      # and limits, auth, observability: as the ranker's
 
 Each core class gets only its section: ``Retriever`` the ``index`` section, the store and the
 consumer the ``redis`` section, ``server.py`` the ``server``, ``tls``, ``limits`` and ``artifacts``
@@ -46,6 +46,7 @@ from pathlib import Path
 import yaml
 
 from exitrank import config_sources
+from exitrank.access import AuthConfig
 from exitrank.config_sources import ConfigError
 from exitrank.observability import config as observability_config
 from exitrank.observability.config import ObservabilityConfig
@@ -129,6 +130,9 @@ class IndexConfig:
         faiss_threads: OpenMP threads of one search. 1 (default): a single-query search gains
             nothing from more, and on a busy 2-core box their barrier waits cost 0.2 -> 7 ms.
         version_poll_s: how often a replica checks Redis for a newly published version.
+        max_future_s: Ingest refuses events dated more than this many seconds after the retriever's
+            clock (default one hour: clock skew between hosts; a prompt shows the newest events, so an
+            event dated years ahead would stay on top of its user's history for good).
         cache_dir: where built indexes are kept (``<prefix>-<version>.faiss/.json``), so a
             restart or another replica on this machine skips the build; None: no cache.
     """
@@ -143,8 +147,11 @@ class IndexConfig:
     faiss_threads: int = 1
     version_poll_s: float = 1.0
     cache_dir: Path | None = None
+    max_future_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        if not 0 <= self.max_future_s <= 366 * 86400:
+            raise ConfigError("index.max_future_s", f"must be in 0..31622400 (a year), got {self.max_future_s}")
         if not 0 < self.version_poll_s <= 3600:
             raise ConfigError("index.version_poll_s", f"must be in (0, 3600], got {self.version_poll_s}")
         if self.kind not in INDEX_KINDS:
@@ -166,12 +173,15 @@ class ServerConfig:
         port: TCP port; 0 picks a free one (printed once serving).
         grace_s: how long in-flight calls may finish at shutdown.
         ingest_batch: stream messages written to Redis per pipeline.
+        health_port: a second, plaintext port answering only gRPC health checks (kubelet's gRPC
+            probes speak neither TLS nor mutual TLS); None: none.
     """
 
     host: str = "127.0.0.1"
     port: int = 50051
     grace_s: float = 5.0
     ingest_batch: int = 512
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -180,6 +190,8 @@ class ServerConfig:
             raise ConfigError("server.grace_s", f"must be >= 0, got {self.grace_s}")
         if self.ingest_batch < 1:
             raise ConfigError("server.ingest_batch", f"must be >= 1, got {self.ingest_batch}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError("server.health_port", f"must be in 0..65535, got {self.health_port}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -200,6 +212,7 @@ class RetrieverConfig:
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     tls: ServerTLS = field(default_factory=ServerTLS)
     limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @classmethod
@@ -227,12 +240,15 @@ def _flag_sections(args: argparse.Namespace) -> dict[str, dict]:
                   "tls_key": args.redis_tls_key},
         "index": {"kind": args.index_kind, "hnsw_min_users": args.hnsw_min_users, "hnsw_m": args.hnsw_m,
                   "ef_construction": args.ef_construction, "ef_search": args.ef_search,
-                  "cache_dir": args.index_cache, "version_poll_s": args.version_poll},
-        "server": {"host": args.host, "port": args.port, "grace_s": args.grace},
+                  "cache_dir": args.index_cache, "version_poll_s": args.version_poll,
+                  "max_future_s": args.max_future_skew},
+        "server": {"host": args.host, "port": args.port, "grace_s": args.grace, "health_port": args.health_port},
         "artifacts": {"dir": args.artifacts},
         "tls": {"cert": args.tls_cert, "key": args.tls_key, "client_ca": args.tls_client_ca},
         "limits": {"max_receive_bytes": args.max_receive_bytes, "max_send_bytes": args.max_send_bytes,
-                   "rate_per_s": args.rate_limit, "burst": args.rate_burst, "trust_client_id": args.trust_client_id},
+                   "rate_per_s": args.rate_limit, "burst": args.rate_burst, "trust_client_id": args.trust_client_id,
+                   "max_concurrent_per_client": args.max_concurrent_per_client},
+        "auth": {"policy": args.auth_policy},
         "observability": observability_config.overrides(args),
     }
 
@@ -259,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ef-construction", type=int, help=f"default {IndexConfig.ef_construction}")
     serve.add_argument("--ef-search", type=int, help=f"default {IndexConfig.ef_search}")
     serve.add_argument("--index-cache", type=Path, help="keep built indexes here; restarts and replicas reuse them")
+    serve.add_argument("--max-future-skew", type=float,
+                       help="seconds an ingested event may be dated after this host's clock (default 3600)")
     serve.add_argument("--version-poll", type=float,
                        help="seconds between checks for a newly published embedding version (default 1)")
     serve.add_argument("--grace", type=float, help="shutdown grace seconds (default 5)")
@@ -281,6 +299,10 @@ def add_security_arguments(serve: argparse.ArgumentParser) -> None:
     tls.add_argument("--rate-burst", type=int, help="token bucket size (0: 2x --rate-limit)")
     tls.add_argument("--trust-client-id", action="store_true", default=None,
                      help="count calls by their x-client-id metadata (behind a trusted gateway only)")
+    tls.add_argument("--max-concurrent-per-client", type=int,
+                     help="calls one client may have in progress (default 256; 0: no cap)")
+    tls.add_argument("--auth-policy", type=Path, help="access policy YAML: who may call which RPC (default: anyone)")
+    tls.add_argument("--health-port", type=int, help="plaintext port answering only health checks (kubelet probes)")
     tls.add_argument("--redis-tls-ca", type=Path, help="PEM CA of the Redis server (rediss:// URLs)")
     tls.add_argument("--redis-tls-cert", type=Path, help="PEM client certificate for Redis")
     tls.add_argument("--redis-tls-key", type=Path, help="PEM key of --redis-tls-cert")

@@ -6,10 +6,13 @@ Exception tree (status each maps to)::
     ├── InvalidArgument(field, msg)    INVALID_ARGUMENT: a request field is out of range or malformed
     ├── UnknownUser(user_id, reason)   NOT_FOUND: no embedding / no history for the user
     ├── StoreUnavailable               UNAVAILABLE: Redis cannot be reached or refused the command
-    └── EmbeddingsError                FAILED_PRECONDITION: an embedding artifact or version is unusable
+    ├── EmbeddingsError                FAILED_PRECONDITION: an embedding artifact or version is unusable
+    └── ReplyTooLarge                  RESOURCE_EXHAUSTED: the answer would exceed limits.max_send_bytes
 
 Core code raises these and never imports grpc; third-party errors (redis-py) are converted to
-``StoreUnavailable`` at one boundary, ``store.py``.
+``StoreUnavailable`` at one boundary, ``store.py``. A client reads :meth:`RetrievalError.public_message`
+only: ``StoreUnavailable``'s own text carries redis-py's error (addresses, socket paths, Redis's
+replies) for the log, never for the caller.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from __future__ import annotations
 
 class RetrievalError(Exception):
     """Base class of the retriever's errors."""
+
+    def public_message(self) -> str:
+        """What a client may read (the servicer sends this, never ``str(exc)`` of an internal error)."""
+        return str(self)
 
 
 class InvalidArgument(RetrievalError):
@@ -39,6 +46,13 @@ class UnknownUser(RetrievalError):
 class StoreUnavailable(RetrievalError):
     """Redis could not be reached, timed out, or refused a command; retrying later may work."""
 
+    def public_message(self) -> str:
+        return "the retriever's store (Redis) cannot answer now; retry with backoff"
+
 
 class EmbeddingsError(RetrievalError):
     """An embedding artifact or stored version is missing, inconsistent or of the wrong shape."""
+
+
+class ReplyTooLarge(RetrievalError):
+    """The answer, estimated from stored sizes before it is read, would exceed the reply limit."""

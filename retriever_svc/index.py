@@ -53,10 +53,11 @@ import numpy as np
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from retriever_svc.config import IndexConfig
 from retriever_svc.embeddings import GCNEmbeddings, fold_in
-from retriever_svc.errors import EmbeddingsError, InvalidArgument, UnknownUser
+from retriever_svc.errors import EmbeddingsError, InvalidArgument, ReplyTooLarge, UnknownUser
 from retriever_svc.records import (
     CONTEXT_K_RANGE,
     MAX_GET_ITEMS,
+    MAX_ENTRY_BYTES,
     MAX_HISTORY_RANGE,
     MAX_REPORTED_ERRORS,
     NEAREST_K_RANGE,
@@ -65,9 +66,11 @@ from retriever_svc.records import (
     Interaction,
     Neighbors,
     check_id,
+    check_ids,
     check_interaction,
     check_item,
     check_range,
+    check_version,
     refusal,
 )
 from retriever_svc.store import HistoryRow, RedisStore
@@ -309,11 +312,15 @@ class Retriever:
         valid, errors = [], []
         for offset, event in enumerate(events):
             try:
-                valid.append(check_interaction(event))
+                valid.append(self.check_event(event))
             except InvalidArgument as exc:
                 errors.append(refusal("interaction", first_index + offset, exc))
         await self.store.streams.append_events(valid)
         return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+
+    def check_event(self, event: Interaction) -> Interaction:
+        """The event if valid now (``records.check_interaction`` against this host's clock), else InvalidArgument."""
+        return check_interaction(event, now_ms=int(time.time() * 1000), max_future_s=self.config.max_future_s)
 
     async def apply_events(self, events: Sequence[Interaction]) -> int:
         """The consumer's step: histories first, then the touched users' fold-in vectors
@@ -350,21 +357,34 @@ class Retriever:
             self._titles.clear()  # another replica's upsert: any cached title may be stale
         self.catalog_version = version
 
-    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None
-                        ) -> tuple[list[CatalogItem], list[str]]:
+    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None,
+                        max_reply_bytes: int | None = None) -> tuple[list[CatalogItem], list[str]]:
         """(found items in request order, missing ids); with ``embedding_version`` ("" for the
-        current one) each item carries its vector of that version (None when the fit lacks it)."""
-        if len(item_ids) > MAX_GET_ITEMS:
-            raise InvalidArgument("item_ids", f"at most {MAX_GET_ITEMS} ids, got {len(item_ids)}")
-        for j, item_id in enumerate(item_ids):
-            check_id(f"item_ids[{j}]", item_id)
+        current one) each item carries its vector of that version (None when the fit lacks it).
+        ``max_reply_bytes``: ReplyTooLarge, before any entry is read, when the stored entries'
+        sizes say the answer would be larger (one STRLEN round trip)."""
+        check_ids("item_ids", item_ids, MAX_GET_ITEMS)
+        if embedding_version is not None:
+            check_version("embedding_version", embedding_version)
         vectors = None if embedding_version is None else await self.vectors(embedding_version)
+        if max_reply_bytes is not None:
+            await self._check_reply_size(item_ids, vectors, max_reply_bytes)
         found = await self.store.get_items(item_ids)
         items = [item for item in found if item is not None]
         if vectors is not None:
             items = [replace(item, embedding=vectors.item(item.item_id)) for item in items]
         self._remember_titles({item.item_id: item.title for item in items})
         return items, [i for i, item in zip(item_ids, found) if item is None]
+
+    async def _check_reply_size(self, item_ids: Sequence[str], vectors: _Vectors | None, limit: int) -> None:
+        per_item = 16 + (5 * vectors.items.shape[1] if vectors is not None else 0)  # framing; 4 B a float + tags
+        framing = sum(len(i) + per_item for i in item_ids)
+        if framing + len(item_ids) * MAX_ENTRY_BYTES <= limit:
+            return  # fits whatever the entries hold: no round trip
+        size = framing + sum(await self.store.item_sizes(item_ids))
+        if size > limit:
+            raise ReplyTooLarge(f"item_ids: the {len(item_ids)} items would make a reply of about {size} bytes, over "
+                                f"limits.max_send_bytes={limit}; ask for fewer items per call")
 
     def _remember_titles(self, titles: dict[str, str]) -> None:
         if len(self._titles) + len(titles) > self.config.title_cache_size:
@@ -437,6 +457,8 @@ class Retriever:
         check_id("user_id", user_id)
         check_range("k", k, CONTEXT_K_RANGE)
         check_range("max_history", max_history, MAX_HISTORY_RANGE)
+        if embedding_version is not None:
+            check_version("embedding_version", embedding_version)
         vectors = None if embedding_version is None else await self.vectors(embedding_version)
         snap = self._snapshot
         embedded = snap is not None and user_id in snap.users

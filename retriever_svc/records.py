@@ -7,10 +7,11 @@ lives in ``exitrank.limits``. Each check raises ``InvalidArgument`` naming the f
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exitrank.limits import id_problem
+from exitrank.limits import id_problem, version_problem
 from retriever_svc.errors import InvalidArgument
 
 MAX_TITLE_CHARS = 512
@@ -20,8 +21,13 @@ NEAREST_K_RANGE = (1, 1000)
 CONTEXT_K_RANGE = (0, 100)
 MAX_HISTORY_RANGE = (1, 200)
 MAX_GET_ITEMS = 10_000
+# the largest stored catalog entry a valid item makes: its JSON, each character at most 6 bytes (\uXXXX)
+MAX_ENTRY_BYTES = 64 + 6 * (MAX_TITLE_CHARS + MAX_ATTRIBUTES * (128 + MAX_ATTRIBUTE_VALUE_CHARS + 8))
 MAX_REPORTED_ERRORS = 10
 MAX_TIMESTAMP_MS = 2**53  # Redis keeps history timestamps as double scores: larger ones would not round-trip
+# how far ahead of the retriever's clock an event may be (index.max_future_s): histories are ordered
+# by time and a prompt shows the newest, so one event dated years ahead would stay on top for good
+DEFAULT_MAX_FUTURE_S = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +81,19 @@ def check_id(field_name: str, value: object) -> str:
     return value  # type: ignore[return-value]  # id_problem accepted it: a str
 
 
+def check_ids(field_name: str, ids: Sequence[str], limit: int) -> None:
+    """At most ``limit`` ids, each valid (named ``field[j]``) and none twice: a copy would be read
+    and sent again, so a request of copies of one large item could cost the reply's size many times."""
+    if len(ids) > limit:
+        raise InvalidArgument(field_name, f"at most {limit} ids, got {len(ids)}")
+    seen: set[str] = set()
+    for j, value in enumerate(ids):
+        check_id(f"{field_name}[{j}]", value)
+        if value in seen:
+            raise InvalidArgument(f"{field_name}[{j}]", f"duplicate id {value!r}; ask for each item once")
+        seen.add(value)
+
+
 def check_range(field_name: str, value: int, bounds: tuple[int, int]) -> int:
     low, high = bounds
     if not low <= value <= high:
@@ -82,7 +101,18 @@ def check_range(field_name: str, value: int, bounds: tuple[int, int]) -> int:
     return value
 
 
-def check_interaction(event: Interaction) -> Interaction:
+def check_version(field_name: str, value: str) -> str:
+    """An embedding version as requests carry it ("" = the current one; ``exitrank.limits.version_problem``)."""
+    problem = version_problem(value)
+    if problem is not None:
+        raise InvalidArgument(field_name, problem)
+    return value
+
+
+def check_interaction(event: Interaction, *, now_ms: int | None = None,
+                      max_future_s: float = DEFAULT_MAX_FUTURE_S) -> Interaction:
+    """The event, or InvalidArgument naming its bad field. ``now_ms`` (ms since the epoch; None: no
+    clock check) bounds ``timestamp_ms`` to at most ``max_future_s`` ahead of it."""
     check_id("user_id", event.user_id)
     check_id("item_id", event.item_id)
     if not math.isfinite(event.rating):
@@ -90,6 +120,10 @@ def check_interaction(event: Interaction) -> Interaction:
     if not 0 <= event.timestamp_ms <= MAX_TIMESTAMP_MS:
         raise InvalidArgument("timestamp_ms", f"must be in 0..{MAX_TIMESTAMP_MS} (ms since the epoch), "
                               f"got {event.timestamp_ms}")
+    if now_ms is not None and event.timestamp_ms > now_ms + max_future_s * 1000:
+        raise InvalidArgument("timestamp_ms", f"must not be more than {max_future_s:g} s ahead of the retriever's "
+                              f"clock (index.max_future_s), got {event.timestamp_ms} "
+                              f"({(event.timestamp_ms - now_ms) / 1000:.0f} s ahead); send the event's real time")
     return event
 
 

@@ -12,7 +12,9 @@ socket that other CLIs read: ``exitrank.redis_server``), the store, the
 core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
 stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
 gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
-under ``limits``: message sizes, per-client rate; ``exitrank.grpc_security``). Then one line,
+under ``limits``: message sizes, per-client rate and concurrency; with ``auth.policy`` only the RPCs
+each caller's identity may call; ``exitrank.grpc_security``; ``server.health_port``: a plaintext port
+answering health checks only). Then one line,
 ``retriever listening on HOST:PORT``, goes to stdout (port 0 prints the bound port), then
 ``retriever metrics on http://HOST:PORT/metrics`` with ``--metrics-port`` (``exitrank.observability``:
 request ids, ``--log-format json``, ``--tracing``; the effective config is logged at start).
@@ -49,7 +51,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from exitrank.artifacts import MANIFEST, ManifestError, require_artifacts_dir, verify_manifest
-from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
+from exitrank.access import AuthConfig, load_policy
+from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs, start_health_port
 from exitrank.observability import enable_crash_stacks, setup_process
 from exitrank.observability.interceptors import ServerTelemetry, with_telemetry
 from exitrank.observability.metrics import RetrieverMetrics
@@ -89,6 +92,8 @@ class RetrieverServer:
     readiness: asyncio.Task | None = None
     metrics: RetrieverMetrics | None = None
     store: RedisStore | None = None  # closed last
+    health_server: grpc.aio.Server | None = None  # server.health_port: plaintext, health checks only
+    health_port: int | None = None  # its bound port
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, then stop the loops, close Redis."""
@@ -96,6 +101,8 @@ class RetrieverServer:
             self.readiness.cancel()
         await self.health.enter_graceful_shutdown()
         await drain_and_stop(self.server, self.guard, grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for background in self.background:
             await background.stop()
         if self.metrics is not None:
@@ -106,19 +113,25 @@ class RetrieverServer:
 
 async def start_grpc(
     core: RetrieverCore, config: ServerConfig, *, tls: ServerTLS | None = None,
-    limits: Limits | None = None, telemetry: ServerTelemetry | None = None,
+    limits: Limits | None = None, telemetry: ServerTelemetry | None = None, auth: AuthConfig | None = None,
+    metrics: RetrieverMetrics | None = None,
 ) -> RetrieverServer:
     """A started grpc.aio server for ``core`` with health checking and reflection, and its port.
 
     ``tls`` None: plaintext; ``limits`` None: ``Limits()`` (message sizes only, no rate limit);
-    ``telemetry`` None: request ids only (no metrics, access lines for server faults).
+    ``telemetry`` None: request ids only (no metrics, access lines for server faults); ``auth`` None:
+    no access policy (every caller may call every RPC); ``metrics``: counts the guard's refusals.
     """
-    tls = tls or ServerTLS()
+    tls, limits = tls or ServerTLS(), limits or Limits()
     pem = load_server_tls(tls)
-    kwargs = with_telemetry(server_kwargs(limits or Limits(), mutual=tls.mutual), telemetry or ServerTelemetry())
+    access = load_policy(auth or AuthConfig())
+    kwargs = with_telemetry(server_kwargs(limits, mutual=tls.mutual, access=access), telemetry or ServerTelemetry())
+    guard = find_guard(kwargs["interceptors"])
+    if metrics is not None and guard is not None:
+        guard.on_refusal = metrics.count_refusal
     server = grpc.aio.server(**kwargs)
     retriever_pb2_grpc.add_RetrieverServicer_to_server(
-        RetrieverServicer(core=core, batch=config.ingest_batch), server
+        RetrieverServicer(core=core, batch=config.ingest_batch, max_reply_bytes=limits.max_send_bytes), server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -126,10 +139,15 @@ async def start_grpc(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     port = bind(server, f"{config.host}:{config.port}", pem)
+    health_server = health_port = None
+    if config.health_port is not None:  # before the main port opens: a busy port stops the start here
+        health_server, health_port = await start_health_port(health_servicer, config.host, config.health_port)
+        log.info("health checks (only) in plaintext on %s:%d", config.host, health_port)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return RetrieverServer(server=server, port=port, health=health_servicer, guard=find_guard(kwargs["interceptors"]))
+    return RetrieverServer(server=server, port=port, health=health_servicer, guard=guard, health_server=health_server,
+                           health_port=health_port)
 
 
 async def watch_readiness(retriever: Retriever, store: RedisStore, health_servicer: health.aio.HealthServicer,
@@ -212,7 +230,7 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
             metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
         telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
         running = await start_grpc(retriever, config.server, tls=config.tls, limits=config.limits,
-                                   telemetry=telemetry)
+                                   telemetry=telemetry, auth=config.auth, metrics=metrics)
         undo.pop_all()  # started: from here on ``running.stop`` owns them
     running.background, running.metrics, running.store = (consumer, follower), metrics, store
     running.readiness = asyncio.create_task(watch_readiness(retriever, store, running.health))
@@ -251,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = RetrieverConfig.from_args(argv)
         load_server_tls(config.tls)  # refuse bad TLS files before starting anything
+        load_policy(config.auth)  # and a bad access policy, naming its entry
         config.redis.tls()
     except (ValueError, OSError, yaml.YAMLError) as exc:  # a bad flag, variable, file or TLS file: named
         print(f"retriever-svc: {exc}", file=sys.stderr)

@@ -2,9 +2,12 @@
 
 Each RPC converts the proto, awaits one core call, converts the answer back. Errors become gRPC
 statuses in one place, ``_status_of``: InvalidArgument -> INVALID_ARGUMENT, UnknownUser ->
-NOT_FOUND, StoreUnavailable -> UNAVAILABLE, EmbeddingsError -> FAILED_PRECONDITION, anything
-unexpected -> INTERNAL (logged). Client streams (Ingest, UpsertItems) never abort for a bad
-message: it is counted in ``rejected`` with its reason, and the valid ones are stored.
+NOT_FOUND, StoreUnavailable -> UNAVAILABLE, EmbeddingsError -> FAILED_PRECONDITION, ReplyTooLarge ->
+RESOURCE_EXHAUSTED, anything unexpected -> INTERNAL (logged). The message is the error's
+``public_message``: Redis's and Python's own texts go to the log, never to the caller. Client streams
+(Ingest, UpsertItems) never abort for a bad message: each message is checked as it arrives, a bad one
+counted in ``rejected`` with its reason and dropped at once (never buffered), and the valid ones are
+stored in batches of ``batch``.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.errors import (
     EmbeddingsError,
     InvalidArgument,
+    ReplyTooLarge,
     RetrievalError,
     StoreUnavailable,
     UnknownUser,
 )
-from retriever_svc.records import CatalogItem, IngestResult, Interaction, Neighbors
+from retriever_svc.records import CatalogItem, IngestResult, Interaction, Neighbors, check_item, refusal
 
 log = logging.getLogger(__name__)
 M = TypeVar("M")
@@ -40,6 +44,9 @@ class RetrieverCore(Protocol):
     async def ingest(self, events: Sequence[Interaction], *, first_index: int = 0) -> IngestResult:
         """Validate events and append the valid ones durably to the stream."""
 
+    def check_event(self, event: Interaction) -> Interaction:
+        """The event if valid now, else InvalidArgument naming the field."""
+
     async def upsert_items(self, items: Sequence[CatalogItem], *, first_index: int = 0) -> IngestResult:
         """Validate items and store the valid ones in the catalog."""
 
@@ -50,9 +57,10 @@ class RetrieverCore(Protocol):
                           embedding_version: str | None = None) -> UserContext:
         """The user's recent history and its k nearest users' histories."""
 
-    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None
-                        ) -> tuple[list[CatalogItem], list[str]]:
-        """Catalog entries found (request order) and the ids missing."""
+    async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None,
+                        max_reply_bytes: int | None = None) -> tuple[list[CatalogItem], list[str]]:
+        """Catalog entries found (request order) and the ids missing; ReplyTooLarge, before
+        reading them, when their stored sizes exceed ``max_reply_bytes``."""
 
     def vectors_version(self, requested: str) -> str:
         """The embedding version that answers a request for ``requested`` ("" = the current)."""
@@ -68,6 +76,8 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, EmbeddingsError):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(exc, ReplyTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 
 
@@ -79,7 +89,9 @@ def _aborts_on_error(rpc: Callable[..., Awaitable[R]]) -> Callable[..., Awaitabl
         except grpc.aio.AbortError:
             raise
         except RetrievalError as exc:
-            await context.abort(_status_of(exc), str(exc))
+            if isinstance(exc, StoreUnavailable):
+                log.warning("%s: %s", rpc.__name__, exc)  # the detail, for operators only
+            await context.abort(_status_of(exc), exc.public_message())
         except Exception:  # a bug: say so, never crash the server
             log.exception("%s failed", rpc.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {rpc.__name__}")
@@ -89,20 +101,23 @@ def _aborts_on_error(rpc: Callable[..., Awaitable[R]]) -> Callable[..., Awaitabl
 
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
-    """Args: core: the retriever core; batch: stream messages handed to the core per call."""
+    """Args: core: the retriever core; batch: stream messages handed to the core per call;
+    max_reply_bytes: the server's reply limit (``limits.max_send_bytes``), checked before GetItems reads."""
 
-    def __init__(self, *, core: RetrieverCore, batch: int = 512) -> None:
+    def __init__(self, *, core: RetrieverCore, batch: int = 512, max_reply_bytes: int | None = None) -> None:
         self._core = core
         self._batch = batch
+        self._max_reply_bytes = max_reply_bytes
 
     @_aborts_on_error
     async def Ingest(self, request_iterator: AsyncIterator[common_pb2.Interaction], context):
-        result = await self._drain(request_iterator, _interaction, self._core.ingest)
+        result = await self._drain(request_iterator, _interaction, self._core.check_event, self._core.ingest,
+                                   "interaction")
         return _summary(result)
 
     @_aborts_on_error
     async def UpsertItems(self, request_iterator: AsyncIterator[common_pb2.Item], context):
-        result = await self._drain(request_iterator, _catalog_item, self._core.upsert_items)
+        result = await self._drain(request_iterator, _catalog_item, check_item, self._core.upsert_items, "item")
         return _summary(result)
 
     @_aborts_on_error
@@ -135,7 +150,8 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     @_aborts_on_error
     async def GetItems(self, request: retriever_pb2.GetItemsRequest, context):
         version = request.embedding_version if request.with_embeddings else None
-        found, missing = await self._core.get_items(list(request.item_ids), embedding_version=version)
+        found, missing = await self._core.get_items(list(request.item_ids), embedding_version=version,
+                                                    max_reply_bytes=self._max_reply_bytes)
         return retriever_pb2.GetItemsResponse(
             items=[
                 common_pb2.Item(item_id=i.item_id, title=i.title, attributes=i.attributes,
@@ -151,17 +167,28 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
         self,
         messages: AsyncIterator[M],
         convert: Callable[[M], Any],
+        check: Callable[[Any], Any],
         store: Callable[..., Awaitable[IngestResult]],
+        kind: str,
     ) -> IngestResult:
-        """Hand a client stream to the core in batches; sum the results."""
-        total, batch, index = IngestResult(), [], 0
+        """Hand a client stream to the core in batches of valid records, each checked as it arrives
+        (a bad one is counted and dropped, so a batch never holds more than ``batch`` valid, bounded
+        records); sum the results."""
+        total, batch, index, first = IngestResult(), [], 0, 0
         async for message in messages:
-            batch.append(convert(message))
+            try:
+                record = check(convert(message))
+            except InvalidArgument as exc:
+                total += IngestResult(0, 1, (refusal(kind, index, exc),))
+            else:
+                first = index if not batch else first
+                batch.append(record)
+            index += 1
             if len(batch) >= self._batch:
-                total += await store(batch, first_index=index)
-                index, batch = index + len(batch), []
+                total += await store(batch, first_index=first)
+                batch = []
         if batch:
-            total += await store(batch, first_index=index)
+            total += await store(batch, first_index=first)
         return total
 
 

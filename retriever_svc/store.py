@@ -283,6 +283,17 @@ class RedisStore:
         return int(await self.client.get(self.keys.catalog) or 0)
 
     @guarded
+    async def item_sizes(self, item_ids: Sequence[str]) -> list[int]:
+        """Bytes of each stored catalog entry's JSON (0 for unknown ids): one round trip of STRLEN,
+        so a reply's size is known before any entry is read."""
+
+        def build(pipe: Any) -> None:
+            for item_id in item_ids:
+                pipe.strlen(self.keys.item(item_id))
+
+        return [int(n) for n in await self._execute(build)] if item_ids else []
+
+    @guarded
     async def get_items(self, item_ids: Sequence[str]) -> list[CatalogItem | None]:
         """Catalog entries in request order, None for unknown ids (one round trip)."""
 

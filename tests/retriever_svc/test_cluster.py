@@ -129,3 +129,21 @@ async def test_retriever_end_to_end_on_the_cluster(cluster_store, clustered, bru
     again = await restarted.nearest_users("newcomer", 4)
     np.testing.assert_allclose([s for _, s in again.neighbors],
                                [s for _, s in answer.neighbors], atol=1e-6)
+
+
+async def test_reply_sizes_are_read_across_the_nodes_before_the_items(cluster_store):
+    """GetItems's size check (one STRLEN pipeline, its keys on every node) refuses before reading."""
+    from retriever_svc.errors import ReplyTooLarge
+
+    retriever = Retriever(store=cluster_store, config=IndexConfig(kind="exact"), replica="s")
+    ids = [f"sized{j}" for j in range(90)]
+    await retriever.upsert_items([CatalogItem(i, "t" * 500, {"a": "v" * 1000}) for i in ids])
+    owners = {cluster_store.client.get_node_from_key(cluster_store.keys.item(i)).name for i in ids}
+    sizes = await cluster_store.item_sizes(ids + ["absent"])
+    assert len(owners) == 3 and sizes[-1] == 0 and all(s > 1500 for s in sizes[:-1])
+    found, _ = await retriever.get_items(ids, max_reply_bytes=sum(sizes) + 90 * 40)
+    assert len(found) == 90
+    before = cluster_store.round_trips
+    with pytest.raises(ReplyTooLarge, match="over limits.max_send_bytes=100000"):
+        await retriever.get_items(ids, max_reply_bytes=100_000)
+    assert cluster_store.round_trips - before == 1  # the sizes only: no entry was read

@@ -2,6 +2,7 @@
 
     python -m tests.support.pki certs/            # ca, server (localhost, 127.0.0.1), client
     python -m tests.support.pki certs/ --host retriever.internal --client feed-server
+    python -m tests.support.pki infra/certs --exitrank   # the compose file's: one per workload (below)
     retriever-svc serve ... --tls-cert certs/server.crt --tls-key certs/server.key \
         --tls-client-ca certs/ca.crt
     ranker-svc serve ... --retriever-tls-ca certs/ca.crt \
@@ -60,8 +61,10 @@ class DevCA:
     def cert(self) -> Path:
         return self.issued.cert
 
-    def server(self, stem: str = "server", *, hosts: Sequence[str] = ("localhost", "127.0.0.1")) -> Issued:
-        """A server certificate whose subjectAltNames are ``hosts`` (DNS names or IP addresses)."""
+    def server(self, stem: str = "server", *, hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+               client: bool = False) -> Issued:
+        """A server certificate whose subjectAltNames are ``hosts`` (DNS names or IP addresses); with
+        ``client`` also for client authentication (a service that calls another one with it)."""
         from cryptography import x509  # noqa: PLC0415
         from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -71,14 +74,17 @@ class DevCA:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        return self._issue(stem, hosts[0], ExtendedKeyUsageOID.SERVER_AUTH,
-                           x509.SubjectAlternativeName(names))
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+        return self._issue(stem, hosts[0], usages, x509.SubjectAlternativeName(names))
 
-    def client(self, stem: str = "client", *, name: str = "client") -> Issued:
-        """A client certificate with common name ``name`` (its subject: ``CN=<name>,O=exitrank dev``)."""
-        from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: PLC0415
+    def client(self, stem: str = "client", *, name: str = "client", dns_names: Sequence[str] = ()) -> Issued:
+        """A client certificate with common name ``name`` (its subject: ``CN=<name>,O=exitrank dev``) and,
+        as cert-manager issues them, ``dns_names`` as subjectAltNames."""
+        from cryptography import x509  # noqa: PLC0415
+        from cryptography.x509.oid import ExtendedKeyUsageOID
 
-        return self._issue(stem, name, ExtendedKeyUsageOID.CLIENT_AUTH, None)
+        alt = x509.SubjectAlternativeName([x509.DNSName(n) for n in dns_names]) if dns_names else None
+        return self._issue(stem, name, [ExtendedKeyUsageOID.CLIENT_AUTH], alt)
 
     def _issue(self, stem: str, common_name: str, usage, alt_names) -> Issued:
         from cryptography import x509  # noqa: PLC0415
@@ -89,7 +95,7 @@ class DevCA:
         builder = self._builder(_name(common_name), key.public_key())
         builder = builder.add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         builder = builder.add_extension(_key_usage(ca=False), critical=True)
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(list(usage)), critical=False)
         if alt_names is not None:
             builder = builder.add_extension(alt_names, critical=False)
         return self._write(stem, key, builder.sign(self._key, hashes.SHA256()))
@@ -130,13 +136,35 @@ def _key_usage(*, ca: bool):
                          encipher_only=False, decipher_only=False)
 
 
+def issue_exitrank(out: Path, *, days: int = 30) -> list[Path]:
+    """The compose file's certificates (infra/compose.yaml), named as the access policy's identities
+    (infra/access-policy.yaml): ``retriever`` and ``ranker`` servers (the ranker's also its client
+    certificate), ``feed-server`` and ``ingest`` clients, and ``ca.crt``. Keys are left readable by
+    the containers' user (0644): a development CA only."""
+    ca = DevCA(out, days=days)
+    local = ("localhost", "127.0.0.1")
+    issued = [ca.server("retriever", hosts=("retriever", "retriever.exitrank.svc", *local)),
+              ca.server("ranker", hosts=("ranker", "ranker.exitrank.svc", *local), client=True),
+              ca.client("feed-server", name="feed-server", dns_names=["feed-server.exitrank.svc"]),
+              ca.client("ingest", name="ingest", dns_names=["ingest.exitrank.svc"])]
+    for item in issued:
+        item.key.chmod(0o644)  # the containers run as uid 10001
+    return [ca.cert] + [path for item in issued for path in (item.cert, item.key)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.support.pki", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path, help="directory for ca.crt, server.crt/key, client.crt/key")
     parser.add_argument("--host", action="append", help="server name or IP (repeatable; default localhost, 127.0.0.1)")
     parser.add_argument("--client", default="client", help="client certificate common name")
     parser.add_argument("--days", type=int, default=1)
+    parser.add_argument("--exitrank", action="store_true", help="the compose file's set: retriever, ranker, "
+                        "feed-server, ingest (valid 30 days unless --days)")
     args = parser.parse_args(argv)
+    if args.exitrank:
+        for path in issue_exitrank(args.out, days=30 if args.days == 1 else args.days):
+            print(path)
+        return 0
     ca = DevCA(args.out, days=args.days)
     server = ca.server(hosts=args.host or ("localhost", "127.0.0.1"))
     client = ca.client(name=args.client)
