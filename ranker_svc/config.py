@@ -7,15 +7,16 @@ command-line flags (later wins); each core class receives only its section. Exam
     model: {artifacts_dir: artifacts, dtype: auto, engine: torch, num_threads: 0, device: auto,
             tensor_parallel: 1, onnx_dir: null, reload_interval_s: 2.0}
     exits: {criterion: null}            # null fields keep the artifact's calibrated policy
-    batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_wait_ms: 2.0,
-               max_batch_rows: 256, shared_context: true}
-    server: {host: 127.0.0.1, port: 50052, grace_s: 5.0}
+    batching: {batch_size: 32, max_candidates: 512, max_pending_requests: 64, max_pending_per_client: 0,
+               max_wait_ms: 2.0, max_batch_rows: 256, shared_context: true}
+    server: {host: 127.0.0.1, port: 50052, grace_s: 5.0, health_port: null}
     retriever: {target: 127.0.0.1:50051, timeout_s: 0.5, title_cache_size: 100000,
                 breaker_failures: 5, breaker_cooldown_s: 2.0,
-                tls: false, tls_ca: null, tls_cert: null, tls_key: null, tls_server_name: ""}
+                tls: false, tls_ca: null, tls_cert: null, tls_key: null, tls_server_name: "", token_file: null}
     tls: {cert: null, key: null, client_ca: null}          # exitrank.security.ServerTLS
     limits: {max_receive_bytes: 4194304, max_send_bytes: 16777216, rate_per_s: 0, burst: 0,
-             max_clients: 10000, trust_client_id: false}   # exitrank.security.Limits
+             max_clients: 10000, trust_client_id: false, max_concurrent_per_client: 256}   # exitrank.security.Limits
+    auth: {policy: /etc/exitrank/policy.yaml}             # exitrank.access.AuthConfig: who may call what
     observability: {metrics_port: 9452, log_format: json, access_log: errors, tracing: none}
                                      # exitrank.observability.config.ObservabilityConfig
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from exitrank import config_sources
+from exitrank.access import AuthConfig
 from exitrank.config_sources import ConfigError
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import ClientTLS, Limits, ServerTLS
@@ -107,6 +109,9 @@ class BatchingConfig:
         batch_size: full prompts per forward pass (offline scoring, engines without context sharing).
         max_candidates: candidates one request may carry.
         max_pending_requests: requests in progress at once, retrieval to scores (more: RESOURCE_EXHAUSTED).
+        max_pending_per_client: of those, how many one client (its certificate, token, or address:
+            ``exitrank.grpc_security.client_identity``) may hold; 0 (default): three quarters of
+            ``max_pending_requests``, so one client's RankStreams or bursts leave room for the others.
         max_wait_ms: how long a request may wait for others to share its batch (0: no waiting).
         max_batch_rows: candidate rows per batch of concurrent requests (and per suffix pass).
         shared_context: encode each request's context once and score candidates as suffixes.
@@ -115,6 +120,7 @@ class BatchingConfig:
     batch_size: int = 32
     max_candidates: int = MAX_CANDIDATES
     max_pending_requests: int = 64
+    max_pending_per_client: int = 0
     max_wait_ms: float = 2.0
     max_batch_rows: int = 256
     shared_context: bool = True
@@ -130,17 +136,31 @@ class BatchingConfig:
             raise ConfigError("batching.max_candidates", f"must be in 1..{MAX_CANDIDATES}, got {self.max_candidates}")
         if self.max_pending_requests < 1:
             raise ConfigError("batching.max_pending_requests", f"must be >= 1, got {self.max_pending_requests}")
+        if not 0 <= self.max_pending_per_client <= self.max_pending_requests:
+            raise ConfigError("batching.max_pending_per_client", "must be in 0..batching.max_pending_requests "
+                              f"(0: three quarters of it), got {self.max_pending_per_client}")
+
+    @property
+    def client_share(self) -> int:
+        """Requests one client may have in progress (``max_pending_per_client``, 0 resolved)."""
+        return self.max_pending_per_client or max(1, (3 * self.max_pending_requests) // 4)
 
 
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
+    """The gRPC listener; ``health_port``: a second, plaintext port answering only gRPC health checks
+    (kubelet's gRPC probes speak neither TLS nor mutual TLS; None: none)."""
+
     host: str = "127.0.0.1"
     port: int = 50052
     grace_s: float = 5.0
+    health_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError("server.port", f"must be in 0..65535 (0: any free port), got {self.port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError("server.health_port", f"must be in 0..65535, got {self.health_port}")
         if self.grace_s < 0:
             raise ConfigError("server.grace_s", f"must be >= 0, got {self.grace_s}")
 
@@ -157,6 +177,9 @@ class RetrieverConfig:
     retriever is skipped for ``breaker_cooldown_s`` (Rank goes on without neighbours, titles come
     from the cache), then one probe call decides whether it is back.
 
+    ``token_file``: a file holding this ranker's bearer token, sent as ``authorization: Bearer`` on
+    every call to a retriever whose access policy identifies callers by token (``exitrank.access``).
+
     ``title_cache_size``: catalog titles kept (an LRU; ``ranker_svc.retriever_client.TitleCache``).
     They do not expire with time: a title is valid until the catalog changes (the retriever's
     ``catalog_version``), and while the retriever is unreachable the last title known is used."""
@@ -171,13 +194,14 @@ class RetrieverConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_server_name: str = ""
+    token_file: Path | None = None
 
     def client_tls(self) -> ClientTLS:
         return ClientTLS(enabled=self.tls, ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key,
                          server_name=self.tls_server_name, flag_prefix="--retriever-tls")
 
     def __post_init__(self) -> None:
-        for key in ("tls_ca", "tls_cert", "tls_key"):  # YAML gives strings
+        for key in ("tls_ca", "tls_cert", "tls_key", "token_file"):  # YAML gives strings
             if getattr(self, key) is not None:
                 object.__setattr__(self, key, Path(getattr(self, key)))
         self.client_tls()  # cert and key together
@@ -200,6 +224,7 @@ class RankerConfig:
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     tls: ServerTLS = field(default_factory=ServerTLS)
     limits: Limits = field(default_factory=Limits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
     @classmethod
@@ -231,6 +256,11 @@ def add_security_flags(serve) -> None:
     group.add_argument("--rate-burst", type=int, help="token bucket size (0: 2x --rate-limit)")
     group.add_argument("--trust-client-id", action="store_true", default=None,
                        help="count calls by their x-client-id metadata (behind a trusted gateway only)")
+    group.add_argument("--max-concurrent-per-client", type=int,
+                       help="calls one client may have in progress (default 256; 0: no cap)")
+    group.add_argument("--auth-policy", type=Path, help="access policy YAML: who may call which RPC (default: anyone)")
+    group.add_argument("--health-port", type=int, help="plaintext port answering only health checks (kubelet probes)")
+    group.add_argument("--retriever-token-file", type=Path, help="bearer token this ranker sends to the retriever")
     group.add_argument("--retriever-tls", action="store_true", default=None,
                        help="TLS to the retriever, verified against the system roots")
     group.add_argument("--retriever-tls-ca", type=Path, help="PEM CA of the retriever's certificate")
@@ -242,9 +272,13 @@ def add_security_flags(serve) -> None:
 _SECURITY_FLAGS = {
     "tls": {"cert": "tls_cert", "key": "tls_key", "client_ca": "tls_client_ca"},
     "limits": {"max_receive_bytes": "max_receive_bytes", "max_send_bytes": "max_send_bytes",
-               "rate_per_s": "rate_limit", "burst": "rate_burst", "trust_client_id": "trust_client_id"},
+               "rate_per_s": "rate_limit", "burst": "rate_burst", "trust_client_id": "trust_client_id",
+               "max_concurrent_per_client": "max_concurrent_per_client"},
     "retriever": {"tls": "retriever_tls", "tls_ca": "retriever_tls_ca", "tls_cert": "retriever_tls_cert",
-                  "tls_key": "retriever_tls_key", "tls_server_name": "retriever_tls_server_name"},
+                  "tls_key": "retriever_tls_key", "tls_server_name": "retriever_tls_server_name",
+                  "token_file": "retriever_token_file"},
+    "auth": {"policy": "auth_policy"},
+    "server": {"health_port": "health_port"},
 }
 
 

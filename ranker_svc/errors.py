@@ -6,8 +6,10 @@
     ├── InvalidArgument(field, msg)  INVALID_ARGUMENT  a request field (or exit policy) is out of range
     ├── UnknownItems(item_ids)       NOT_FOUND         candidates the catalog does not hold
     ├── ContextUnavailable           UNAVAILABLE       the retriever cannot resolve candidate titles
-    │   └── EmbeddingVersionUnavailable FAILED_PRECONDITION the retriever no longer serves the
-    │                                  embedding version this ranker's soft tokens were trained on
+    │   ├── EmbeddingVersionUnavailable FAILED_PRECONDITION the retriever no longer serves the
+    │   │                              embedding version this ranker's soft tokens were trained on
+    │   └── RetrieverOverloaded      RESOURCE_EXHAUSTED the retriever refused for load: passed on as
+    │                                  such, so clients back off instead of retrying (UNAVAILABLE)
     ├── Overloaded                   RESOURCE_EXHAUSTED too many requests are already waiting
     ├── DeadlineExceeded             DEADLINE_EXCEEDED the caller's deadline passed before scoring
     └── ArtifactError                FAILED_PRECONDITION the ranker artifact is missing or inconsistent
@@ -63,6 +65,10 @@ class EmbeddingVersionUnavailable(ContextUnavailable):
                          "embeddings")
         self.version = version
         self.detail = detail
+
+
+class RetrieverOverloaded(ContextUnavailable):
+    """The retriever answered RESOURCE_EXHAUSTED (its rate or concurrency limit, or a reply too large)."""
 
 
 class Overloaded(RankerError):

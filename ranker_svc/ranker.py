@@ -122,11 +122,16 @@ class Ranker:
         )
         self.observer: RankObserver | None = None
         self._in_progress = 0  # rank() calls admitted, from their retrieval to their scores
+        self._by_client: dict[str, int] = {}  # of those, each client's (clients with none are dropped)
 
     def attach_observer(self, observer: RankObserver | None) -> None:
         """Report served requests and model batches to ``observer`` (None: stop reporting)."""
         self.observer = observer
         self.batcher.on_batch = None if observer is None else observer.observe_batch
+
+    def in_progress(self, client: str | None = None) -> int:
+        """Requests admitted and not yet answered: all of them, or ``client``'s."""
+        return self._in_progress if client is None else self._by_client.get(client, 0)
 
     @property
     def policy(self) -> ExitPolicy:
@@ -148,14 +153,16 @@ class Ranker:
 
     async def rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
-        policy: ExitPolicy | None = None, deadline: float | None = None,
+        policy: ExitPolicy | None = None, deadline: float | None = None, client: str | None = None,
     ) -> RankResult:
         """Scores every candidate for ``user_id``, in request order.
 
         At most ``batching.max_pending_requests`` requests are in progress at once, from their
         retrieval to their scores; more raise ``Overloaded`` at once, before any retriever or model
         work (waiting retrievals would otherwise pile up unbounded, and the batcher's queue is
-        bounded by this admission alone).
+        bounded by this admission alone). One ``client`` (the caller's identity; None: an in-process
+        caller, not counted) holds at most ``batching.client_share`` of them, so one client's
+        RankStreams or bursts cannot shut the others out.
 
         Args:
             num_neighbors: similar users in the prompt, 0..16; 0: the artifact's default.
@@ -170,11 +177,23 @@ class Ranker:
         if self._in_progress >= self.batching.max_pending_requests:
             raise Overloaded(f"{self._in_progress} requests are already in progress "
                              "(batching.max_pending_requests); retry with backoff")
+        held = 0 if client is None else self._by_client.get(client, 0)
+        if client is not None and held >= self.batching.client_share:
+            raise Overloaded(f"this client already has {held} requests in progress, its share of the ranker "
+                             "(batching.max_pending_per_client); retry with backoff")
         self._in_progress += 1
+        if client is not None:
+            self._by_client[client] = held + 1
         try:
             return await self._rank(user_id, candidate_item_ids, num_neighbors, policy, deadline)
         finally:
             self._in_progress -= 1
+            if client is not None:
+                left = self._by_client[client] - 1
+                if left:
+                    self._by_client[client] = left
+                else:
+                    del self._by_client[client]
 
     async def _rank(self, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int,
                     policy: ExitPolicy | None, deadline: float | None) -> RankResult:
@@ -261,8 +280,9 @@ class Ranker:
                                                         embedding_version=self.pinned_version)
         except ContextUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated at the boundary
-            raise ContextUnavailable(f"catalog look-up failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - translated at the boundary; its text is for the log only
+            log.warning("catalog look-up of %d candidates failed", len(item_ids), exc_info=True)
+            raise ContextUnavailable("the catalog look-up of the candidates failed; retry later") from exc
 
     async def _item_vectors(self, item_ids: list[str], deadline: float | None) -> dict | None:
         """The candidates' vectors of the pinned version (soft tokens), or None for text-only models."""

@@ -134,6 +134,10 @@ class ReloadingRanker:
     def num_layers(self) -> int:
         return self._current.num_layers
 
+    def in_progress(self, client: str | None = None) -> int:
+        """``Ranker.in_progress`` of the current model."""
+        return self._current.in_progress(client)
+
     @property
     def batcher(self) -> MicroBatcher:
         """The current model's micro-batcher (a replaced model's finishes its own queue)."""
@@ -141,11 +145,12 @@ class ReloadingRanker:
 
     async def rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
-        policy: ExitPolicy | None = None, deadline: float | None = None,
+        policy: ExitPolicy | None = None, deadline: float | None = None, client: str | None = None,
     ) -> RankResult:
         """``Ranker.rank`` on the model current when the call starts (read once, here)."""
         return await self._current.rank(user_id=user_id, candidate_item_ids=candidate_item_ids,
-                                        num_neighbors=num_neighbors, policy=policy, deadline=deadline)
+                                        num_neighbors=num_neighbors, policy=policy, deadline=deadline,
+                                        client=client)
 
     def attach_observer(self, observer: RankObserver | None) -> None:
         """Report to ``observer`` from this model and every model swapped in later."""

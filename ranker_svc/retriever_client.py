@@ -20,7 +20,9 @@ its connection at least every ``RECONNECT_BACKOFF_MS``, so a returning retriever
 first probe after it is back.
 
 The channel is TLS when ``retriever.tls``/``tls_ca`` is set, presenting ``tls_cert`` for a
-retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``). It accepts replies
+retriever that requires mutual TLS (``exitrank.grpc_security.open_channel``); with
+``retriever.token_file`` every call also carries ``authorization: Bearer <token>``, for a retriever
+whose access policy knows this ranker by token (``exitrank.access``). It accepts replies
 up to the retriever's default send limit (16 MiB, ``Limits.max_send_bytes``) rather than gRPC's
 client default of 4 MiB, which a GetContext at its bounds (100 neighbours x 200 titles) exceeds.
 
@@ -40,6 +42,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from exitrank.access import BEARER_KEY, read_token
 from exitrank.grpc_security import open_channel
 from exitrank.observability import tracing
 from exitrank.observability.context import outgoing_metadata
@@ -47,7 +50,7 @@ from exitrank.security import Limits, load_client_tls
 from exitrank.types import HistoryItem, NeighborContext, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.config import RetrieverConfig
-from ranker_svc.errors import ContextUnavailable, EmbeddingVersionUnavailable
+from ranker_svc.errors import ContextUnavailable, EmbeddingVersionUnavailable, RetrieverOverloaded
 
 log = logging.getLogger(__name__)
 GET_ITEMS_CHUNK = 10_000  # the retriever's GetItems limit
@@ -175,6 +178,8 @@ class RetrieverClient:
         if channel is None and not config.target:
             raise ValueError("retriever.target is empty: pass --retriever HOST:PORT")
         self.config = config
+        token = None if config.token_file is None else read_token(config.token_file, "retriever.token_file")
+        self._auth = () if token is None else ((BEARER_KEY, f"Bearer {token}"),)
         self._channel = channel or open_channel(config.target, load_client_tls(config.client_tls()), options=[
             ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
             ("grpc.initial_reconnect_backoff_ms", min(100, RECONNECT_BACKOFF_MS)),
@@ -187,13 +192,17 @@ class RetrieverClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    def _metadata(self) -> list[tuple[str, str]]:
+        """The call's request id and trace context, and this ranker's bearer token when it has one."""
+        return [*outgoing_metadata(), *self._auth]
+
     async def _call(self, name: str, rpc, request, timeout_s: float):
         """One retriever call carrying this request's ``x-request-id`` and, when tracing is on,
         the trace context of a client span around it; the breaker sees its outcome."""
         verdict = False
         try:
             with tracing.span(name, kind="client", attributes={"rpc.system": "grpc"}):
-                reply = await rpc(request, timeout=timeout_s, metadata=outgoing_metadata())
+                reply = await rpc(request, timeout=timeout_s, metadata=self._metadata())
             verdict = True
             self.breaker.success()
             return reply
@@ -278,7 +287,7 @@ class RetrieverClient:
         the breaker's business: ranking goes on without it). One GetItems for no items."""
         request = retriever_pb2.GetItemsRequest(with_embeddings=True, embedding_version=version)
         try:
-            reply = await self._stub.GetItems(request, timeout=timeout_s, metadata=outgoing_metadata())
+            reply = await self._stub.GetItems(request, timeout=timeout_s, metadata=self._metadata())
             _check_version(version, reply.vectors_version)
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
@@ -305,9 +314,13 @@ class RetrieverClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and embedding_version is not None:
                 raise EmbeddingVersionUnavailable(embedding_version, exc.details() or "") from exc
+            # gRPC's details name addresses and transport internals: logged, not passed to the caller
+            log.warning("GetItems of %d ids failed: %s %s", len(item_ids), exc.code().name, exc.details())
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise RetrieverOverloaded("the retriever refused the candidate titles' look-up for load "
+                                          "(RESOURCE_EXHAUSTED); retry with backoff") from exc
             raise ContextUnavailable(
-                f"retriever at {self.config.target or 'the configured channel'} could not resolve "
-                f"candidate titles: {exc.code().name} {exc.details()}"
+                f"the retriever could not resolve candidate titles ({exc.code().name}); retry later"
             ) from exc
         _check_version(embedding_version, reply.vectors_version)
         self.titles.observe(reply.catalog_version)

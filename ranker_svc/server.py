@@ -8,7 +8,8 @@ The server is where the model runtime is chosen (:func:`build_engine`: ``torch``
         --config ranker.yaml                     # YAML sections as in ranker_svc/config.py
     ranker-svc serve ... --engine onnx           # or deepspeed (--tensor-parallel N under `deepspeed --num_gpus N`)
     ranker-svc serve ... --tls-cert s.crt --tls-key s.key --tls-client-ca ca.crt \
-        --retriever-tls-ca ca.crt --retriever-tls-cert c.crt --retriever-tls-key c.key --rate-limit 500
+        --retriever-tls-ca ca.crt --retriever-tls-cert c.crt --retriever-tls-key c.key --rate-limit 500 \
+        --auth-policy policy.yaml --health-port 8081   # who may call what (exitrank.access); probes in plaintext
     EXITRANK_RANKER_BATCHING_MAX_WAIT_MS=5 ranker-svc serve ...   # env overrides (file < env < flags)
     ranker-svc serve ... --metrics-port 9452 --log-format json --tracing otlp   # exitrank.observability
 
@@ -52,7 +53,8 @@ from exitrank.observability.settings import log_settings
 from exitrank.ports import check_service_ports
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc.artifact import LoadedRanker, load_ranker
-from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs
+from exitrank.access import load_policy
+from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs, start_health_port
 from exitrank.security import load_client_tls, load_server_tls
 from ranker_svc.config import DTYPES, ENGINES, RankerConfig, add_security_flags, with_security_flags
 from ranker_svc.engine import Engine, TorchEngine, deepspeed_engine, serving_device
@@ -163,6 +165,8 @@ class RankerServer:
     watcher: ReleaseWatcher | None = None
     guard: ServerGuard | None = None  # refuses new calls with UNAVAILABLE while draining
     pin_check: asyncio.Task | None = None  # watch_embedding_pin
+    health_server: grpc.aio.Server | None = None  # server.health_port: plaintext, health checks only
+    health_port: int | None = None  # its bound port
 
     async def stop(self, grace: float | None) -> None:
         """Health NOT_SERVING, drain in-flight calls for ``grace`` seconds, close the retriever channel."""
@@ -172,6 +176,8 @@ class RankerServer:
             await self.watcher.stop()
         await self.health.enter_graceful_shutdown()
         await drain_and_stop(self.server, self.guard, grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         if self.client is not None:
             await self.client.close()
         if self.metrics is not None:
@@ -193,6 +199,7 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     require_artifacts_dir(config.model.artifacts_dir)
     pem = load_server_tls(config.tls)
     load_client_tls(config.retriever.client_tls())
+    access = load_policy(config.auth)  # ConfigError naming the entry, before the model loads
     release = read_release(config.model.artifacts_dir)  # a symlink resolved once: start-up reads one release
     first, client = build_ranker(config.with_section("model", artifacts_dir=release.path), context_source=context_source)
     ranker = ReloadingRanker(first)  # the servicer's core; new releases are swapped in behind it
@@ -201,7 +208,10 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
         metrics = RankerMetrics(num_layers=ranker.num_layers, pending=lambda: ranker.batcher.pending)
         ranker.attach_observer(metrics)
     telemetry = ServerTelemetry(metrics=metrics, access_log=obs.access_log)
-    kwargs = with_telemetry(server_kwargs(config.limits, mutual=config.tls.mutual), telemetry)
+    kwargs = with_telemetry(server_kwargs(config.limits, mutual=config.tls.mutual, access=access), telemetry)
+    guard = find_guard(kwargs["interceptors"])
+    if metrics is not None and guard is not None:
+        guard.on_refusal = metrics.count_refusal
     server = grpc.aio.server(**kwargs)
     ranker_pb2_grpc.add_RankerServicer_to_server(RankerServicer(core=ranker), server)
     health_servicer = health.aio.HealthServicer()
@@ -210,6 +220,11 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     port = bind(server, f"{config.server.host}:{config.server.port}", pem)
     if metrics is not None:
         metrics.serve(obs.metrics_host or config.server.host, obs.metrics_port)
+    health_server = health_port = None
+    if config.server.health_port is not None:  # before the main port opens: a busy port stops the start here
+        health_server, health_port = await start_health_port(health_servicer, config.server.host,
+                                                             config.server.health_port)
+        log.info("health checks (only) in plaintext on %s:%d", config.server.host, health_port)
     await server.start()
     serving = await check_embedding_pin(ranker, client, health_servicer, serving=None)
     scorer = first.scorer
@@ -220,7 +235,8 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     pin_check = None if client is None else asyncio.create_task(
         watch_embedding_pin(ranker, client, health_servicer, serving=serving))
     return RankerServer(server=server, port=port, health=health_servicer, ranker=ranker, client=client, watcher=watcher,
-                        metrics=metrics, guard=find_guard(kwargs["interceptors"]), pin_check=pin_check)
+                        metrics=metrics, guard=guard, pin_check=pin_check, health_server=health_server,
+                        health_port=health_port)
 
 
 async def check_embedding_pin(core: ReloadingRanker, client: RetrieverClient | None,

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import grpc
 
+from exitrank.security import caller_var
 from exitrank.types import RankResult
 from exitrank.v1 import ranker_pb2, ranker_pb2_grpc
 from ranker_svc import errors
@@ -35,6 +36,7 @@ _STATUS = (  # most specific first
     (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.UnknownItems, grpc.StatusCode.NOT_FOUND),
     (errors.EmbeddingVersionUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.RetrieverOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),  # never UNAVAILABLE, which SDKs retry
     (errors.ContextUnavailable, grpc.StatusCode.UNAVAILABLE),
     (errors.Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -51,10 +53,10 @@ class RankerCore(Protocol):
 
     async def rank(
         self, *, user_id: str, candidate_item_ids: Sequence[str], num_neighbors: int = 0,
-        policy: ExitPolicy | None = None, deadline: float | None = None,
+        policy: ExitPolicy | None = None, deadline: float | None = None, client: str | None = None,
     ) -> RankResult:
         """Scores the candidates for the user by ``deadline`` (a ``time.perf_counter()`` value, None:
-        none); raises ``ranker_svc.errors`` errors."""
+        none) within ``client``'s share of the queue; raises ``ranker_svc.errors`` errors."""
 
 
 def status_of(exc: errors.RankerError) -> grpc.StatusCode:
@@ -129,7 +131,9 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
 
         async def read() -> None:
             async for request in request_iterator:
-                await window.put(asyncio.ensure_future(self._score(request, context)))
+                task = asyncio.ensure_future(self._score(request, context))
+                task.add_done_callback(_observed)  # a stream ended early leaves answers nobody reads
+                await window.put(task)
             await window.put(None)
 
         reader = asyncio.ensure_future(read())
@@ -160,7 +164,15 @@ class RankerServicer(ranker_pb2_grpc.RankerServicer):
             num_neighbors=request.num_neighbors,
             policy=policy_from_proto(request, self._core.policy),
             deadline=deadline,
+            client=caller_var.get(),  # set by the server's guard (exitrank.grpc_security)
         )
+
+
+def _observed(task: asyncio.Task) -> None:
+    """Marks a RankStream request's outcome as seen: the stream reads it, or has already ended
+    with an earlier request's status (asyncio would log it as "never retrieved")."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:

@@ -42,6 +42,8 @@ CASES = [  # (request fields over a valid request, the field the message starts 
     ({"user_id": "x" * 129}, "user_id"),
     ({"user_id": "u\x00"}, "user_id"),
     ({"user_id": "u\u009f1"}, "user_id"),
+    ({"user_id": "u{1}"}, "user_id"),  # would choose its Redis Cluster slot
+    ({"candidate_item_ids": [GOOD, "i-\u202esunny"]}, "candidate_item_ids[1]"),  # a bidi override (Cf)
     ({"candidate_item_ids": [GOOD, "x" * 129]}, "candidate_item_ids[1]"),
     ({"candidate_item_ids": ["a\nb"]}, "candidate_item_ids[0]"),
     ({"candidate_item_ids": [GOOD, "i-dull-story", GOOD]}, "candidate_item_ids[2]"),
@@ -97,7 +99,8 @@ async def test_every_bad_field_is_refused_by_name_before_any_work(request, ranke
         assert (len(servicer.deadlines), len(running.client.titles)) == (calls, cached)
         assert running.ranker.batcher.stats.batches == batches
         row.sent = row.refused = len(CASES) + len(RAW) + 3 + 1
-        row.measured = (f"{len(CASES)} Rank requests (129-byte and control-character ids, a duplicate candidate, 100,000 "
+        row.measured = (f"{len(CASES)} Rank requests (129-byte, control-character, brace and bidi ids, a duplicate "
+                        f"candidate, 100,000 "
                         f"candidates, +-2^31 neighbours/window/min_layer, NaN/inf/3.4e38 thresholds, unknown criteria) "
                         f"INVALID_ARGUMENT naming the field; invalid UTF-8 from a raw client in user_id and "
                         f"candidate_item_ids[1] and 3 garbage payloads INVALID_ARGUMENT naming the field (gRPC alone "
