@@ -18,6 +18,8 @@ from tests.conftest import await_ready, launch_service
 from tests.faults.conftest import BIN, quantile, ranker_config
 
 pytestmark = pytest.mark.anyio
+RANK_METHOD = "/exitrank.v1.Ranker/Rank"
+STALLED = 4  # calls the server has received but cannot begin: their request message is held back
 
 
 def _request(stack, n: int, candidates: int) -> ranker_pb2.RankRequest:
@@ -36,6 +38,30 @@ async def _timed(call) -> tuple[grpc.StatusCode, float, float, str]:
     return code, time.monotonic() - started, time.monotonic(), details
 
 
+def _stalled_rank(channel: grpc.aio.Channel, message: ranker_pb2.RankRequest, release: asyncio.Event):
+    """A unary Rank sent as a client stream whose one message waits for ``release``: the server receives
+    the call (its headers) at once, but begins it only when the message arrives (grpc.aio reads a unary
+    request before it calls the handler), so until then it is received and not begun."""
+    async def held():
+        await release.wait()
+        yield message
+
+    call = channel.stream_unary(RANK_METHOD, request_serializer=ranker_pb2.RankRequest.SerializeToString,
+                                response_deserializer=ranker_pb2.RankResponse.FromString)
+    return call(held(), timeout=60)
+
+
+async def _first_refusal(stub, message, timeout_s: float = 20.0) -> int:
+    """Ranks ``message`` until one is refused UNAVAILABLE (the drain has begun); how many were sent."""
+    deadline, sent = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        code, _, _, _ = await _timed(stub.Rank(message, timeout=5))
+        sent += 1
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return sent
+    raise AssertionError(f"no Rank refused within {timeout_s}s of SIGTERM")
+
+
 async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(request, tmp_path, stack_artifacts,
                                                                      retriever_process):
     config = tmp_path / "ranker.yaml"
@@ -51,17 +77,26 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(request, tmp_
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = ranker_pb2_grpc.RankerStub(channel)
                 await stub.Rank(_request(stack_artifacts, 0, 24), timeout=30)  # warm: titles cached
+                release = asyncio.Event()
+                stalled = []
+                for n in range(STALLED):  # received, never begun: on this channel before the in-flight ones
+                    call = _stalled_rank(channel, _request(stack_artifacts, n, 2), release)
+                    await call.wait_for_connection()
+                    stalled.append(asyncio.ensure_future(_timed(call)))
                 requests = [_request(stack_artifacts, n, 24) for n in range(in_flight)]
                 calls = [asyncio.ensure_future(_timed(stub.Rank(r, timeout=60))) for r in requests]
-                # the first answer: the server works through the others, queued behind the model
+                # the first answer: the server works through the others, queued behind the model (and,
+                # HTTP/2 frames being read in order, it has read the stalled calls' headers sent before)
                 await asyncio.wait(calls, return_when=asyncio.FIRST_COMPLETED)
                 signalled = time.monotonic()
                 proc.send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.3)
+                probes = await _first_refusal(stub, _request(stack_artifacts, 1, 2))  # the drain has begun
                 late = [await _timed(stub.Rank(_request(stack_artifacts, 1, 2), timeout=5)) for _ in range(3)]
                 async with grpc.aio.insecure_channel(address) as fresh:  # a new connection
                     late.append(await _timed(ranker_pb2_grpc.RankerStub(fresh).Rank(
                         _request(stack_artifacts, 1, 2), timeout=5)))
+                release.set()  # the stalled calls' messages arrive: now they begin, while draining
+                not_begun = await asyncio.gather(*stalled)
                 drained = await asyncio.gather(*calls)
             exit_status = await asyncio.to_thread(proc.wait, 60)
         finally:
@@ -71,17 +106,24 @@ async def test_sigterm_drains_in_flight_calls_and_refuses_new_ones(request, tmp_
         after_signal = sum(finished > signalled for finished in ok)
         refused = [details for code, _, _, details in drained if code != grpc.StatusCode.OK]
         # begun calls finish; calls gRPC had received but the server had not begun are refused like
-        # new ones, UNAVAILABLE (retryable), never CANCELLED
+        # new ones, UNAVAILABLE (retryable), never CANCELLED: the stalled ones always, and any of the
+        # in-flight ones the server had not begun when the drain started
         assert all("shutting down" in details for details in refused), refused
+        assert len(not_begun) == STALLED and all(
+            code == grpc.StatusCode.UNAVAILABLE and "shutting down" in details for code, _, _, details in not_begun
+        ), not_begun
         assert ok and after_signal > 0  # the drain really had work in flight
         assert [code for code, _, _, _ in late] == [grpc.StatusCode.UNAVAILABLE] * 4
         assert exit_status == 0
-        row.sent, row.refused = in_flight + len(late), len(late) + in_flight - len(ok)
+        row.sent = in_flight + STALLED + probes + len(late)
+        row.refused = len(late) + 1 + STALLED + in_flight - len(ok)
         row.measured = (f"ranker-svc process, SIGTERM once the first of {in_flight} concurrent Ranks (24 candidates) "
                         f"was answered: the {len(ok)} the server had begun answered OK ({after_signal} after the "
                         f"signal, the last {max(ok) - signalled:.2f}s after it; grace 30 s), the {len(refused)} it had "
-                        f"received but not begun refused UNAVAILABLE 'shutting down' (0 CANCELLED); 4/4 Ranks sent "
-                        f"after the signal (3 on the open channel, 1 on a new one) refused UNAVAILABLE; exit 0")
+                        f"received but not begun and {STALLED} received calls whose request arrived only during the "
+                        f"drain refused UNAVAILABLE 'shutting down' (0 CANCELLED); once a Rank was refused "
+                        f"({probes} sent after the signal), 4/4 more (3 on the open channel, 1 on a new one) refused "
+                        f"UNAVAILABLE; exit 0")
 
 
 async def test_overload_is_refused_at_once_and_the_queue_stays_bounded(request, stack_artifacts, retriever_process):
