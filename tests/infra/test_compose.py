@@ -72,7 +72,8 @@ def test_compose_health_checks_probe_the_service_port(name, service):
     assert test[:4] == ["CMD", "python", "-m", "exitrank.client"]
     args = build_parser().parse_args(test[4:])
     assert args.command == "health" and args.service == service
-    assert args.target == f"127.0.0.1:{_flag(spec['command'], '--port')}"
+    # the plaintext port that answers health checks only: the service's own port is mutual TLS
+    assert args.target == f"127.0.0.1:{_flag(spec['command'], '--health-port')}"
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -110,3 +111,27 @@ def test_cuda_image_builds_on_cuda_and_keeps_the_venv_path():
     assert copies == ["--from=build /opt/venv /opt/venv", "--from=build /app /app"]
     assert any(op == "RUN" and "scripts/install.sh /opt/venv" in a for op, a in steps)
     assert not any("whl/cpu" in a for _, a in steps)  # the CPU-only torch index would drop CUDA
+
+
+def test_compose_services_serve_mutual_tls_under_the_access_policy(tmp_path, check_retriever_argv,
+                                                                   check_ranker_argv):
+    from exitrank.access import AccessPolicy
+    from tests.support.pki import issue_exitrank
+
+    services = _compose()["services"]
+    policy = AccessPolicy.load(INFRA / "access-policy.yaml")
+    issued = {p.name for p in issue_exitrank(tmp_path)}  # what `python -m tests.support.pki infra/certs --exitrank` writes
+    for name in ("retriever", "ranker", "ranker-cuda"):
+        command = services[name]["command"]
+        mounts = dict(v.split(":")[:2] for v in services[name]["volumes"])
+        assert mounts["./certs"] == "/etc/exitrank/tls" and mounts["./access-policy.yaml"] == "/etc/exitrank/policy.yaml"
+        config = (check_retriever_argv(command[1:]) if name == "retriever"
+                  else check_ranker_argv(command[1:], services[name].get("environment", {})))
+        assert config.tls.mutual and config.auth.policy.as_posix() == "/etc/exitrank/policy.yaml"
+        files = [config.tls.cert, config.tls.key, config.tls.client_ca]
+        if name != "retriever":
+            files += [config.retriever.tls_ca, config.retriever.tls_cert, config.retriever.tls_key]
+            assert config.retriever.tls_cert == config.tls.cert  # the ranker's own certificate, identity ranker
+        assert all(f.parent.as_posix() == "/etc/exitrank/tls" and f.name in issued for f in files), files
+    assert {"feed-server.crt", "ingest.crt"} <= issued and {i.name for i in policy.identities} == {
+        "feed-server", "ingest", "ranker"}

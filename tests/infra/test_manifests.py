@@ -1,5 +1,7 @@
 """``infra/k8s``: every manifest against the Kubernetes JSON schemas (kubernetes-validate, strict: no
-unknown fields), and the wiring between them checked against the services' real CLIs and contracts."""
+unknown fields; cert-manager's resources, which it has no schema for, against the fields of
+cert-manager.io/v1 they use), and the wiring between them checked against the services' real CLIs and
+contracts: mutual TLS and the access policy on, probes on the plaintext health port, NetworkPolicies."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from exitrank.access import AccessPolicy
 from exitrank.v1 import ranker_pb2, retriever_pb2
 
 K8S = Path(__file__).resolve().parents[2] / "infra" / "k8s"
@@ -17,6 +20,34 @@ MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.ya
 VERSIONS = ("1.29.0", kubernetes_validate.utils.latest_version())
 SERVICES = {"retriever": retriever_pb2.DESCRIPTOR.services_by_name["Retriever"].full_name,
             "ranker": ranker_pb2.DESCRIPTOR.services_by_name["Ranker"].full_name}
+
+
+# the cert-manager.io/v1 fields these manifests may use (cert-manager's CRDs: Issuer, Certificate)
+CERT_MANAGER = {
+    "Issuer": {"selfSigned": dict, "ca": dict},
+    "Certificate": {"isCA": bool, "commonName": str, "secretName": str, "duration": str, "renewBefore": str,
+                    "dnsNames": list, "usages": list, "privateKey": dict, "issuerRef": dict},
+}
+USAGES = {"server auth", "client auth", "digital signature", "key encipherment"}
+
+
+def _check_cert_manager(doc: dict) -> None:
+    """Raises ValueError naming the field where ``doc`` strays from cert-manager.io/v1's schema."""
+    fields = CERT_MANAGER.get(doc["kind"])
+    if doc["apiVersion"] != "cert-manager.io/v1" or fields is None:
+        raise ValueError(f"{doc['apiVersion']} {doc['kind']}: not a cert-manager.io/v1 Issuer or Certificate")
+    spec = doc["spec"]
+    for key, value in spec.items():
+        if key not in fields or not isinstance(value, fields[key]):
+            raise ValueError(f"{doc['kind']} {doc['metadata']['name']}: spec.{key} unknown or of the wrong type")
+    if doc["kind"] == "Issuer" and len(spec) != 1:
+        raise ValueError(f"Issuer {doc['metadata']['name']}: exactly one of selfSigned, ca")
+    if doc["kind"] == "Certificate":
+        if "secretName" not in spec or set(spec["issuerRef"]) - {"name", "kind", "group"}:
+            raise ValueError(f"Certificate {doc['metadata']['name']}: secretName and issuerRef{{name, kind, group}}")
+        if not set(spec.get("usages", [])) <= USAGES or set(spec.get("privateKey", {})) - {
+                "algorithm", "size", "rotationPolicy", "encoding"}:
+            raise ValueError(f"Certificate {doc['metadata']['name']}: unknown usages or privateKey fields")
 
 
 def _docs(path: Path) -> list[dict]:
@@ -43,7 +74,10 @@ def test_manifest_validates_against_the_kubernetes_schema(path, version):
     docs = _docs(path)
     assert docs, f"{path} holds no resource"
     for doc in docs:
-        kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
+        if doc["apiVersion"].startswith("cert-manager.io/"):
+            _check_cert_manager(doc)
+        else:
+            kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "exitrank"
 
 
@@ -56,6 +90,12 @@ def test_the_validator_catches_mistakes():
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"] = {"grpcc": {"port": 1}}
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+    certificate = next(d for d in _docs(K8S / "certificates.yaml") if d["kind"] == "Certificate")
+    for key, value in (("dnsName", ["x"]), ("usages", ["server-auth"]), ("isCA", "yes")):
+        wrong = yaml.safe_load(yaml.safe_dump(certificate))
+        wrong["spec"][key] = value
+        with pytest.raises(ValueError):
+            _check_cert_manager(wrong)
 
 
 def test_kustomizations_list_every_manifest_and_patch_real_resources():
@@ -71,15 +111,22 @@ def test_kustomizations_list_every_manifest_and_patch_real_resources():
         assert patch["metadata"]["namespace"] == base["namespace"]
 
 
+def _flag(args: list[str], name: str) -> str:
+    assert name in args, f"{name} missing from {args}"
+    return args[args.index(name) + 1]
+
+
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_deployments_probe_grpc_health_of_their_service(name):
     resources = _resources()
     container = _container("Deployment", name)
     (port,) = [p["containerPort"] for p in container["ports"] if p["name"] == "grpc"]
-    assert container["readinessProbe"]["grpc"] == {"port": port, "service": SERVICES[name]}
-    assert container["livenessProbe"]["grpc"] == {"port": port}
-    assert container["startupProbe"]["grpc"]["port"] == port
-    assert "--port" in container["args"] and container["args"][container["args"].index("--port") + 1] == str(port)
+    (health,) = [p["containerPort"] for p in container["ports"] if p["name"] == "health"]
+    # kubelet's gRPC probes speak plaintext only: they ask the health port, the service port is mutual TLS
+    assert container["readinessProbe"]["grpc"] == {"port": health, "service": SERVICES[name]}
+    assert container["livenessProbe"]["grpc"] == {"port": health}
+    assert container["startupProbe"]["grpc"]["port"] == health
+    assert _flag(container["args"], "--port") == str(port) and _flag(container["args"], "--health-port") == str(health)
     service = resources[("Service", name)]
     assert service["spec"]["selector"] == resources[("Deployment", name)]["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["port"] == port and service["spec"]["ports"][0]["targetPort"] == "grpc"
@@ -176,3 +223,94 @@ def test_secret_example_defines_the_key_every_pod_reads():
     assert set(secret["stringData"]) == {"password"}
     redis = _container("StatefulSet", "redis")
     assert "$(REDIS_PASSWORD)" in redis["args"] and redis["env"][0]["name"] == "REDIS_PASSWORD"
+
+
+def _mounts(pod: dict, container: dict) -> dict[str, dict]:
+    """mountPath -> the pod volume mounted there."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    return {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+
+
+def _source(mounts: dict[str, dict], path: str) -> tuple[str, str]:
+    """(kind, name) of the Secret or ConfigMap whose volume holds ``path``, and the file's key."""
+    directory, _, key = path.rpartition("/")
+    volume = mounts[directory]
+    if "secret" in volume:
+        return f"Secret {volume['secret']['secretName']}", key
+    return f"ConfigMap {volume['configMap']['name']}", key
+
+
+def _certificates() -> dict[str, dict]:
+    """secretName -> Certificate spec."""
+    return {d["spec"]["secretName"]: d["spec"] for d in _docs(K8S / "certificates.yaml") if d["kind"] == "Certificate"}
+
+
+def test_services_serve_mutual_tls_under_the_access_policy(tmp_path, check_ranker_argv, check_retriever_argv,
+                                                           expand):
+    resources, certificates = _resources(), _certificates()
+    policy_text = resources[("ConfigMap", "exitrank-access-policy")]["data"]["policy.yaml"]
+    assert policy_text == (K8S.parent / "access-policy.yaml").read_text()  # compose reads the same policy
+    (tmp_path / "policy.yaml").write_text(policy_text)
+    policy = AccessPolicy.load(tmp_path / "policy.yaml")  # every RPC name real, every identity recognisable
+    configs = {}
+    for name in ("retriever", "ranker"):
+        pod = resources[("Deployment", name)]["spec"]["template"]["spec"]
+        container = _container("Deployment", name)
+        if name == "retriever":
+            env = _environment(container, resources, expand, **{"metadata.name": "retriever-0"})
+            config = configs[name] = check_retriever_argv([expand(a, env) for a in container["args"]],
+                                                          {"EXITRANK_REDIS_URL": env["EXITRANK_REDIS_URL"]})
+        else:
+            config = configs[name] = check_ranker_argv(container["args"], {})
+        mounts = _mounts(pod, container)
+        secret = _source(mounts, str(config.tls.cert))[0].removeprefix("Secret ")
+        assert _source(mounts, str(config.tls.cert)) == (f"Secret {secret}", "tls.crt")
+        assert _source(mounts, str(config.tls.key)) == (f"Secret {secret}", "tls.key")
+        assert _source(mounts, str(config.tls.client_ca)) == (f"Secret {secret}", "ca.crt")  # mutual TLS
+        assert _source(mounts, str(config.auth.policy)) == ("ConfigMap exitrank-access-policy", "policy.yaml")
+        assert name in certificates[secret]["dnsNames"] and "server auth" in certificates[secret]["usages"]
+        assert config.server.host == "0.0.0.0"
+    ranker, retriever_cert = configs["ranker"], certificates["exitrank-retriever-tls"]
+    own = _source(_mounts(resources[("Deployment", "ranker")]["spec"]["template"]["spec"], _container("Deployment", "ranker")),
+                  str(ranker.retriever.tls_cert))[0].removeprefix("Secret ")
+    assert ranker.retriever.tls_ca == ranker.tls.client_ca and ranker.retriever.tls_key.name == "tls.key"
+    assert "client auth" in certificates[own]["usages"]
+    assert ranker.retriever.target.split(":")[0] in retriever_cert["dnsNames"]  # the name the ranker dials
+    # every identity is a certificate cert-manager issues, and the ranker's may call what it needs
+    issued = {n: spec for spec in certificates.values() for n in spec.get("dnsNames", [])}
+    for identity in policy.identities:
+        assert identity.certificate_names and all("client auth" in issued[n]["usages"]
+                                                   for n in identity.certificate_names), identity.name
+    ranker_identity = policy.by_certificate(certificates[own]["dnsNames"])
+    assert ranker_identity.name == "ranker" and all(ranker_identity.may_call(f"/{SERVICES['retriever']}/{m}")
+                                                    for m in ("GetContext", "GetItems"))
+    assert not ranker_identity.may_call(f"/{SERVICES['retriever']}/UpsertItems")
+    feed = policy.by_certificate(certificates["exitrank-feed-server-tls"]["dnsNames"])
+    assert feed.may_call(f"/{SERVICES['ranker']}/Rank") and not feed.may_call(f"/{SERVICES['retriever']}/Ingest")
+
+
+def _ingress_peers(policy: dict, port: str) -> list[dict]:
+    """The ``from`` peers of the rules of ``policy`` that admit ``port`` ([{}] for anyone)."""
+    return [peer for rule in policy["spec"].get("ingress", []) for peer in rule.get("from", [{}])
+            if any(p["port"] == port for p in rule.get("ports", []))]
+
+
+def test_network_policies_deny_by_default_and_admit_only_the_callers():
+    resources = _resources()
+    deny = resources[("NetworkPolicy", "default-deny-ingress")]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress"]}  # no rule: nothing admitted
+    for name in ("retriever", "ranker", "redis"):
+        policy = resources[("NetworkPolicy", name)]
+        assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+    labels = lambda peer: peer.get("podSelector", {}).get("matchLabels")  # noqa: E731
+    retriever = _ingress_peers(resources[("NetworkPolicy", "retriever")], "grpc")
+    assert [labels(p) for p in retriever] == [{"app.kubernetes.io/name": "ranker"}, {"exitrank.io/client": "ingest"}]
+    ranker = _ingress_peers(resources[("NetworkPolicy", "ranker")], "grpc")
+    assert [labels(p) for p in ranker] == [{"exitrank.io/client": "feed-server"}]
+    redis = _ingress_peers(resources[("NetworkPolicy", "redis")], "redis")
+    assert [labels(p) for p in redis] == [{"app.kubernetes.io/name": "retriever"}, {"app.kubernetes.io/name": "refit"}]
+    for name in ("retriever", "ranker"):  # the kubelet's probes reach the health port, which serves only health
+        assert _ingress_peers(resources[("NetworkPolicy", name)], "health") == [{}]
+        named = {p["name"] for p in _container("Deployment", name)["ports"]}
+        assert {"grpc", "health"} <= named  # the policies' named ports exist
+    assert "redis" in {p["name"] for p in _container("StatefulSet", "redis")["ports"]}
