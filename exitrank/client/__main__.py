@@ -3,8 +3,11 @@
     python -m exitrank.client health 127.0.0.1:50052                 # exit 0 when SERVING (a probe)
     python -m exitrank.client health 127.0.0.1:50051 --service exitrank.v1.Retriever
     python -m exitrank.client rank 127.0.0.1:50052 --user u42 --items i1,i2,i3   # JSON, best CTR first
+    python -m exitrank.client load 127.0.0.1:50051 --data data/synth   # catalog + interactions, resumable
+    python -m exitrank.client ingest 127.0.0.1:50051 --user u42 --items i1,i2 # a user's clicks, now
 
-Exit status: 0 on success, 1 when not serving or the call failed (the error on stderr), 2 on bad usage.
+Exit status: 0 on success, 1 when not serving or the call failed (the error on stderr), 2 on bad usage
+(a bad flag, a data set that cannot be read). Errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import argparse
 import json
 import sys
 
-from exitrank.client import ExitrankError, RankerClient
+from pathlib import Path
+
+from exitrank.client import ExitrankError, Interaction, RankerClient, RetrieverClient
+from exitrank.client.load import DEFAULT_BATCH, STATE_FILE, LoadOptions, load
 from exitrank.client.sync import ServiceClient
 
 
@@ -33,6 +39,21 @@ def _rank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> int:
+    options = LoadOptions(data=args.data, batch=args.batch, timeout_s=args.timeout, state=args.state,
+                          restart=args.restart, progress=not args.no_progress)
+    print(json.dumps(load(args.target, options)))  # the summary: stdout's last line
+    return 0
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    events = [Interaction(args.user, item, args.rating) for item in args.items.split(",") if item]
+    with RetrieverClient(args.target, timeout=args.timeout) as retriever:
+        summary = retriever.ingest(events)
+    print(json.dumps({"accepted": summary.accepted, "rejected": summary.rejected, "errors": list(summary.errors)}))
+    return 0 if not summary.rejected else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m exitrank.client", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--num-neighbors", type=int, default=0)
     rank.add_argument("--timeout", type=float, default=10.0)
     rank.set_defaults(run=_rank)
+    load_cmd = sub.add_parser("load", help="UpsertItems from DIR/items.jsonl, then Ingest DIR/interactions.jsonl; "
+                              "resumable; prints a JSON summary")
+    load_cmd.add_argument("target", help="retriever HOST:PORT")
+    load_cmd.add_argument("--data", type=Path, required=True, help="a data set directory (trainer data synth/import)")
+    load_cmd.add_argument("--batch", type=int, default=DEFAULT_BATCH, help=f"rows per call (default {DEFAULT_BATCH})")
+    load_cmd.add_argument("--timeout", type=float, default=60.0, help="deadline of one call in seconds (default 60)")
+    load_cmd.add_argument("--state", type=Path, help=f"where progress is recorded (default DATA/{STATE_FILE})")
+    load_cmd.add_argument("--restart", action="store_true", help="ignore recorded progress: send every row again")
+    load_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    load_cmd.set_defaults(run=_load)
+    ingest = sub.add_parser("ingest", help="one user's interactions (stamped now) through Ingest; prints a JSON summary")
+    ingest.add_argument("target", help="retriever HOST:PORT")
+    ingest.add_argument("--user", required=True)
+    ingest.add_argument("--items", required=True, help="comma-separated item ids")
+    ingest.add_argument("--rating", type=float, default=1.0, help="the rating of each (default 1: a click)")
+    ingest.add_argument("--timeout", type=float, default=10.0)
+    ingest.set_defaults(run=_ingest)
     return parser
 
 
@@ -55,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except (ValueError, OSError) as exc:  # bad usage: a data set (LoadError), a state file, a flag value
+        print(f"exitrank.client: {exc}", file=sys.stderr)
+        return 2
     except ExitrankError as exc:
         print(f"exitrank.client: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("exitrank.client: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
