@@ -195,11 +195,11 @@ async def start_server(config: RankerConfig, *, context_source: ContextSource | 
     """
     obs = config.observability
     log_settings(log, config, service="ranker")
-    check_service_ports(config.server.host, config.server.port, obs)  # before the model loads
-    require_artifacts_dir(config.model.artifacts_dir)
-    pem = load_server_tls(config.tls)
+    pem = load_server_tls(config.tls)  # the settings' files first, as the retriever does
     load_client_tls(config.retriever.client_tls())
     access = load_policy(config.auth)  # ConfigError naming the entry, before the model loads
+    check_service_ports(config.server.host, config.server.port, obs)  # before the model loads
+    require_artifacts_dir(config.model.artifacts_dir)
     release = read_release(config.model.artifacts_dir)  # a symlink resolved once: start-up reads one release
     first, client = build_ranker(config.with_section("model", artifacts_dir=release.path), context_source=context_source)
     ranker = ReloadingRanker(first)  # the servicer's core; new releases are swapped in behind it
