@@ -73,3 +73,28 @@ def test_load_reports_stops_at_a_broken_line_and_resumes_after_what_was_acknowle
     assert again["items"]["sent"] == 24 and again["interactions"]["sent"] == 30 and again["rejected"] == 0
     missing = _load(address, "--data", tmp_path / "nowhere")
     assert missing.returncode == 2 and "items.jsonl is missing" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_every_command_speaks_mutual_tls_with_the_tls_flags(tmp_path, stack_artifacts, spawn_service):
+    from tests.support.pki import DevCA
+
+    ca = DevCA(tmp_path / "pki")
+    server, ingest = ca.server(), ca.client("ingest", name="ingest")
+    address = spawn_service("retriever-svc", "serve", "--port", "0", "--artifacts", str(stack_artifacts.artifacts),
+                            "--data-dir", str(tmp_path / "redis"), "--tls-cert", str(server.cert), "--tls-key",
+                            str(server.key), "--tls-client-ca", str(ca.cert), ready="retriever listening on ")
+    data = _data(tmp_path / "data", stack_artifacts.titles)
+    lines = (data / "interactions.jsonl").read_text().splitlines()
+    (data / "interactions.jsonl").write_text("\n".join(lines[:24]) + "\n")  # the good lines only
+    tls = ("--tls-ca", ca.cert, "--tls-cert", ingest.cert, "--tls-key", ingest.key)
+
+    plaintext = _load(address, "--data", data)
+    assert plaintext.returncode == 1 and len(plaintext.stderr.strip().splitlines()) == 1
+    loaded = _load(address, "--data", data, *tls)
+    assert loaded.returncode == 0, loaded.stderr
+    assert json.loads(loaded.stdout.splitlines()[-1])["accepted"] == 24 + 24
+    health = subprocess.run([sys.executable, "-m", "exitrank.client", "health", address, *map(str, tls)],
+                            capture_output=True, text=True, timeout=60)
+    assert health.returncode == 0 and health.stdout.strip() == "SERVING"
+    half = _load(address, "--data", data, "--restart", "--tls-ca", ca.cert, "--tls-cert", ingest.cert)
+    assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
