@@ -38,8 +38,11 @@ POSITIVE = ("sunny", "golden", "bright", "happy")
 NEGATIVE = ("gloomy", "rusty", "dull", "broken")
 NOUNS = ("garden", "river", "castle", "story", "journey", "forest", "city", "song")
 TITLES = {f"i-{a}-{n}": f"The {a} {n}" for a in POSITIVE + NEGATIVE for n in NOUNS}
-FIT = {"gcn": {"epochs": 5}, "tune": {"epochs": 5, "max_train": 300, "lr": 1e-2}, "heads": {"epochs": 2},
-       "calibrate": {"max_valid": 100}}  # the tuned model learns "positive adjective -> Yes" (valid AUC ~1)
+# the tuned model learns "positive adjective -> Yes": valid AUC 1.0 for seeds 0-2 at 8 epochs, lr 3e-3 (5 epochs
+# at lr 1e-2 broke through the prior for some batch orders only: valid AUC 0.60-0.64 otherwise, and the gate's
+# held-out AUC then too weak to tell an inverted candidate from noise)
+FIT = {"gcn": {"epochs": 5}, "tune": {"epochs": 8, "max_train": 300, "lr": 3e-3}, "heads": {"epochs": 2},
+       "calibrate": {"max_valid": 100}}
 
 
 def _histories(users: int, length: int, seed: int = 0) -> dict[str, list[str]]:
