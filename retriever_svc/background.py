@@ -1,7 +1,7 @@
 """``BackgroundLoop``: a service loop run as one asyncio task, stopped between iterations.
 
-The stream consumer (``consumer.py``) and the replica follower (``replicas.py``) are both such
-loops: ``run`` repeats until :meth:`BackgroundLoop.stop` sets the stopping event, and waits with
+The stream consumer (``consumer.py``), the replica follower (``replicas.py``) and the index
+maintainer (``maintenance.py``) are such loops: ``run`` repeats until :meth:`BackgroundLoop.stop` sets the stopping event, and waits with
 :meth:`BackgroundLoop._sleep`, which returns early on a stop.
 """
 

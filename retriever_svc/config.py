@@ -20,7 +20,8 @@ Example ``retriever.yaml``::
     redis: {url: null, data_dir: null, prefix: xr, group: retriever, consumer: replica-1,
             read_count: 512, block_ms: 200, claim_idle_ms: 30000, timeout_s: 5.0}
     index: {kind: auto, hnsw_min_users: 200000, hnsw_m: 32, ef_construction: 80, ef_search: 128,
-            keep_versions: 2, version_poll_s: 1.0, cache_dir: /var/cache/xr}
+            keep_versions: 2, version_poll_s: 1.0, cache_dir: /var/cache/xr, history_per_user: 500,
+            max_users: 10000000, max_items: 10000000, max_stream_backlog: 1000000, rebuild_jitter_s: 60}
     server: {host: 0.0.0.0, port: 50051, grace_s: 5.0, ingest_batch: 512}
     artifacts: {dir: /artifacts/current}
     tls: {cert: null, key: null, client_ca: null}      # and limits, auth, observability: as the ranker's
@@ -51,6 +52,7 @@ from exitrank.config_sources import ConfigError
 from exitrank.observability import config as observability_config
 from exitrank.observability.config import ObservabilityConfig
 from exitrank.security import Limits, ServerTLS
+from retriever_svc.keys import HISTORY_PER_USER
 from retriever_svc.redis_io import tls_options
 from retriever_svc.vectors import INDEX_KINDS
 
@@ -134,7 +136,15 @@ class IndexConfig:
             clock (default one hour: clock skew between hosts; a prompt shows the newest events, so an
             event dated years ahead would stay on top of its user's history for good).
         cache_dir: where built indexes are kept (``<prefix>-<version>.faiss/.json``), so a
-            restart or another replica on this machine skips the build; None: no cache.
+            restart or another replica on this machine skips the build; None: no cache. Files of
+            versions Redis no longer keeps are deleted.
+        history_per_user: interactions kept per user (the newest; default 500).
+        max_users: users with a history at most; Ingest refuses events of new users beyond (0: no bound).
+        max_items: catalog ids at most; UpsertItems refuses new ids beyond (0: no bound).
+        max_stream_backlog: events the ingest stream may hold unapplied; Ingest answers
+            RESOURCE_EXHAUSTED beyond (0: no bound). ``store.py`` states every key's bound.
+        rebuild_jitter_s: a due index rebuild (exact to HNSW, HNSW compaction) starts after a random
+            delay up to this, so replicas do not all rebuild at once.
     """
 
     kind: str = "auto"
@@ -148,8 +158,19 @@ class IndexConfig:
     version_poll_s: float = 1.0
     cache_dir: Path | None = None
     max_future_s: float = 3600.0
+    history_per_user: int = HISTORY_PER_USER
+    max_users: int = 10_000_000
+    max_items: int = 10_000_000
+    max_stream_backlog: int = 1_000_000
+    rebuild_jitter_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.history_per_user < 1:
+            raise ConfigError("index.history_per_user", f"must be >= 1, got {self.history_per_user}")
+        if min(self.max_users, self.max_items, self.max_stream_backlog) < 0:
+            raise ConfigError("index.max_users/max_items/max_stream_backlog", "must be >= 0 (0: no bound)")
+        if not 0 <= self.rebuild_jitter_s <= 3600:
+            raise ConfigError("index.rebuild_jitter_s", f"must be in 0..3600, got {self.rebuild_jitter_s}")
         if not 0 <= self.max_future_s <= 366 * 86400:
             raise ConfigError("index.max_future_s", f"must be in 0..31622400 (a year), got {self.max_future_s}")
         if not 0 < self.version_poll_s <= 3600:

@@ -10,9 +10,15 @@ A crash anywhere before 3 leaves the entries pending; the next start under the s
 re-reads its own pending entries (XREADGROUP from 0) and applies them again, which changes nothing
 that was already applied. Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's
 that did not come back) are claimed by any replica, at start and while running, and entries every
-group has acknowledged are trimmed from the stream. Replicas sharing the group never take each
-other's in-flight entries, so each event is applied by one replica (give each a distinct
-``redis.consumer``).
+group has acknowledged are trimmed from the stream every ``TRIM_INTERVAL_S``. Replicas sharing the
+group never take each other's in-flight entries, so each event is applied by one replica (give each
+a distinct ``redis.consumer``).
+
+The loop never stops for good: any failure, in a batch or in the recovery at (re)start, is logged
+and retried with exponential backoff (0.1 s doubling to ``MAX_BACKOFF_S``), the batch staying
+pending; :attr:`StreamConsumer.failing_since` says since when nothing could be applied (health
+turns NOT_SERVING once that lasts, ``readiness.py``). When Redis can write again the backlog drains
+by itself.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ from retriever_svc.store import RedisStore
 from retriever_svc.stream import StreamEntry, decode_event
 
 log = logging.getLogger(__name__)
+TRIM_INTERVAL_S = 1.0  # how often acknowledged entries are trimmed from the stream
+MAX_BACKOFF_S = 5.0
 
 
 class StreamConsumer(BackgroundLoop):
@@ -48,10 +56,14 @@ class StreamConsumer(BackgroundLoop):
         self.store = store
         self.config = config
         self.applied = 0  # entries acknowledged by this process
+        self.failures = 0  # failed iterations (each retried)
+        self.failing_since: float | None = None  # time.monotonic() of the first failure in a row
+        self.last_error = ""
         super().__init__()
 
     async def run(self) -> None:
-        backoff, started, last_claim = 0.1, False, time.monotonic()
+        backoff, started = 0.1, False
+        last_claim = last_trim = time.monotonic()
         while not self._stopping.is_set():
             try:
                 if not started:
@@ -60,19 +72,31 @@ class StreamConsumer(BackgroundLoop):
                     await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
                     started = True
                 await self.step()
-                if time.monotonic() - last_claim > self.config.claim_idle_ms / 1000:
+                now = time.monotonic()
+                if now - last_claim > self.config.claim_idle_ms / 1000:
                     await self.reclaim(min_idle_ms=self.config.claim_idle_ms)
+                    last_claim = now
+                if now - last_trim > TRIM_INTERVAL_S:
                     await self.store.streams.trim_acknowledged()
-                    last_claim = time.monotonic()
-                backoff = 0.1
-            except StoreUnavailable as exc:
-                log.warning("stream consumer: %s; retrying in %.1fs", exc, backoff)
-                started = False  # once Redis is back, first redo the batch left pending
+                    last_trim = now
+            except Exception as exc:  # noqa: BLE001 - a failure must never end the loop; entries stay pending
+                self._failed(exc, backoff)
+                started = False  # once Redis answers again, first redo the batch left pending
                 await self._sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:  # a bug must not end the loop silently; entries stay pending
-                log.exception("stream consumer: batch failed; its entries stay pending")
-                await self._sleep(1.0)
+                backoff = min(backoff * 2, MAX_BACKOFF_S)
+            else:
+                backoff, self.failing_since = 0.1, None
+
+    def _failed(self, exc: Exception, backoff: float) -> None:
+        first = self.failing_since is None
+        self.failures += 1
+        self.failing_since = self.failing_since or time.monotonic()
+        self.last_error = str(exc) if isinstance(exc, StoreUnavailable) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, StoreUnavailable):
+            log.warning("stream consumer: %s; retrying in %.1fs", exc, backoff)
+        else:  # a bug: its stack once per run of failures, then one line each
+            log.error("stream consumer: batch failed (%s); its entries stay pending, retrying in %.1fs",
+                      self.last_error, backoff, exc_info=first)
 
     async def step(self) -> int:
         """Read one batch (waiting up to ``block_ms``), apply it, acknowledge it; returns its size."""

@@ -7,7 +7,8 @@ Exception tree (status each maps to)::
     ├── UnknownUser(user_id, reason)   NOT_FOUND: no embedding / no history for the user
     ├── StoreUnavailable               UNAVAILABLE: Redis cannot be reached or refused the command
     ├── EmbeddingsError                FAILED_PRECONDITION: an embedding artifact or version is unusable
-    └── ReplyTooLarge                  RESOURCE_EXHAUSTED: the answer would exceed limits.max_send_bytes
+    ├── ReplyTooLarge                  RESOURCE_EXHAUSTED: the answer would exceed limits.max_send_bytes
+    └── BacklogFull                    RESOURCE_EXHAUSTED: the ingest stream holds index.max_stream_backlog
 
 Core code raises these and never imports grpc; third-party errors (redis-py) are converted to
 ``StoreUnavailable`` at one boundary, ``store.py``. A client reads :meth:`RetrievalError.public_message`
@@ -56,3 +57,8 @@ class EmbeddingsError(RetrievalError):
 
 class ReplyTooLarge(RetrievalError):
     """The answer, estimated from stored sizes before it is read, would exceed the reply limit."""
+
+
+class BacklogFull(RetrievalError):
+    """The ingest stream holds its bound of unapplied events; Ingest takes more once the consumers
+    have caught up (a client retries with backoff, as for any RESOURCE_EXHAUSTED)."""

@@ -1,6 +1,6 @@
 """The retriever core, ``Retriever``: ingest, fold-in, nearest users, contexts, catalog. No grpc.
 
-Embedding versions. A published version is an immutable ``_Snapshot`` (version, item rows, fold-in
+Embedding versions. A published version is an immutable ``Snapshot`` (version, item rows, fold-in
 basis, user ``VectorIndex``); requests read ``self._snapshot`` once and use only that object, and
 the next snapshot is built completely before one assignment swaps it in, so no request sees a mix
 and every answer names the version that produced it. A version published anywhere (this
@@ -29,12 +29,14 @@ that the version knows (items new since the fit have no embedding and are skippe
 refit); a user none of whose items are known has no embedding. One (I, d) basis and a sum of
 |N_u| rows per user: cheap enough to refresh every touched user on every stream batch.
 
-Titles come from an in-process cache filled from the catalog on a miss, so ``get_context`` is one
-Redis round trip (the histories of the user and its k neighbours) once titles are cached. Every
-UpsertItems increments the catalog's version in Redis (``catalog_version``, in every GetContext and
-GetItems answer, so rankers re-read their cached titles); this process's own upserts update the cache,
-and another replica's show within ``index.version_poll_s`` (the follower's :meth:`refresh_catalog`
-sees the version move and empties the cache).
+Only a change is folded in: an event that changes nothing (re-applied, superseded, or older than a
+full history) leaves its user's vector and its place in the index alone, so a replayed stream adds no
+HNSW tombstone. Bounds (``store.py`` has every key's): Ingest refuses a batch while the stream holds
+``index.max_stream_backlog`` events (``BacklogFull``), and events of new users beyond
+``index.max_users``; the index grows by a user's vector and id per user, and is rebuilt off the event
+loop (:meth:`Retriever.rebuild_index`, run by ``maintenance.py``): exact to HNSW once it outgrows
+``hnsw_min_users``, an HNSW index without its tombstones. Titles and the catalog: ``catalog.py``
+(``get_context`` is one Redis round trip once titles are cached).
 """
 
 from __future__ import annotations
@@ -44,20 +46,17 @@ import gc
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
-
-import numpy as np
+from collections.abc import Sequence
+from dataclasses import replace
 
 from exitrank.types import HistoryItem, NeighborContext, UserContext
+from retriever_svc.catalog import Catalog
 from retriever_svc.config import IndexConfig
-from retriever_svc.embeddings import GCNEmbeddings, fold_in
-from retriever_svc.errors import EmbeddingsError, InvalidArgument, ReplyTooLarge, UnknownUser
+from retriever_svc.embeddings import GCNEmbeddings
+from retriever_svc.errors import BacklogFull, EmbeddingsError, InvalidArgument, UnknownUser
 from retriever_svc.records import (
     CONTEXT_K_RANGE,
     MAX_GET_ITEMS,
-    MAX_ENTRY_BYTES,
     MAX_HISTORY_RANGE,
     MAX_REPORTED_ERRORS,
     NEAREST_K_RANGE,
@@ -68,42 +67,17 @@ from retriever_svc.records import (
     check_id,
     check_ids,
     check_interaction,
-    check_item,
     check_range,
     check_version,
     refusal,
 )
-from retriever_svc.store import HistoryRow, RedisStore
+from retriever_svc.snapshot import IndexCache, ItemVectors, Snapshot
+from retriever_svc.store import HistoryRow, HistoryState, RedisStore
 from retriever_svc.vectors import VectorIndex
 
 log = logging.getLogger(__name__)
 _FOLD_CHUNK = 2000
 _KEPT_VECTOR_VERSIONS = 2  # older versions whose items stay in memory for pinned rankers
-
-
-@dataclass(frozen=True)
-class _Vectors:
-    """One embedding version's items: what fold-in and collaborative soft tokens read."""
-
-    version: str
-    item_row: dict[str, int]
-    basis: np.ndarray  # (I, d) fold-in basis f
-    items: np.ndarray  # (I, d) final item embeddings
-
-    def fold_in(self, item_ids: Iterable[str]) -> np.ndarray | None:
-        """e_u = sum_{i in N_u} f_i / sqrt(|N_u|) over the known distinct items (``embeddings.fold_in``)."""
-        return fold_in(self.basis, self.item_row, item_ids)
-
-    def item(self, item_id: str) -> np.ndarray | None:
-        row = self.item_row.get(item_id)
-        return None if row is None else self.items[row]
-
-
-@dataclass(frozen=True)
-class _Snapshot(_Vectors):
-    """One published embedding version, as requests see it: its items and its user index."""
-
-    users: VectorIndex = None  # type: ignore[assignment]
 
 
 class Retriever:
@@ -120,12 +94,12 @@ class Retriever:
         self.store = store
         self.config = config
         self.replica = replica
-        self._snapshot: _Snapshot | None = None
+        self._snapshot: Snapshot | None = None
         self._lock = asyncio.Lock()  # serialises fold-in writes, remote updates and swaps
         self._touched: set[str] = set()  # users folded in since the version was last confirmed
-        self._titles: dict[str, str] = {}
-        self.catalog_version = 0  # the catalog's version the title cache matches
-        self._kept_vectors: OrderedDict[str, _Vectors] = OrderedDict()  # older versions' items
+        self.catalog = Catalog(store=store, config=config)
+        self._cache = None if config.cache_dir is None else IndexCache(config.cache_dir, store.keys.prefix)
+        self._kept_vectors: OrderedDict[str, ItemVectors] = OrderedDict()  # older versions' items
 
     @property
     def embedding_version(self) -> str:
@@ -196,35 +170,23 @@ class Retriever:
         emb = await self.store.load_version(version)
         await self._adopt(await self._build(emb, after), make_current=False)
 
-    async def _build(self, emb: GCNEmbeddings, after: str) -> _Snapshot:
+    async def _build(self, emb: GCNEmbeddings, after: str) -> Snapshot:
         """Index ``emb`` off the event loop (minutes at a million users); cache it on disk."""
         snap = await asyncio.to_thread(self._snapshot_of, emb)
-        if self.config.cache_dir is not None:
-            await asyncio.to_thread(snap.users.save, self._cache_path(emb.version),
-                                    version=emb.version, after=after)
+        if self._cache is not None:
+            await asyncio.to_thread(self._cache.save, snap.users, emb.version, after)
         return snap
 
-    async def _from_cache(self, version: str) -> tuple[_Snapshot, str] | None:
-        path = self._cache_path(version)
-        if path is None or not path.with_suffix(".json").is_file():
-            return None
-        try:
-            users, extra = await asyncio.to_thread(VectorIndex.load, path)
-        except (OSError, ValueError, RuntimeError) as exc:
-            log.warning("index cache %s unusable (%s): rebuilding", path, exc)
-            return None
-        if extra.get("version") != version or not await self.store.streams.updates_kept_since(extra["after"]):
+    async def _from_cache(self, version: str) -> tuple[Snapshot, str] | None:
+        cached = None if self._cache is None else await asyncio.to_thread(self._cache.load, version)
+        if cached is None or not await self.store.streams.updates_kept_since(cached[1]["after"]):
             return None
         items = await self.store.load_version(version, with_users=False)
         item_row = {item: row for row, item in enumerate(items.item_ids)}
-        return _Snapshot(version=version, item_row=item_row, basis=items.fold_in_basis(), items=items.item,
-                         users=users), extra["after"]
+        return Snapshot(version=version, item_row=item_row, basis=items.fold_in_basis(), items=items.item,
+                        users=cached[0]), cached[1]["after"]
 
-    def _cache_path(self, version: str) -> Path | None:
-        cache = self.config.cache_dir
-        return None if cache is None else Path(cache) / f"{self.store.keys.prefix}-{version}"
-
-    async def _adopt(self, snap: _Snapshot, *, make_current: bool,
+    async def _adopt(self, snap: Snapshot, *, make_current: bool,
                      replay_after: str | None = None) -> None:
         """Under the lock: replay announcements since a cached index was written, fold in the
         version's missing users and those touched meanwhile, then swap (one assignment)."""
@@ -235,6 +197,8 @@ class Retriever:
             dropped = (await self.store.set_current(snap.version, keep=self.config.keep_versions)
                        if make_current else [])
             self._snapshot = snap
+        if self._cache is not None:  # the indexes of versions no longer kept
+            await asyncio.to_thread(self._cache.prune, await self.store.kept_versions())
         # the index's labels and row map are millions of long-lived objects: move them out of
         # the cyclic collector's reach, or each full collection (~30 ms at a million users)
         # stalls every request in flight
@@ -242,7 +206,7 @@ class Retriever:
         log.info("embedding version %s: %d users (%d folded in, %d replayed), dropped %s",
                  snap.version, len(snap.users), folded, replayed, dropped or "none")
 
-    async def _replay(self, snap: _Snapshot, after: str) -> int:
+    async def _replay(self, snap: Snapshot, after: str) -> int:
         count = 0
         while updates := await self.store.streams.read_updates(after, count=1000, block_ms=None):
             users = list(dict.fromkeys(u for _, v, _, batch in updates if v == snap.version
@@ -254,17 +218,51 @@ class Retriever:
             after = updates[-1][0]
         return count
 
-    def _snapshot_of(self, emb: GCNEmbeddings) -> _Snapshot:
+    def _snapshot_of(self, emb: GCNEmbeddings) -> Snapshot:
         cfg = self.config
         users = VectorIndex(
             emb.user_ids, emb.user, kind=cfg.kind, hnsw_min_users=cfg.hnsw_min_users,
             hnsw_m=cfg.hnsw_m, ef_construction=cfg.ef_construction, ef_search=cfg.ef_search,
         )
         item_row = {item: row for row, item in enumerate(emb.item_ids)}
-        return _Snapshot(version=emb.version, item_row=item_row, basis=emb.fold_in_basis(), items=emb.item,
+        return Snapshot(version=emb.version, item_row=item_row, basis=emb.fold_in_basis(), items=emb.item,
                          users=users)
 
-    async def _fold_in_missing(self, snap: _Snapshot, touched: set[str]) -> int:
+    def rebuild_due(self) -> str | None:
+        """Whether the served index should be rebuilt (``VectorIndex.rebuild_due``): "hnsw", "compact", None."""
+        snap = self._snapshot
+        return None if snap is None else snap.users.rebuild_due()
+
+    async def rebuild_index(self) -> str | None:
+        """Rebuild the served index off the event loop when due (exact to HNSW, or HNSW without its
+        tombstones); returns what was done. Searches go on against the old index meanwhile, and the
+        fold-ins made meanwhile are journaled and replayed into the new one before the swap."""
+        snap = self._snapshot
+        if snap is None or (due := snap.users.rebuild_due()) is None:
+            return None
+        async with self._lock:  # no upsert while the rows are copied (searches only read)
+            ids, unit = await asyncio.to_thread(snap.users.rows)
+            snap.users.start_journal()
+        started = time.perf_counter()
+        try:
+            rebuilt = await asyncio.to_thread(snap.users.rebuilt, ids, unit)
+        except BaseException:
+            snap.users.take_journal()
+            raise
+        async with self._lock:
+            journal = snap.users.take_journal()
+            if self._snapshot is not snap:
+                return None  # another version was adopted meanwhile: it has its own index
+            for user, vector in journal:
+                rebuilt.upsert(user, vector)
+            self._snapshot = replace(snap, users=rebuilt)
+        gc.freeze()
+        log.info("index of %s rebuilt (%s): %s, %d users, %d tombstones dropped, %d fold-ins replayed, %.1fs off "
+                 "the event loop", snap.version, due, rebuilt.kind, len(rebuilt), snap.users.tombstones, len(journal),
+                 time.perf_counter() - started)
+        return due
+
+    async def _fold_in_missing(self, snap: Snapshot, touched: set[str]) -> int:
         """Fold in users with a history but no vector in ``snap`` (new since the fit; every
         replica finds these itself), and ``touched`` users (their history changed while only
         the old version was kept up to date; announced, as only this replica knows them)."""
@@ -272,15 +270,15 @@ class Retriever:
         count = 0
         for users, announce in ((missing, False), (sorted(touched), True)):
             for start in range(0, len(users), _FOLD_CHUNK):
-                items = await self.store.user_items(users[start : start + _FOLD_CHUNK])
-                count += len(await self._write_fold_ins(snap, items, announce=announce))
+                states = await self.store.user_items(users[start : start + _FOLD_CHUNK])
+                count += len(await self._write_fold_ins(snap, states, announce=announce))
         return count
 
-    async def _write_fold_ins(self, snap: _Snapshot, items: dict[str, list[str]], *,
+    async def _write_fold_ins(self, snap: Snapshot, states: dict[str, HistoryState], *,
                               announce: bool) -> list[str]:
         """Compute the users' fold-in vectors and store them (Redis, then FAISS); returns the
-        users written (a user whose history grew meanwhile is left to whoever grew it)."""
-        folded = [(u, v, len(ids)) for u, ids in items.items() if (v := snap.fold_in(ids)) is not None]
+        users written (a user whose history changed meanwhile is left to whoever changed it)."""
+        folded = [(u, v, st.seq) for u, st in states.items() if (v := snap.fold_in(st.items)) is not None]
         written = await self.store.put_fold_ins(
             snap.version, folded, announce_as=self.replica if announce else None)
         done = []
@@ -308,54 +306,66 @@ class Retriever:
     # ---- the stream ---------------------------------------------------------------------
 
     async def ingest(self, events: Sequence[Interaction], *, first_index: int = 0) -> IngestResult:
-        """Validate each event; append the valid ones durably to the stream (XADD acknowledged)."""
-        valid, errors = [], []
+        """Validate each event; append the valid ones the bounds admit durably to the stream (XADD
+        acknowledged). BacklogFull, storing nothing, while the stream holds ``max_stream_backlog``."""
+        valid: list[tuple[int, Interaction]] = []
+        errors: list[tuple[int, str]] = []
         for offset, event in enumerate(events):
             try:
-                valid.append(self.check_event(event))
+                valid.append((offset, self.check_event(event)))
             except InvalidArgument as exc:
-                errors.append(refusal("interaction", first_index + offset, exc))
-        await self.store.streams.append_events(valid)
-        return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+                errors.append((offset, refusal("interaction", first_index + offset, exc)))
+        admitted = await self._admitted_users({e.user_id for _, e in valid}, len(valid))
+        for offset, event in valid:
+            if event.user_id not in admitted:
+                errors.append((offset, f"interaction {first_index + offset}: user_id the retriever holds its "
+                                       f"maximum of {self.config.max_users} users (index.max_users); events of "
+                                       "new users are refused"))
+        stored = [event for _, event in valid if event.user_id in admitted]
+        await self.store.streams.append_events(stored)
+        reasons = tuple(reason for _, reason in sorted(errors)[:MAX_REPORTED_ERRORS])
+        return IngestResult(len(stored), len(errors), reasons)
+
+    async def _admitted_users(self, users: set[str], events: int) -> set[str]:
+        """The users whose events the bounds admit (one round trip; none while both are off)."""
+        cfg = self.config
+        if not users or not (cfg.max_users or cfg.max_stream_backlog):
+            return users
+        ordered = sorted(users) if cfg.max_users else []
+        admitted, backlog = await self.store.admit(self.store.keys.users, ordered, cfg.max_users,
+                                                   with_stream=bool(cfg.max_stream_backlog))
+        if cfg.max_stream_backlog and backlog + events > cfg.max_stream_backlog:
+            raise BacklogFull(f"the ingest backlog holds {backlog} events, its bound is {cfg.max_stream_backlog} "
+                              "(index.max_stream_backlog): the stream consumers are behind; retry with backoff")
+        return {u for u, ok in zip(ordered, admitted) if ok} if cfg.max_users else users
 
     def check_event(self, event: Interaction) -> Interaction:
         """The event if valid now (``records.check_interaction`` against this host's clock), else InvalidArgument."""
         return check_interaction(event, now_ms=int(time.time() * 1000), max_future_s=self.config.max_future_s)
 
     async def apply_events(self, events: Sequence[Interaction]) -> int:
-        """The consumer's step: histories first, then the touched users' fold-in vectors
-        (Redis, announced to the other replicas, then FAISS). Returns how many vectors were
-        refreshed; idempotent."""
+        """The consumer's step: histories first, then the fold-in vectors of the users whose history
+        changed (Redis, announced to the other replicas, then FAISS). Returns how many vectors were
+        refreshed; idempotent (an event applied again changes nothing and refreshes no vector)."""
         async with self._lock:
-            items = await self.store.apply_events(events)
-            self._touched.update(items)
+            states = await self.store.apply_events(events, history_cap=self.config.history_per_user)
+            self._touched.update(states)
             snap = self._snapshot
-            return 0 if snap is None else len(await self._write_fold_ins(snap, items, announce=True))
+            return 0 if snap is None else len(await self._write_fold_ins(snap, states, announce=True))
 
-    # ---- catalog ------------------------------------------------------------------------
+    # ---- catalog (``catalog.py``) ----------------------------------------------------------
+
+    @property
+    def catalog_version(self) -> int:
+        """The catalog's version the title cache matches (sent with every context and item list)."""
+        return self.catalog.version
 
     async def upsert_items(self, items: Sequence[CatalogItem], *, first_index: int = 0) -> IngestResult:
-        valid, errors = [], []
-        for offset, item in enumerate(items):
-            try:
-                valid.append(check_item(item))
-            except InvalidArgument as exc:
-                errors.append(refusal("item", first_index + offset, exc))
-        if valid:
-            version = await self.store.put_items(valid)
-            self._note_catalog(version, own=version == self.catalog_version + 1)
-            self._remember_titles({item.item_id: item.title for item in valid})
-        return IngestResult(len(valid), len(errors), tuple(errors[:MAX_REPORTED_ERRORS]))
+        return await self.catalog.upsert(items, first_index=first_index)
 
     async def refresh_catalog(self) -> int:
         """Reads the catalog's version; a change made elsewhere empties the title cache."""
-        self._note_catalog(await self.store.catalog_version())
-        return self.catalog_version
-
-    def _note_catalog(self, version: int, *, own: bool = False) -> None:
-        if version != self.catalog_version and not own:
-            self._titles.clear()  # another replica's upsert: any cached title may be stale
-        self.catalog_version = version
+        return await self.catalog.refresh()
 
     async def get_items(self, item_ids: Sequence[str], *, embedding_version: str | None = None,
                         max_reply_bytes: int | None = None) -> tuple[list[CatalogItem], list[str]]:
@@ -367,36 +377,7 @@ class Retriever:
         if embedding_version is not None:
             check_version("embedding_version", embedding_version)
         vectors = None if embedding_version is None else await self.vectors(embedding_version)
-        if max_reply_bytes is not None:
-            await self._check_reply_size(item_ids, vectors, max_reply_bytes)
-        found = await self.store.get_items(item_ids)
-        items = [item for item in found if item is not None]
-        if vectors is not None:
-            items = [replace(item, embedding=vectors.item(item.item_id)) for item in items]
-        self._remember_titles({item.item_id: item.title for item in items})
-        return items, [i for i, item in zip(item_ids, found) if item is None]
-
-    async def _check_reply_size(self, item_ids: Sequence[str], vectors: _Vectors | None, limit: int) -> None:
-        per_item = 16 + (5 * vectors.items.shape[1] if vectors is not None else 0)  # framing; 4 B a float + tags
-        framing = sum(len(i) + per_item for i in item_ids)
-        if framing + len(item_ids) * MAX_ENTRY_BYTES <= limit:
-            return  # fits whatever the entries hold: no round trip
-        size = framing + sum(await self.store.item_sizes(item_ids))
-        if size > limit:
-            raise ReplyTooLarge(f"item_ids: the {len(item_ids)} items would make a reply of about {size} bytes, over "
-                                f"limits.max_send_bytes={limit}; ask for fewer items per call")
-
-    def _remember_titles(self, titles: dict[str, str]) -> None:
-        if len(self._titles) + len(titles) > self.config.title_cache_size:
-            self._titles.clear()
-        self._titles.update(titles)
-
-    async def _titles_of(self, item_ids: set[str]) -> dict[str, str]:
-        misses = [i for i in item_ids if i not in self._titles]
-        if misses:  # a second round trip, only until the cache is warm
-            found = await self.store.get_items(misses)
-            self._remember_titles({i.item_id: i.title for i in found if i is not None})
-        return {i: self._titles.get(i, "") for i in item_ids}
+        return await self.catalog.get(item_ids, vectors=vectors, max_reply_bytes=max_reply_bytes)
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -413,7 +394,7 @@ class Retriever:
         """The version whose vectors answer a request for ``requested`` ("" = the current)."""
         return requested or self.embedding_version
 
-    async def vectors(self, version: str) -> _Vectors:
+    async def vectors(self, version: str) -> ItemVectors:
         """The items of embedding ``version`` ("" or the current one: the published snapshot's;
         an older one still kept in Redis: read once, then cached for the next few calls).
 
@@ -436,7 +417,7 @@ class Retriever:
                 raise EmbeddingsError(f"embedding version {version!r} is not kept by this retriever (it serves "
                                       f"{snap.version if snap else 'none'}; it keeps the newest "
                                       f"{self.config.keep_versions} published, index.keep_versions)") from exc
-            cached = _Vectors(version=version, item_row={i: r for r, i in enumerate(emb.item_ids)},
+            cached = ItemVectors(version=version, item_row={i: r for r, i in enumerate(emb.item_ids)},
                               basis=emb.fold_in_basis(), items=emb.item)
             self._kept_vectors[version] = cached
             while len(self._kept_vectors) > _KEPT_VECTOR_VERSIONS:
@@ -466,7 +447,7 @@ class Retriever:
         rows = await self.store.histories([user_id] + [n for n, _ in neighbors], max_history)
         if not rows[0] and not embedded:
             raise UnknownUser(user_id, "no interactions were ingested for it and it has no embedding")
-        titles = await self._titles_of({item for history in rows for item, _, _ in history})
+        titles = await self.catalog.titles_of({item for history in rows for item, _, _ in history})
         return UserContext(
             user_id=user_id,
             history=_history(rows[0], titles, vectors),
@@ -480,14 +461,14 @@ class Retriever:
         )
 
     @staticmethod
-    def _why_no_embedding(snap: _Snapshot | None) -> str:
+    def _why_no_embedding(snap: Snapshot | None) -> str:
         if snap is None:
             return "no embedding version is loaded yet (publish a LightGCN fit: serve with --artifacts)"
         return (f"no embedding in version {snap.version}: it is not in the fit and none of its "
                 "ingested interactions is with an item the fit knows")
 
 
-def _history(rows: list[HistoryRow], titles: dict[str, str], vectors: _Vectors | None = None
+def _history(rows: list[HistoryRow], titles: dict[str, str], vectors: ItemVectors | None = None
              ) -> tuple[HistoryItem, ...]:
     return tuple(HistoryItem(item, titles.get(item, ""), rating, ts, vectors.item(item) if vectors else None)
                  for item, ts, rating in rows)

@@ -11,6 +11,7 @@ embedded redis-server unless ``--redis-url``, its data kept under ``--data-dir``
 socket that other CLIs read: ``exitrank.redis_server``), the store, the
 core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
 stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
+index maintainer task (index rebuilds off the event loop: ``maintenance.py``); the
 gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
 under ``limits``: message sizes, per-client rate and concurrency; with ``auth.policy`` only the RPCs
 each caller's identity may call; ``exitrank.grpc_security``; ``server.health_port``: a plaintext port
@@ -67,6 +68,7 @@ from retriever_svc.consumer import StreamConsumer
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
 from retriever_svc.errors import RetrievalError, StoreUnavailable
 from retriever_svc.index import Retriever
+from retriever_svc.maintenance import IndexMaintainer
 from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.servicer import RetrieverCore, RetrieverServicer
 from retriever_svc.store import RedisStore
@@ -81,7 +83,8 @@ class RetrieverServer:
     """A started server: the bound port, its health servicer, and what ``stop`` closes after the calls.
 
     ``start_grpc`` fills the gRPC part (a core served as it is); ``start_server`` adds the process's
-    background loops (stream consumer, replica follower), the readiness watch, metrics and the store.
+    background loops (stream consumer, replica follower, index maintainer), the readiness watch, metrics
+    and the store.
     """
 
     server: grpc.aio.Server
@@ -221,7 +224,8 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
         await retriever.refresh_catalog()
         consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
         follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis, index=config.index)
-        for background in (consumer, follower):
+        maintainer = IndexMaintainer(retriever=retriever, config=config.index)
+        for background in (consumer, follower, maintainer):
             background.start()
             undo.push_async_callback(background.stop)
         metrics = None if obs.metrics_port is None else build_metrics(retriever, consumer)
@@ -232,7 +236,7 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
         running = await start_grpc(retriever, config.server, tls=config.tls, limits=config.limits,
                                    telemetry=telemetry, auth=config.auth, metrics=metrics)
         undo.pop_all()  # started: from here on ``running.stop`` owns them
-    running.background, running.metrics, running.store = (consumer, follower), metrics, store
+    running.background, running.metrics, running.store = (consumer, follower, maintainer), metrics, store
     running.readiness = asyncio.create_task(watch_readiness(retriever, store, running.health))
     log.info("embedding version %s", version or "(none)")
     return running

@@ -2,8 +2,8 @@
 
 Each RPC converts the proto, awaits one core call, converts the answer back. Errors become gRPC
 statuses in one place, ``_status_of``: InvalidArgument -> INVALID_ARGUMENT, UnknownUser ->
-NOT_FOUND, StoreUnavailable -> UNAVAILABLE, EmbeddingsError -> FAILED_PRECONDITION, ReplyTooLarge ->
-RESOURCE_EXHAUSTED, anything unexpected -> INTERNAL (logged). The message is the error's
+NOT_FOUND, StoreUnavailable -> UNAVAILABLE, EmbeddingsError -> FAILED_PRECONDITION, ReplyTooLarge and
+BacklogFull -> RESOURCE_EXHAUSTED, anything unexpected -> INTERNAL (logged). The message is the error's
 ``public_message``: Redis's and Python's own texts go to the log, never to the caller. Client streams
 (Ingest, UpsertItems) never abort for a bad message: each message is checked as it arrives, a bad one
 counted in ``rejected`` with its reason and dropped at once (never buffered), and the valid ones are
@@ -22,6 +22,7 @@ import grpc
 from exitrank.types import HistoryItem, UserContext
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from retriever_svc.errors import (
+    BacklogFull,
     EmbeddingsError,
     InvalidArgument,
     ReplyTooLarge,
@@ -76,7 +77,7 @@ def _status_of(exc: Exception) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, EmbeddingsError):
         return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(exc, ReplyTooLarge):
+    if isinstance(exc, (ReplyTooLarge, BacklogFull)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     return grpc.StatusCode.INTERNAL
 

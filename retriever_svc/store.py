@@ -1,26 +1,69 @@
-"""All of the retriever's Redis I/O (redis-py asyncio), and the key layout.
+"""All of the retriever's Redis I/O (redis-py asyncio), the key layout, and the bound of every key.
 
-Keys (``P`` is the configured prefix, default ``xr``). The part in braces is the Redis Cluster hash
-tag: every key of one user shares ``{u:<user_id>}`` and so one slot, which lets one Lua script
-touch a user's history atomically; ``u:``/``i:`` keep the tag non-empty whatever the id is::
+Keys (``P`` is the configured prefix, default ``xr``; names in ``keys.py``). The part in braces is
+the Redis Cluster hash tag: every key of one user shares ``{u:<user_id>}`` and so one slot, which
+lets one Lua script touch a user's history atomically; ``u:``/``i:`` keep the tag non-empty whatever
+the id is. Each key, its bound and what enforces it (``index.*``: ``IndexConfig``; a bound of 0 is
+none)::
 
-    P:{stream}:events          STREAM  the ingest log: fields u, i, r (rating), t (timestamp_ms)
-    P:{updates}:stream         STREAM  replicas' fold-ins: fields v (version), o (origin), u (ids)
-    P:{users}:all              SET     every user id with a history
-    P:{u:<user_id>}:hist       ZSET    item_id -> timestamp_ms of the user's latest interaction
-    P:{u:<user_id>}:rating     HASH    item_id -> rating of that interaction
-    P:{u:<user_id>}:emb        HASH    embedding version -> float32 bytes (d,) of the user
-    P:{i:<item_id>}            STRING  catalog entry, JSON {"title": str, "attributes": {str: str}}
+    P:{stream}:events          STREAM  the ingest log: fields u, i, r (rating), t (timestamp_ms). At most
+                                       index.max_stream_backlog entries (default 1,000,000): Ingest
+                                       answers RESOURCE_EXHAUSTED, storing nothing, while XLEN plus the
+                                       call's batch would pass it (concurrent calls may each pass the
+                                       check: one server.ingest_batch each beyond); entries every group
+                                       acknowledged are trimmed (XTRIM MINID) every second by the consumer
+    P:{updates}:stream         STREAM  replicas' fold-ins: fields v (version), o (origin), u (user ids);
+                                       one entry per applied batch, trimmed by age (XADD MINID ~, the
+                                       last 6 hours: ``stream.UPDATES_RETENTION_MS``), not by count: its
+                                       size follows the ingest rate
+    P:{users}:all              SET     every user id admitted by Ingest: at most index.max_users (default
+                                       10,000,000; ``ADMIT_LUA`` on the set: a new user's events beyond
+                                       are refused in ``rejected``). ``import_histories`` (a migration)
+                                       adds its users unchecked
+    P:{u:<user_id>}:hist       ZSET    item_id -> timestamp_ms of the user's latest interaction with it:
+                                       the newest index.history_per_user items (default 500; the oldest
+                                       evicted, ties by item id, with their ratings, by ``APPLY_LUA``);
+                                       one per admitted user
+    P:{u:<user_id>}:rating     HASH    item_id -> rating of that interaction: the same items
+    P:{u:<user_id>}:emb        HASH    embedding version -> float32 bytes (d,) of the user, for kept
+                                       versions only (a dropped version's field is deleted, also one a
+                                       lagging replica folds in afterwards: ``put_fold_ins``), and
+                                       ":seq" (``SEQ_FIELD``), the count of the history's changes, which
+                                       a fold-in must still match to be written
+    P:{i:<item_id>}            STRING  catalog entry, JSON {"title": str, "attributes": {str: str}}: at
+                                       most index.max_items ids (default 10,000,000; UpsertItems refuses
+                                       new ids beyond), each at most records.MAX_ENTRY_BYTES (a title of
+                                       512 characters, 32 attributes: keys of 128, values of 1,024)
+    P:{catalog}:items          SET     every catalog id: what index.max_items counts (``ADMIT_LUA``)
     P:{catalog}:version        STRING  a counter UpsertItems increments: the catalog's version
     P:{emb}:current            STRING  the published embedding version
-    P:{emb}:versions           ZSET    version -> publish time (ms), for keeping the newest few
+    P:{emb}:versions           ZSET    version -> time (ms) written or last made current: after each
+                                       publish the newest ``keep`` (index.keep_versions, default 2; the
+                                       trainer's publish_gcn its keep_versions), the one published among
+                                       them; one being written joins at its first write, and one whose
+                                       publish crashed stays until newer ones push it out
     P:{emb}:v:<version>        HASH    dim, item_ids (JSON), item and item_foldin (float32 bytes,
-                                       (I, d) row-major), meta (JSON), complete ("1" once written)
-    P:{emb}:v:<version>:users  SET     users holding a vector of that version
+                                       (I, d) row-major), meta (JSON), complete ("1" once written): one per
+                                       version in ``versions``, deleted with it
+    P:{emb}:v:<version>:users  SET     users holding a vector of that version, deleted with it
+    P:{probe}:write            STRING  the readiness probe's write (``readiness.py``), expiring after 60 s
+
+Measured (redis-server 6.2, RELIABILITY.md): a history of 500 items (12-byte ids) takes ~52 KB in the
+ZSET and ~9.6 KB in the HASH (~125 B an item); a user's emb hash with 2 versions of d = 64, ~0.9 KB;
+an item of a short title, ~125 B. So Redis holds about max_users x (history_per_user x 125 B + (keep
++ 1) x (4 d + 200 B)) plus max_items x (entry + ~150 B) plus keep x 8 I d B of item tables plus the
+backlog and the updates stream. Size ``maxmemory`` above that, with ``maxmemory-policy noeviction``
+(Redis's default): an evicting policy would silently drop histories and unapplied stream entries. At
+the limit Redis refuses writes (OOM): Ingest and UpsertItems answer UNAVAILABLE (nothing acknowledged
+is lost: the refused write was never acknowledged), the consumer retries with backoff, health turns
+NOT_SERVING after ``readiness.STALL_S``, reads keep answering; once the limit is raised or memory
+freed the consumer drains the backlog and health is SERVING again (``tests/.../test_readiness.py``).
 
 History is idempotent and order-independent: per (user, item) the interaction with the larger
-(timestamp_ms, rating) wins, so applying an event twice, or replaying the stream in any order,
-leaves the same state. Nothing is pickled: ids are UTF-8, vectors raw float32, the rest JSON.
+(timestamp_ms, rating) wins, and a full history keeps the newest items by (timestamp_ms, item id),
+so applying an event twice, or replaying the stream in any order, leaves the same state; an event
+that changes nothing is not counted, and its user is not folded in again. Nothing is pickled: ids
+are UTF-8, vectors raw float32, the rest JSON.
 
 Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the streams the
 store holds as ``store.streams``), the one place third-party errors convert. A ``redis+cluster://`` URL addresses a
@@ -32,7 +75,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from redis import exceptions as rexc
@@ -40,85 +83,24 @@ from redis import exceptions as rexc
 from exitrank.observability.tracing import span
 from retriever_svc.embeddings import GCNEmbeddings
 from retriever_svc.errors import EmbeddingsError
+from retriever_svc.keys import ADMIT_LUA, APPLY_LUA, HISTORY_PER_USER, PUT_VECTOR_LUA, READ_LUA, SEQ_FIELD, Keys
 from retriever_svc.records import CatalogItem, Interaction
 from retriever_svc.redis_io import Client, connect, guarded, text
 from retriever_svc.stream import Streams
 
-# (user, item): keep the event with the larger (timestamp_ms, rating). KEYS: hist, rating.
-_APPLY_LUA = """
-local cur = redis.call('ZSCORE', KEYS[1], ARGV[1])
-local ts, rating = tonumber(ARGV[3]), tonumber(ARGV[2])
-if cur then
-  cur = tonumber(cur)
-  if cur > ts then return 0 end
-  if cur == ts and tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '-1e308') >= rating then
-    return 0
-  end
-end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-return 1
-"""
-
-# The newest ARGV[1] interactions, oldest first, as ONE JSON string [[items], [ts], [ratings]]:
-# one reply element instead of 3 per interaction (redis-py parses replies in Python: 225
-# elements for GetContext's 5 x 15 cost more than the rest of the call). KEYS: hist, rating.
-_READ_LUA = """
-local entries = redis.call('ZRANGE', KEYS[1], -tonumber(ARGV[1]), -1, 'WITHSCORES')
-if #entries == 0 then return '[[],[],[]]' end
-local ids, times = {}, {}
-for j = 1, #entries, 2 do
-  ids[#ids + 1] = entries[j]
-  times[#times + 1] = entries[j + 1]
-end
-local ratings = redis.call('HMGET', KEYS[2], unpack(ids))
-for j = 1, #ids do ratings[j] = ratings[j] or '1' end
-return cjson.encode({ids, times, ratings})
-"""
-
-# A fold-in vector computed from a history of ARGV[3] distinct items is written only while the
-# history still has that many (histories only grow), so of two replicas folding in one user
-# concurrently the one that saw the larger history wins. KEYS: emb, hist. ARGV: version, vector, n.
-_PUT_VECTOR_LUA = """
-if redis.call('ZCARD', KEYS[2]) ~= tonumber(ARGV[3]) then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
 HistoryRow = tuple[str, int, float]  # (item_id, timestamp_ms, rating)
+
+
+class HistoryState(NamedTuple):
+    """A user's history as fold-in reads it: its item ids, and how many times it has changed
+    (``SEQ_FIELD``; a fold-in is written only while the count is still the one it read)."""
+
+    items: list[str]
+    seq: int
+
+
 _REDIS_SPAN = {"db.system": "redis"}  # attributes of the trace span of each round trip
 _CHUNK = 2000
-
-
-class Keys:
-    """Key names of the layout in the module docstring."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.stream = f"{prefix}:{{stream}}:events"
-        self.updates = f"{prefix}:{{updates}}:stream"
-        self.users = f"{prefix}:{{users}}:all"
-        self.current = f"{prefix}:{{emb}}:current"
-        self.versions = f"{prefix}:{{emb}}:versions"
-        self.catalog = f"{prefix}:{{catalog}}:version"
-
-    def hist(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:hist"
-
-    def rating(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:rating"
-
-    def emb(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:emb"
-
-    def item(self, item_id: str) -> str:
-        return f"{self.prefix}:{{i:{item_id}}}"
-
-    def version(self, version: str) -> str:
-        return f"{self.prefix}:{{emb}}:v:{version}"
-
-    def version_users(self, version: str) -> str:
-        return f"{self.prefix}:{{emb}}:v:{version}:users"
 
 
 class RedisStore:
@@ -137,7 +119,7 @@ class RedisStore:
         self.keys = Keys(prefix)
         self.group = group
         self.round_trips = 0
-        self._apply_sha = self._read_sha = self._put_vector_sha = ""
+        self._apply_sha = self._read_sha = self._put_vector_sha = self._admit_sha = ""
         self.streams = Streams(client=client, events=self.keys.stream, updates=self.keys.updates, group=group,
                                execute=self._execute)
 
@@ -158,9 +140,10 @@ class RedisStore:
         return bool(await self.client.ping())
 
     async def _load_scripts(self) -> None:
-        self._apply_sha = await self.client.script_load(_APPLY_LUA)
-        self._read_sha = await self.client.script_load(_READ_LUA)
-        self._put_vector_sha = await self.client.script_load(_PUT_VECTOR_LUA)
+        self._admit_sha = await self.client.script_load(ADMIT_LUA)
+        self._apply_sha = await self.client.script_load(APPLY_LUA)
+        self._read_sha = await self.client.script_load(READ_LUA)
+        self._put_vector_sha = await self.client.script_load(PUT_VECTOR_LUA)
 
     async def _execute(self, build: Callable[[Any], None]) -> list[Any]:
         """Run one pipeline (one round trip); reload scripts and retry once after NOSCRIPT."""
@@ -184,37 +167,52 @@ class RedisStore:
     # ---- histories ----------------------------------------------------------------------
 
     @guarded
-    async def apply_events(self, events: Sequence[Interaction]) -> dict[str, list[str]]:
-        """Apply events to histories (idempotently); returns each touched user's item ids.
+    async def apply_events(self, events: Sequence[Interaction], *,
+                           history_cap: int = HISTORY_PER_USER) -> dict[str, HistoryState]:
+        """Apply events to histories (idempotently; each keeps its newest ``history_cap`` items);
+        returns the users whose history changed, each with its item ids and change count. A
+        re-applied (or superseded) event changes nothing, so its user is not returned.
 
-        One round trip: the history scripts, the user set update, then the users' item lists.
+        One round trip: the history scripts, the user set update, then the users' states.
         """
         users = list(dict.fromkeys(e.user_id for e in events))
 
         def build(pipe: Any) -> None:
             for e in events:
-                keys = (self.keys.hist(e.user_id), self.keys.rating(e.user_id))
+                keys = (self.keys.hist(e.user_id), self.keys.rating(e.user_id), self.keys.emb(e.user_id))
                 _evalsha(pipe, self._apply_sha, keys, e.item_id, repr(float(e.rating)),
-                         str(int(e.timestamp_ms)))
+                         str(int(e.timestamp_ms)), history_cap, SEQ_FIELD)
             if users:
                 pipe.sadd(self.keys.users, *users)
-            for user in users:
-                pipe.zrange(self.keys.hist(user), 0, -1)
+            self._queue_states(pipe, users)
 
         if not events:
             return {}
         replies = await self._execute(build)
-        lists = replies[len(events) + 1 :]
-        return {user: [text(i) for i in items] for user, items in zip(users, lists)}
+        changed = {e.user_id for e, applied in zip(events, replies) if applied}
+        states = self._states(users, replies[len(events) + 1 :])
+        return {user: state for user, state in states.items() if user in changed}
+
+    def _queue_states(self, pipe: Any, users: Sequence[str]) -> None:
+        for user in users:
+            pipe.zrange(self.keys.hist(user), 0, -1)
+            pipe.hget(self.keys.emb(user), SEQ_FIELD)
+
+    @staticmethod
+    def _states(users: Sequence[str], replies: Sequence[Any]) -> dict[str, HistoryState]:
+        return {user: HistoryState([text(i) for i in items], int(seq or 0))
+                for user, items, seq in zip(users, replies[::2], replies[1::2])}
 
     @guarded
-    async def import_histories(self, histories: Iterable[tuple[str, Sequence[HistoryRow]]]) -> int:
+    async def import_histories(self, histories: Iterable[tuple[str, Sequence[HistoryRow]]], *,
+                               history_cap: int = HISTORY_PER_USER) -> int:
         """Bulk-load histories (a migration or a benchmark; live events go through the stream):
-        ZADD/HSET per user, pipelined in chunks; an interaction already stored with a later
-        timestamp is overwritten, unlike the stream's idempotent rule. Returns the user count."""
+        each user's newest ``history_cap`` rows, ZADD/HSET per user, pipelined in chunks; an
+        interaction already stored with a later timestamp is overwritten, unlike the stream's
+        idempotent rule (and a stored history is not trimmed). Returns the user count."""
         count, chunk = 0, []
         for user, rows in histories:
-            chunk.append((user, rows))
+            chunk.append((user, sorted(rows, key=lambda row: (row[1], row[0]))[-history_cap:]))
             if len(chunk) >= _CHUNK:
                 count += await self._import_chunk(chunk)
                 chunk = []
@@ -235,15 +233,10 @@ class RedisStore:
         return len(chunk)
 
     @guarded
-    async def user_items(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
-        """Every item id in each user's history (one round trip)."""
-
-        def build(pipe: Any) -> None:
-            for user in user_ids:
-                pipe.zrange(self.keys.hist(user), 0, -1)
-
-        replies = await self._execute(build) if user_ids else []
-        return {user: [text(i) for i in items] for user, items in zip(user_ids, replies)}
+    async def user_items(self, user_ids: Sequence[str]) -> dict[str, HistoryState]:
+        """Every item id in each user's history, and its change count (one round trip)."""
+        replies = await self._execute(lambda pipe: self._queue_states(pipe, user_ids)) if user_ids else []
+        return self._states(user_ids, replies)
 
     @guarded
     async def histories(self, user_ids: Sequence[str], max_history: int) -> list[list[HistoryRow]]:
@@ -268,14 +261,38 @@ class RedisStore:
 
     @guarded
     async def put_items(self, items: Sequence[CatalogItem]) -> int:
-        """Writes the entries and increments the catalog's version in one round trip; the new version."""
+        """Writes the entries (each id joins the catalog's id set first) and increments the
+        catalog's version, in one round trip; the new version."""
         def build(pipe: Any) -> None:
+            pipe.sadd(self.keys.catalog_items, *(item.item_id for item in items))
             for item in items:
                 entry = {"title": item.title, "attributes": dict(item.attributes)}
                 pipe.set(self.keys.item(item.item_id), json.dumps(entry, ensure_ascii=False))
             pipe.incr(self.keys.catalog)
 
         return int((await self._execute(build))[-1]) if items else await self.catalog_version()
+
+    @guarded
+    async def admit(self, members: str, ids: Sequence[str], limit: int, *, with_stream: bool = False
+                    ) -> tuple[list[bool], int]:
+        """``([admitted?] per id, ingest stream length)``: ids of the bounded set ``members``
+        (``keys.users`` or ``keys.catalog_items``) stay or join while it holds fewer than ``limit``
+        (atomically: one script on the set's slot); the stream's length only ``with_stream``."""
+        def build(pipe: Any) -> None:
+            if with_stream:
+                pipe.xlen(self.keys.stream)
+            if ids:
+                _evalsha(pipe, self._admit_sha, (members,), limit, *ids)
+
+        replies = await self._execute(build) if ids or with_stream else []
+        flags = [bool(flag) for flag in replies[-1]] if ids else []
+        return flags, int(replies[0]) if with_stream else 0
+
+    @guarded
+    async def probe_write(self) -> None:
+        """One tiny write that expires (a readiness probe): refused while Redis is out of memory
+        (``maxmemory``, ``noeviction``) or cannot write its append-only file."""
+        await self.client.set(self.keys.probe, str(time.time()), px=60_000)
 
     @guarded
     async def catalog_version(self) -> int:
@@ -325,14 +342,24 @@ class RedisStore:
         return None if score is None else float(score) / 1000
 
     @guarded
+    async def kept_versions(self) -> list[str]:
+        """Every version Redis keeps (the current one, older ones, one staged by a refit)."""
+        return [text(v) for v in await self.client.zrange(self.keys.versions, 0, -1)]
+
+    @guarded
     async def version_complete(self, version: str) -> bool:
         return await self.client.hget(self.keys.version(version), "complete") == b"1"
 
     @guarded
     async def write_version(self, emb: GCNEmbeddings) -> None:
-        """Store a fit's users and items under ``emb.version``; ``complete`` is written last."""
+        """Store a fit's users and items under ``emb.version``, without making it current;
+        ``complete`` is written last. The version joins ``versions`` at once: fold-ins into it are
+        made before it is current (``Retriever.load_embeddings``) and ``put_fold_ins`` undoes those
+        into a version not in ``versions``; and the newest-``keep`` rule drops it in time if it is
+        never made current (a publish that crashed)."""
         meta_key = self.keys.version(emb.version)
         await self.client.delete(meta_key)
+        await self.client.zadd(self.keys.versions, {emb.version: time.time() * 1000}, nx=True)
         await self.put_user_vectors(emb.version, zip(emb.user_ids, emb.user))
         fields = {
             "dim": str(emb.dim),
@@ -404,19 +431,27 @@ class RedisStore:
     @guarded
     async def put_fold_ins(self, version: str, folded: Sequence[tuple[str, np.ndarray, int]],
                            *, announce_as: str | None = None) -> list[bool]:
-        """Write (user, vector, history size) fold-ins unless the history grew meanwhile, and
-        when ``announce_as`` is set tell the other replicas (``stream.py``); one round trip.
-        True where written."""
+        """Write (user, vector, history change count) fold-ins unless the history changed
+        meanwhile, and when ``announce_as`` is set tell the other replicas (``stream.py``); True
+        where written. A version dropped meanwhile (a replica still serving it) keeps nothing:
+        the writes are undone, so no vector of a dropped version outlives it."""
 
         def build(pipe: Any) -> None:
-            for user, vector, size in folded:
-                _evalsha(pipe, self._put_vector_sha, (self.keys.emb(user), self.keys.hist(user)),
-                         version, np.asarray(vector, np.float32).tobytes(), size)
+            for user, vector, seq in folded:
+                _evalsha(pipe, self._put_vector_sha, (self.keys.emb(user),), version,
+                         np.asarray(vector, np.float32).tobytes(), seq, SEQ_FIELD)
             pipe.sadd(self.keys.version_users(version), *(user for user, _, _ in folded))
             if announce_as is not None:
                 self.streams.announce_in(pipe, version, [user for user, _, _ in folded], announce_as)
 
-        replies = await self._execute(build) if folded else []
+        if not folded:
+            return []
+        replies = await self._execute(build)
+        # after the writes, in a round trip of its own (a cluster pipeline does not order nodes):
+        # _drop_version takes the version out of ``versions`` before it scans its users
+        if await self.client.zscore(self.keys.versions, version) is None:
+            await self._execute(lambda pipe: [pipe.hdel(self.keys.emb(u), version) for u, _, _ in folded]
+                                + [pipe.delete(self.keys.version_users(version))])
         return [bool(r) for r in replies[: len(folded)]]
 
     @guarded
@@ -448,13 +483,15 @@ class RedisStore:
         return dropped
 
     async def _drop_version(self, version: str) -> None:
+        """Out of ``versions`` first: a fold-in written after this sees it gone and undoes itself
+        (``put_fold_ins``), one written before is among the users scanned here."""
+        await self.client.zrem(self.keys.versions, version)
         users = [text(u) async for u in self.client.sscan_iter(
             self.keys.version_users(version), count=1000)]
         for start in range(0, len(users), _CHUNK):
             chunk = users[start : start + _CHUNK]
             await self._execute(lambda pipe, c=chunk: [pipe.hdel(self.keys.emb(u), version) for u in c])
         await self.client.delete(self.keys.version(version), self.keys.version_users(version))
-        await self.client.zrem(self.keys.versions, version)
 
 
 def _evalsha(pipe: Any, sha: str, keys: Sequence[str], *args: Any) -> None:

@@ -8,8 +8,16 @@ inner product:
   update overwrites the stored row in place (a flat index has no structure to repair).
 - ``hnsw``: ``IndexHNSWFlat`` (inner-product metric) inside an ``IndexIDMap2``, for user counts
   where a scan is too slow. HNSW cannot delete, so an update adds a new row and leaves the old
-  one as a tombstone that searches skip; the index is rebuilt when tombstones outnumber live rows.
+  one as a tombstone that searches skip (an update to the vector the user already has is no update).
 - ``auto`` (default): ``hnsw`` from ``hnsw_min_users`` users on, else ``exact``.
+
+An index never rebuilds itself inside :meth:`VectorIndex.upsert` (the event loop calls it). It says
+when a rebuild is due (:meth:`VectorIndex.rebuild_due`: an ``auto`` index built exact that has grown
+to ``hnsw_min_users``, or an HNSW index whose tombstones outnumber its live rows by 1,000),
+and the caller builds the replacement off the loop: :meth:`VectorIndex.rows` copies the live vectors,
+:meth:`VectorIndex.rebuilt` indexes them (in a worker thread), and the upserts made meanwhile,
+journaled (:meth:`VectorIndex.start_journal`), are replayed into it before it is swapped in
+(``Retriever.rebuild_index``).
 
 FAISS labels are our row numbers; ``_labels[row]`` is the user id (None for a tombstone).
 :meth:`VectorIndex.save` / :meth:`VectorIndex.load` keep an index on disk (FAISS's own format plus
@@ -85,10 +93,12 @@ class VectorIndex:
         if len(set(ids)) != len(ids):
             raise ValueError("ids must be distinct")
         self.dim = int(vectors.shape[1])
+        self.auto_min = hnsw_min_users if kind == "auto" else None  # exact until this many users
         if kind == "auto":
             kind = "hnsw" if len(ids) >= hnsw_min_users else "exact"
         self.kind = kind
         self._hnsw = (hnsw_m, ef_construction, ef_search)
+        self._journal: list[tuple[str, np.ndarray]] | None = None
         self._build(list(ids), l2_normalize(vectors) if len(ids) else vectors)
 
     def _build(self, ids: list[str], unit: np.ndarray) -> None:
@@ -114,7 +124,7 @@ class VectorIndex:
         tmp = path.with_suffix(".faiss.tmp")
         faiss.write_index(self._index, str(tmp))
         os.replace(tmp, path.with_suffix(".faiss"))
-        meta = {"kind": self.kind, "dim": self.dim, "hnsw": list(self._hnsw),
+        meta = {"kind": self.kind, "dim": self.dim, "hnsw": list(self._hnsw), "auto_min": self.auto_min,
                 "labels": self._labels, **extra}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(meta))
@@ -136,6 +146,8 @@ class VectorIndex:
         self = cls.__new__(cls)
         self.dim, self.kind = int(meta.pop("dim")), meta.pop("kind")
         self._hnsw = tuple(meta.pop("hnsw"))
+        self.auto_min = meta.pop("auto_min", None)
+        self._journal = None
         self._index = index  # read_index gives the IndexIDMap2, owning its base
         self._base = faiss.downcast_index(self._index.index)
         self._labels = labels
@@ -205,11 +217,16 @@ class VectorIndex:
             fetch *= 2  # tombstones took places: look further
 
     def upsert(self, user_id: str, vector: np.ndarray) -> None:
-        """Add a user or replace its vector, without rebuilding the index."""
+        """Add a user or replace its vector, without rebuilding the index (nothing changes when the
+        user already has this vector: no HNSW tombstone for a re-applied event)."""
         unit = l2_normalize(np.asarray(vector, dtype=np.float32).reshape(1, -1))  # (1, d)
         if unit.shape[1] != self.dim:
             raise ValueError(f"vector has dim {unit.shape[1]}, index has {self.dim}")
         row = self._row.get(user_id)
+        if row is not None and np.array_equal(self._index.reconstruct(row), unit[0]):
+            return
+        if self._journal is not None:
+            self._journal.append((user_id, unit[0]))
         if row is not None and self.kind == "exact":
             stored = faiss.rev_swig_ptr(self._base.get_xb(), self._base.ntotal * self.dim)
             stored.reshape(-1, self.dim)[row] = unit[0]  # flat: label == storage position
@@ -220,11 +237,41 @@ class VectorIndex:
         self._labels.append(user_id)
         self._row[user_id] = new_row
         self._index.add_with_ids(unit, np.array([new_row], dtype=np.int64))
-        if len(self._labels) > 2 * len(self._row) + 1000:
-            self._compact()
 
-    def _compact(self) -> None:
-        """Rebuild without tombstones (HNSW only; amortised over many updates)."""
+    @property
+    def tombstones(self) -> int:
+        return len(self._labels) - len(self._row)
+
+    def rebuild_due(self) -> str | None:
+        """``"hnsw"`` (an ``auto`` index built exact has ``hnsw_min_users`` users), ``"compact"``
+        (tombstones outnumber live rows by 1,000), or None."""
+        if self.kind == "exact" and self.auto_min is not None and len(self._row) >= self.auto_min:
+            return "hnsw"
+        if self.kind == "hnsw" and len(self._labels) > 2 * len(self._row) + 1000:
+            return "compact"
+        return None
+
+    def rows(self) -> tuple[list[str], np.ndarray]:
+        """The live users and their stored (unit) vectors, (n, d): a copy, safe to index elsewhere."""
         ids = list(self._row)
-        unit = np.stack([self._index.reconstruct(self._row[u]) for u in ids])
-        self._build(ids, unit)
+        if not ids:
+            return ids, np.zeros((0, self.dim), np.float32)
+        return ids, self._index.reconstruct_batch(np.fromiter((self._row[u] for u in ids), np.int64, len(ids)))
+
+    def rebuilt(self, ids: Sequence[str], unit: np.ndarray) -> VectorIndex:
+        """A new index of these users (``rows``' output), without tombstones, HNSW once due; run it in
+        a worker thread (minutes of FAISS at a million users)."""
+        kind = "hnsw" if self.rebuild_due() == "hnsw" else self.kind
+        m, ef_construction, ef_search = self._hnsw
+        fresh = VectorIndex(ids, unit, kind=kind, hnsw_m=m, ef_construction=ef_construction, ef_search=ef_search)
+        fresh.auto_min = self.auto_min
+        return fresh
+
+    def start_journal(self) -> None:
+        """Record every upsert from now on (the ones a rebuild in progress must replay)."""
+        self._journal = []
+
+    def take_journal(self) -> list[tuple[str, np.ndarray]]:
+        """The upserts recorded since :meth:`start_journal`; recording stops."""
+        journal, self._journal = self._journal or [], None
+        return journal

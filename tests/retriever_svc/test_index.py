@@ -130,7 +130,7 @@ async def test_index_cache_is_reused_and_replays_later_fold_ins(store, clustered
     first = Retriever(store=store, config=config, replica="a")
     emb, _ = clustered()
     await first.load_embeddings(emb)
-    cached = tmp_path / f"xr-{emb.version}.faiss"
+    cached = tmp_path / "xr" / f"{emb.version}.faiss"
     written = cached.stat().st_mtime_ns
     await first.apply_events([Interaction("c0u0", "c2i0", 1.0, 5),  # moves c0u0 towards c2
                               Interaction("c0u0", "c2i1", 1.0, 6)])

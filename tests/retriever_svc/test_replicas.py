@@ -94,10 +94,10 @@ async def test_concurrent_fold_ins_of_one_user_keep_the_larger_history(replicas)
     a, b, emb = replicas
     # b read the user's history before a's event landed, then writes late: it must not win
     await a.core.apply_events([Interaction("race", "c0i0", 1.0, 1)])
-    stale = await b.store.user_items(["race"])
+    stale = (await b.store.user_items(["race"]))["race"]
     await a.core.apply_events([Interaction("race", "c0i1", 1.0, 2)])
     snap = b.core._snapshot
-    written = await b.store.put_fold_ins(emb.version, [("race", snap.fold_in(stale["race"]), 1)])
+    written = await b.store.put_fold_ins(emb.version, [("race", snap.fold_in(stale.items), stale.seq)])
     assert written == [False]
     rows = [emb.item_ids.index("c0i0"), emb.item_ids.index("c0i1")]
     np.testing.assert_allclose(await a.store.user_vector("race", emb.version),

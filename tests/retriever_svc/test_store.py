@@ -32,10 +32,12 @@ async def _state(store: RedisStore, users: list[str]) -> dict:
 
 async def test_apply_is_idempotent_and_order_independent(store: RedisStore, redis_url: str):
     touched = await store.apply_events(EVENTS)
-    assert touched == {"alice": ["book-1", "book-2"], "bob": ["book-1", "book-3"]}
+    # 5 of the 6 events change a history (alice's older book-1 does not): each counted once
+    assert touched == {"alice": (["book-1", "book-2"], 2), "bob": (["book-1", "book-3"], 3)}
     once = await _state(store, ["alice", "bob"])
-    await store.apply_events(EVENTS)  # every event a second time
+    assert await store.apply_events(EVENTS) == {}  # every event a second time: nothing changed, no user
     assert await _state(store, ["alice", "bob"]) == once
+    assert await store.user_items(["alice", "bob"]) == touched  # the change counts did not move
     other = RedisStore.from_url(redis_url, prefix="reversed")
     try:
         await other.apply_events(EVENTS[::-1])
@@ -57,7 +59,7 @@ async def test_histories_newest_last_with_ratings(store: RedisStore):
 
 async def test_ids_with_braces_colons_and_unicode(store: RedisStore):
     odd = Interaction("}{u:1}", "ít{em}:x", 1.0, 7)
-    assert await store.apply_events([odd]) == {"}{u:1}": ["ít{em}:x"]}
+    assert await store.apply_events([odd]) == {"}{u:1}": (["ít{em}:x"], 1)}
     assert await store.histories(["}{u:1}"], 3) == [[("ít{em}:x", 7, 1.0)]]
 
 
@@ -137,9 +139,10 @@ async def test_import_histories_and_updates_stream(store: RedisStore):
     assert erin == [("book-3", 5, 2.0)] and set(await store.all_users()) == {"carol", "erin"}
     start = await store.streams.updates_tail()  # nothing announced yet: Redis's clock less a margin
     assert start.endswith("-0") and int(start[:-2]) > 1e12 and await store.streams.updates_kept_since(start)
-    vectors = [("carol", np.ones(4, np.float32), 2), ("erin", np.zeros(4, np.float32), 7)]
+    await store.client.zadd(store.keys.versions, {"v1": 1})  # a kept version (fold-ins into others are undone)
+    vectors = [("carol", np.ones(4, np.float32), 0), ("erin", np.zeros(4, np.float32), 7)]
     written = await store.put_fold_ins("v1", vectors, announce_as="replica-a")
-    assert written == [True, False]  # erin's history has 1 item, not 7: not written
+    assert written == [True, False]  # erin's history is at change 0 (imported), not 7: not written
     (entry_id, version, origin, users), = await store.streams.read_updates(start, count=10, block_ms=None)
     assert (version, origin, users) == ("v1", "replica-a", ["carol", "erin"])
     assert await store.streams.updates_tail() == entry_id

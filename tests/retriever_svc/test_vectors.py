@@ -67,13 +67,34 @@ def test_hnsw_recall_and_tombstones(brute_force):
     got = index.search("u10", 5)
     assert got[0][0] == "u20" and got[0][1] == pytest.approx(1.0, abs=1e-5)
     assert [u for u, _ in got].count("u20") == 1 and len(index) == 3000
-    for _ in range(2):  # tombstones outnumber live rows: a compaction; answers stay right
+    assert index.rebuild_due() is None
+    for round_ in range(4):  # tombstones outnumber live rows: due, but never compacted by an upsert
         for j in range(100, 2200):
-            index.upsert(f"u{j}", vectors[j])
-    assert len(index._labels) < 2 * len(index) and len(index) == 3000
-    assert index.search("u10", 1)[0][0] == "u20"
+            index.upsert(f"u{j}", vectors[j] * (2 + round_) + 0.01 * round_)  # a new vector each time
+    assert index.tombstones > len(index) + 1000 and index.rebuild_due() == "compact"
     want = [u for u, _ in brute_force(ids, vectors, vectors[500], 5, "u500")]
-    assert len(set(want) & {u for u, _ in index.search("u500", 5)}) >= 4
+    assert len(set(want) & {u for u, _ in index.search("u500", 5)}) >= 4  # tombstones skipped
+    compacted = index.rebuilt(*index.rows())
+    assert compacted.tombstones == 0 and len(compacted) == 3000 and compacted.rebuild_due() is None
+    assert compacted.search("u10", 1)[0][0] == "u20"
+    for user in ("u500", "u2100", "u2500"):
+        np.testing.assert_allclose(compacted.get(user), index.get(user), atol=1e-6)
+    assert [u for u, _ in compacted.search("u500", 5)] == [u for u, _ in index.search("u500", 5)]
+
+
+def test_an_unchanged_vector_is_no_update_and_auto_grows_into_hnsw(users):
+    ids, vectors = users
+    hnsw = VectorIndex(ids, vectors, kind="hnsw", hnsw_m=8, ef_construction=20)
+    for user, vector in zip(ids, vectors):  # a re-applied event folds in the same vector again
+        hnsw.upsert(user, vector)
+    assert hnsw.tombstones == 0 and hnsw.rebuild_due() is None
+    grown = VectorIndex(ids[:5], vectors[:5], kind="auto", hnsw_min_users=len(ids))
+    assert grown.kind == "exact" and grown.rebuild_due() is None
+    for user, vector in zip(ids[5:], vectors[5:]):
+        grown.upsert(user, vector)
+    assert grown.kind == "exact" and grown.rebuild_due() == "hnsw"  # grown past hnsw_min_users: due
+    switched = grown.rebuilt(*grown.rows())
+    assert switched.kind == "hnsw" and len(switched) == len(ids) and switched.rebuild_due() is None
 
 
 def test_invalid_construction():
