@@ -20,9 +20,11 @@ answering health checks only). Then one line,
 ``retriever metrics on http://HOST:PORT/metrics`` with ``--metrics-port`` (``exitrank.observability``:
 request ids, ``--log-format json``, ``--tracing``; the effective config is logged at start).
 
-Health is SERVING while the retriever can answer: from its in-memory index (NearestUsers, also
-while Redis is down) or from Redis; NOT_SERVING while it has neither (no embeddings loaded and
-Redis unreachable), polled every ``READINESS_POLL_S`` (:func:`watch_readiness`). An artifact
+Health is SERVING while the retriever can answer (from its in-memory index, NearestUsers also
+while Redis is down, or from Redis) and ingested events can be applied: NOT_SERVING at once when it
+has neither index nor Redis, and once Redis has refused writes (full disk, ``maxmemory``) or the
+stream consumer has failed for ``readiness.STALL_S``; polled every ``READINESS_POLL_S``
+(:func:`watch_readiness`, ``readiness.py``). An artifact
 directory with a ``manifest.json`` is verified first: a ``gcn/`` file that is missing or does not
 match its hash stops the start (exit 2, the file named, as a bad config or any other start failure:
 the ranker's statuses).
@@ -66,9 +68,10 @@ from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import RetrieverConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
-from retriever_svc.errors import RetrievalError, StoreUnavailable
+from retriever_svc.errors import RetrievalError
 from retriever_svc.index import Retriever
 from retriever_svc.maintenance import IndexMaintainer
+from retriever_svc.readiness import Readiness
 from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.servicer import RetrieverCore, RetrieverServicer
 from retriever_svc.store import RedisStore
@@ -153,22 +156,18 @@ async def start_grpc(
                            health_port=health_port)
 
 
-async def watch_readiness(retriever: Retriever, store: RedisStore, health_servicer: health.aio.HealthServicer,
+async def watch_readiness(readiness: Readiness, health_servicer: health.aio.HealthServicer,
                           *, interval_s: float = READINESS_POLL_S) -> None:
-    """Keep health SERVING while an in-memory index or Redis can answer, NOT_SERVING while neither."""
+    """Keep health SERVING while ``readiness`` says so (``readiness.py``: something can answer, and
+    ingested events can be applied), NOT_SERVING otherwise, with the reason in the log."""
     serving = True
     while True:
         await asyncio.sleep(interval_s)
-        ready = bool(retriever.embedding_version)
-        if not ready:
-            try:
-                ready = await store.ping()
-            except StoreUnavailable:
-                ready = False
+        ready, reason = await readiness.check()
         if ready != serving:
             serving = ready
             log.warning("health %s: %s", "SERVING" if ready else "NOT_SERVING",
-                        "Redis answers again" if ready else "no embeddings in memory and Redis is unreachable")
+                        "events are applied and Redis answers again" if ready else reason)
             status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
             for name in ("", SERVICE_NAME):
                 await health_servicer.set(name, status)
@@ -237,7 +236,8 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
                                    telemetry=telemetry, auth=config.auth, metrics=metrics)
         undo.pop_all()  # started: from here on ``running.stop`` owns them
     running.background, running.metrics, running.store = (consumer, follower, maintainer), metrics, store
-    running.readiness = asyncio.create_task(watch_readiness(retriever, store, running.health))
+    readiness = Readiness(retriever=retriever, store=store, consumer=consumer)
+    running.readiness = asyncio.create_task(watch_readiness(readiness, running.health))
     log.info("embedding version %s", version or "(none)")
     return running
 
