@@ -128,8 +128,10 @@ async def test_mutual_tls_identities_call_only_their_rpcs(request, core, setup):
             async with channel(port, setup, setup.stranger) as (stub, ch):  # signed by the CA, in no identity
                 outcomes["stranger GetItems"] = await _code(stub.GetItems(GET, timeout=10))
                 health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
-                reflected = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(
-                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+                # no request written: a client still writing when the server ends a bidi call can read grpc's
+                # own "Internal error from Core" instead of the status (2 of 130 runs wrote one); the guard
+                # refuses at the call's start, before any message, so reading alone meets the refusal
+                reflected = reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(timeout=10)
                 outcomes["stranger reflection"] = await _code(reflected.read())
         allowed = ("ranker GetItems", "ranker NearestUsers", "ranker GetContext", "ingest UpsertItems")
         assert all(outcomes[name][0] == CODE.OK for name in allowed), outcomes
