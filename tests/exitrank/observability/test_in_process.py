@@ -4,6 +4,7 @@ trailing metadata, their log lines and an in-memory span exporter."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -147,6 +148,20 @@ def access_lines():
     logger.setLevel(level)
 
 
+async def _logged(access_lines, wanted: set[str]) -> list[dict]:
+    """The access lines once every request id of ``wanted`` has one. An aborted call's status reaches the
+    client before the interceptor's ``finally`` writes its line (gRPC sends it inside ``abort``), so the
+    line follows the client's error by a turn of the event loop or two."""
+    deadline = time.monotonic() + 10
+    while True:
+        lines = access_lines()
+        missing = wanted - {line.get("request_id") for line in lines}
+        if not missing:
+            return lines
+        assert time.monotonic() < deadline, f"no access line for {missing}"
+        await asyncio.sleep(0.01)
+
+
 async def test_request_id_is_carried_to_the_retriever_and_returned(stack, tools, access_lines):
     ids = sorted(tools.catalog)[:3]
     call = stack.ranker_stub.Rank(ranker_pb2.RankRequest(user_id="g2u1", candidate_item_ids=ids),
@@ -170,7 +185,7 @@ async def test_request_id_is_carried_to_the_retriever_and_returned(stack, tools,
         assert len(given) == 32 and int(given, 16) >= 0
         seen.add(given)
     assert len(seen) == 3
-    errors = [line for line in access_lines() if line.get("status") == "INVALID_ARGUMENT"]
+    errors = [line for line in await _logged(access_lines, seen) if line.get("status") == "INVALID_ARGUMENT"]
     assert {line["request_id"] for line in errors} >= seen
 
 
