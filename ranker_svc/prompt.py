@@ -165,7 +165,7 @@ class PromptBuilder:
         for i, neighbor in enumerate(neighbors):
             lines.append(f"User {_user_label(i)} {self._interactions(neighbor.history, cfg.neighbor_history)}.")
         lines.append("Input:")
-        if ctx.history:
+        if shown(ctx.history, cfg.max_history):
             lines.append(f"The user {self._interactions(ctx.history, cfg.max_history)}.")
         else:
             lines.append("The user has no history.")
@@ -192,8 +192,8 @@ class PromptBuilder:
         vectors = [ctx.user_embedding]
         if cfg.collab == "full":
             for neighbor in ctx.neighbors[:MAX_NEIGHBORS]:
-                vectors += [h.embedding for h in neighbor.history[-cfg.neighbor_history:]]
-            vectors += [h.embedding for h in ctx.history[-cfg.max_history:]]
+                vectors += [h.embedding for h in shown(neighbor.history, cfg.neighbor_history)]
+            vectors += [h.embedding for h in shown(ctx.history, cfg.max_history)]
         return vectors
 
     def target_vectors(self, embedding) -> list:
@@ -205,18 +205,25 @@ class PromptBuilder:
         return self.config.answer_yes if label else self.config.answer_no
 
     def _interactions(self, history: tuple[HistoryItem, ...], limit: int) -> str:
-        recent = history[-limit:]
+        recent = shown(history, limit)
         if not recent:
             return "has no interactions"
         return "; ".join(self._interaction(item) for item in recent)
 
     def _interaction(self, item: HistoryItem) -> str:
-        title = sanitize_title(item.title or item.item_id, self.config.max_title_chars, self._answers)
+        title = sanitize_title(item.title, self.config.max_title_chars, self._answers)
         slot = f" {COLLAB_TOKEN}" if self.config.collab == "full" else ""
         if self.config.rating_style == "stars":
             return f'rated "{title}"{slot} with {item.rating:g} stars'
         verb = "liked" if item.rating >= self.config.like_threshold else "disliked"
         return f'{verb} "{title}"{slot}'
+
+
+def shown(history: tuple[HistoryItem, ...], limit: int) -> tuple[HistoryItem, ...]:
+    """The interactions a prompt shows: the newest ``limit`` of those whose item has a catalog title.
+    An item without one (an id the catalog never described) is left out, never written as its id:
+    ids come from whoever calls Ingest, titles only from the catalog (UpsertItems)."""
+    return tuple(item for item in history if item.title)[-limit:]
 
 
 def _user_label(index: int) -> str:
