@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 import torch
@@ -30,7 +31,8 @@ from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, 
 from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
 from tests.conftest import await_ready, launch_service, stop_service
 from trainer.data.live_log import export_dataset, stable_split
-from trainer.refit import RefitConfig, heads_due, parse_duration, publish, refit_once, run_refits
+from trainer.refit import RefitConfig, decide, heads_due, parse_duration, publish, refit_once, run_refits
+from trainer.stats import auc, paired_auc_difference
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
 PREFIX = "rf"
@@ -231,6 +233,37 @@ def test_a_worse_candidate_is_not_published(stack, request):
                         f"{ev['serving']['auc']:.3f} on {ev['samples']} held-out samples, difference "
                         f"{ev['auc_difference']:+.3f}, threshold {ev['threshold']:+.3f}) refused: release, Redis "
                         "embedding version and the served model unchanged")
+
+
+def _gate(labels, serving, candidate) -> tuple[str, dict]:
+    """decide() on an evaluation as refit's evaluate() writes it, from these scores."""
+    diff, se = paired_auc_difference(labels, candidate, serving)
+    evaluation = {"serving": {"model_version": "m1", "embedding_version": "e1", "auc": auc(labels, serving)},
+                  "candidate": {"model_version": "m2", "embedding_version": "e2", "auc": auc(labels, candidate)},
+                  "auc_difference": diff, "se": se}
+    return decide(evaluation, RefitConfig(redis_url="", artifacts=Path(".")))[0], evaluation
+
+
+def test_the_gate_publishes_inside_the_noise_band_and_refuses_beyond_it():
+    """The rule between its edges (the live test above sees a candidate at the far end). On the same
+    held-out samples: a model as good as the serving one but wrong on other samples is published even
+    where its AUC is lower; a small regression is inside the band on 60 samples and beyond it on 2,000;
+    a clear one is refused; ``--tolerance`` points widen the band."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 2000)
+    serving = labels + rng.normal(0, 1.0, labels.size)  # AUC ~0.76
+    other = labels + np.random.default_rng(12).normal(0, 1.0, labels.size)  # as good, other errors
+    decision, ev = _gate(labels, serving, other)
+    assert ev["auc_difference"] < 0 and decision == "published", ev  # lower, by less than 2 se
+    slightly = serving - 0.01 * labels  # every positive a little lower: ~0.2 points worse
+    decision, ev = _gate(labels[:60], serving[:60], slightly[:60])
+    assert ev["auc_difference"] < 0 and decision == "published", ev
+    decision, ev = _gate(labels, serving, slightly)
+    assert decision == "refused" and ev["auc_difference"] < ev["threshold"] < 0, ev
+    decision, ev = _gate(labels[:100], serving[:100], serving[:100] - 0.3 * labels[:100])  # ~7 points worse
+    assert decision == "refused", ev
+    tolerant = RefitConfig(redis_url="", artifacts=Path("."), tolerance_points=0.5)
+    assert decide(_gate(labels, serving, slightly)[1], tolerant)[0] == "published"
 
 
 def test_splits_are_stable_and_durations_parse():
