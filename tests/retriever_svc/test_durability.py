@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from exitrank.redis_server import EmbeddedRedis
 from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
+from retriever_svc.keys import SEQ_FIELD
 from retriever_svc.store import Keys
 from tests.retriever_svc.conftest import start_retriever
 
@@ -119,9 +120,11 @@ def _assert_all_applied(url: str, acked: list[tuple[str, str, int, float]], vers
         client.close()
 
 
-def _stored_counts(url: str, users: set[str]) -> tuple[int, int, int]:
-    """(history entries, rating entries, entries whose timestamp or rating differs from the event's)
-    over ``users``, read straight from Redis."""
+def _stored_counts(url: str, users: set[str]) -> tuple[int, int, int, int]:
+    """(history entries, rating entries, entries whose timestamp or rating differs from the event's,
+    applications) over ``users``, read straight from Redis. Applications are the users' history change
+    counters (``SEQ_FIELD``, one increment per event that changed a history): a set cannot hold a
+    duplicate, so an event whose effect was applied twice shows here, not in the entry counts."""
     keys = Keys("xr")
     client = redis.Redis.from_url(url)
     try:
@@ -129,7 +132,11 @@ def _stored_counts(url: str, users: set[str]) -> tuple[int, int, int]:
         for user in sorted(users):
             pipe.zrange(keys.hist(user), 0, -1, withscores=True)
             pipe.hgetall(keys.rating(user))
+        for user in sorted(users):
+            pipe.hget(keys.emb(user), SEQ_FIELD)
         replies = pipe.execute()
+        applied = sum(int(seq or 0) for seq in replies[2 * len(users):])
+        replies = replies[: 2 * len(users)]
     finally:
         client.close()
     expected = {(u, i): (t, r) for u, i, t, r in map(_event, range(10 * len(users)))}
@@ -139,7 +146,7 @@ def _stored_counts(url: str, users: set[str]) -> tuple[int, int, int]:
         for item, ts in entries:
             want_ts, want_rating = expected.get((user, item.decode()), (None, None))
             wrong += (ts != want_ts) or (float(ratings.get(item, b"nan")) != want_rating)
-    return hist, rating, wrong
+    return hist, rating, wrong, applied
 
 
 def _drained(client: redis.Redis, keys: Keys) -> bool:
@@ -206,8 +213,9 @@ def test_redis_restart_while_ingesting_10000_applies_each_acked_event_once(reque
             ingester.join(timeout=120)  # the service recovered by itself and took the rest
             assert not ingester.is_alive() and len(ingester.acked) == total
             _assert_all_applied(server.url, ingester.acked, emb.version)
-            hist, ratings, wrong = _stored_counts(server.url, {u for u, _, _, _ in ingester.acked})
-            assert (hist, ratings, wrong) == (total, total, 0)  # each acked event once, none twice or torn
+            hist, ratings, wrong, applied = _stored_counts(server.url, {u for u, _, _, _ in ingester.acked})
+            assert (hist, ratings, wrong) == (total, total, 0)  # each acked event stored, none torn
+            assert applied == total  # each applied once: an event re-read after the restart changed nothing
             assert prober.answered > 0 and prober.failed == 0 and prober.not_serving == 0
         finally:
             ingester.stop.set()
@@ -219,7 +227,7 @@ def test_redis_restart_while_ingesting_10000_applies_each_acked_event_once(reque
         row.measured = (f"retriever-svc streamed {total:,} distinct interactions through Ingest (batches of 100), "
                         f"Redis SIGKILLed and restarted on its AOF mid-stream: {ingester.failures} Ingest calls failed "
                         f"(UNAVAILABLE) and were resent; afterwards {hist:,} history and {ratings:,} rating entries "
-                        f"in Redis = {total:,} acked, 0 lost, 0 duplicated, {wrong} wrong; while Redis was down "
+                        f"in Redis = {total:,} acked, 0 lost, {wrong} wrong, {applied:,} applications (each event once); while Redis was down "
                         f"NearestUsers answered {prober.answered}/{prober.answered + prober.failed} from memory and "
                         f"health stayed SERVING ({prober.serving}/{prober.serving + prober.not_serving} checks)")
 
