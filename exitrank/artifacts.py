@@ -3,7 +3,11 @@
 ``ARTIFACTS/manifest.json`` holds the version (a short hash over all file hashes, so identical
 artifacts get identical versions), the creation time, the training data's hash, the configuration,
 the metrics and ``files: {relative path: sha256}``. Services verify it before loading, so a corrupted
-or truncated artifact directory is refused with a message that names the file.
+or truncated artifact directory is refused with a message that names the file. A manifest is data
+from disk, so :func:`verify_manifest` also refuses one whose ``version`` is not the hash of its
+``files`` (a version such as ``../x`` would name a path outside ``releases/``), a listed path that is
+absolute or climbs out (``..``), and a regular file in the verified tree that the manifest does not
+list (hidden files, a publisher's temporaries, excepted): what is loaded is exactly what was hashed.
 
     write_manifest(out, config={...}, data_hash=data_hash(data_dir), metrics={...})
     verify_manifest(out)   # raises ManifestError naming the first bad file
@@ -71,14 +75,33 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hash_paths(root: Path, subdir: str | None = None) -> list[str]:
+    """Relative paths of the regular files a manifest covers (under ``subdir`` when given): all but
+    the manifest itself and hidden names."""
+    root = Path(root)
+    top = root / subdir if subdir else root
+    return [path.relative_to(root).as_posix() for path in sorted(top.rglob("*"))
+            if path.is_file() and path.name != MANIFEST and not path.name.startswith(".")]
+
+
 def hash_files(root: Path) -> dict[str, str]:
     """sha256 of every regular file under ``root`` except the manifest, keyed by relative path."""
-    root = Path(root)
-    return {
-        path.relative_to(root).as_posix(): file_sha256(path)
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != MANIFEST and not path.name.startswith(".")
-    }
+    return {rel: file_sha256(Path(root) / rel) for rel in hash_paths(root)}
+
+
+def _checked_files(manifest: dict, where: Path) -> dict[str, str]:
+    """The manifest's ``files`` after the checks of the module docstring (version, paths)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ManifestError(f"{where} lists no files")
+    for rel in files:
+        parts = Path(rel).parts
+        if not isinstance(rel, str) or not parts or Path(rel).is_absolute() or ".." in parts or "\\" in rel:
+            raise ManifestError(f"{where} lists {rel!r}: manifest paths are relative and stay inside the directory")
+    if manifest.get("version") != version_of(files):
+        raise ManifestError(f"{where}: its version is not the hash of its files (edited by hand?); re-run "
+                            "`trainer fit` to write a manifest")
+    return files
 
 
 def version_of(files: dict[str, str]) -> str:
@@ -120,11 +143,14 @@ def verify_manifest(artifacts_dir: Path, *, subdir: str | None = None) -> dict:
     """Check the listed files' hashes (only those under ``subdir`` when given); return the manifest."""
     artifacts_dir = Path(artifacts_dir)
     manifest = read_manifest(artifacts_dir)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise ManifestError(f"{artifacts_dir / MANIFEST} lists no files")
+    files = _checked_files(manifest, artifacts_dir / MANIFEST)
+    prefix = subdir.rstrip("/") + "/" if subdir is not None else ""
+    unlisted = sorted(set(hash_paths(artifacts_dir, subdir)) - set(files))
+    if unlisted:
+        raise ManifestError(f"artifact file {artifacts_dir / unlisted[0]} is not in the manifest: the directory was "
+                            "edited after it was written; re-run `trainer fit` (or publish a clean copy)")
     for rel, expected in files.items():
-        if subdir is not None and not rel.startswith(subdir.rstrip("/") + "/"):
+        if not rel.startswith(prefix):
             continue
         path = artifacts_dir / rel
         if not path.is_file():

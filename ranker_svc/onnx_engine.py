@@ -38,6 +38,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
+from exitrank.artifacts import file_sha256
 from ranker_svc.artifact import LoadedRanker
 from ranker_svc.engine import full_prompts, predict_in_batches
 from ranker_svc.exits import ExitPolicy, run_exits
@@ -89,7 +90,7 @@ def export_segments(model: EarlyExitLM, export_dir: Path, *, stamp: dict) -> lis
     paths = [export_dir / f"segment_{i}_{start}_{stop}.onnx" for i, (start, stop) in enumerate(bounds)]
     from_embeds = model.collab is not None
     stamp_path = export_dir / STAMP
-    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp and all(p.is_file() for p in paths):
+    if cached_export(stamp_path, paths, stamp):
         return paths
     fp32 = model if _dtype(model) == torch.float32 else copy.deepcopy(model).float()
     fp32 = fp32.to("cpu").eval()
@@ -108,8 +109,22 @@ def export_segments(model: EarlyExitLM, export_dir: Path, *, stamp: dict) -> lis
             warnings.simplefilter("ignore")
             torch.onnx.export(segment, (ids if segment.from_ids else hidden, lengths), str(path), input_names=[name, "lengths"],
                               output_names=outputs, dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    stamp_path.write_text(json.dumps(stamp))
+    stamp_path.write_text(json.dumps({**stamp, "sha256": {p.name: file_sha256(p) for p in paths}}))
     return paths
+
+
+def cached_export(stamp_path: Path, paths: list[Path], stamp: dict) -> bool:
+    """True when ``paths`` are the export ``stamp`` describes, byte for byte: the stamp matches and
+    every graph's sha256 is the one recorded when it was exported (a cache directory is verified like
+    an artifact; anything else, a graph edited or swapped included, is exported again)."""
+    try:
+        stored = json.loads(stamp_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    hashes = stored.pop("sha256", None) if isinstance(stored, dict) else None
+    if stored != stamp or not isinstance(hashes, dict):
+        return False
+    return all(p.is_file() and hashes.get(p.name) == file_sha256(p) for p in paths)
 
 
 def onnx_providers() -> list[str]:

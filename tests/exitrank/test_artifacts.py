@@ -42,3 +42,29 @@ def test_missing_file_and_missing_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):
         read_manifest(tmp_path)
+
+
+def test_a_manifest_cannot_point_outside_or_leave_files_unlisted(tmp_path):
+    """A manifest is data from disk: its version must be its files' hash (``../x`` would name a path
+    outside releases/), its paths stay inside, and every file the services would load is listed."""
+    import json
+
+    manifest = _make(tmp_path)
+    path = tmp_path / "manifest.json"
+    for edit, expected in ((lambda m: m.update(version="../x"), "not the hash of its files"),
+                           (lambda m: m["files"].update({"../outside.bin": "0" * 64}), "stay inside"),
+                           (lambda m: m["files"].update({"/etc/passwd": "0" * 64}), "stay inside")):
+        edited = json.loads(json.dumps(manifest))
+        edit(edited)
+        path.write_text(json.dumps(edited))
+        with pytest.raises(ManifestError, match=expected):
+            verify_manifest(tmp_path)
+    path.write_text(json.dumps(manifest))
+    verify_manifest(tmp_path)
+    (tmp_path / "ranker" / "extra.safetensors").write_bytes(b"dropped in later")
+    with pytest.raises(ManifestError, match="ranker/extra.safetensors is not in the manifest"):
+        verify_manifest(tmp_path, subdir="ranker")
+    verify_manifest(tmp_path, subdir="gcn")  # another subtree: not what that service loads
+    (tmp_path / "ranker" / ".staging-tmp").write_bytes(b"hidden")  # hidden names are not artifacts
+    (tmp_path / "ranker" / "extra.safetensors").unlink()
+    verify_manifest(tmp_path)

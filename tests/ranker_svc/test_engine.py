@@ -78,3 +78,18 @@ def test_deepspeed_wraps_the_same_weights_and_torch_is_the_default(engines, load
     assert Scorer(loaded=loaded).engine.name == "torch"
     with pytest.raises(ValueError, match="engine must be one of"):
         build_engine("tensorrt", loaded)
+
+
+def test_the_onnx_export_cache_is_verified_like_an_artifact(loaded, tmp_path):
+    """A cached export is reused only byte for byte: a graph edited in the cache is exported again."""
+    from ranker_svc.onnx_engine import STAMP, cached_export, export_segments
+
+    stamp = {"version": loaded.version, "answer_layers": list(loaded.model.answer_layers), "probe": True}
+    paths = export_segments(loaded.model, tmp_path, stamp=stamp)
+    assert cached_export(tmp_path / STAMP, paths, stamp)
+    original = paths[0].read_bytes()
+    paths[0].write_bytes(original + b"\x00")  # swapped or corrupted in the cache directory
+    assert not cached_export(tmp_path / STAMP, paths, stamp)
+    assert not cached_export(tmp_path / STAMP, paths, {**stamp, "probe": False})  # another export's stamp
+    again = export_segments(loaded.model, tmp_path, stamp=stamp)
+    assert again == paths and paths[0].read_bytes() == original and cached_export(tmp_path / STAMP, paths, stamp)
