@@ -10,6 +10,8 @@ The data directory holds (``DIR``)::
     DIR/redis.sock      the unix socket (mode 0700: this user only)
     DIR/credentials     the password, one line, mode 0600; generated at the first start and reused
                         after, so the URL other processes hold stays valid across restarts
+    DIR/redis.conf      mode 0600: ``requirepass``, so the password is never in the server's argv
+                        (``ps`` and /proc/PID/cmdline show every user a process's arguments)
     DIR/lock            flock(2)ed while a server runs: a second server on one directory is refused
     DIR/appendonlydir/  the append-only file; DIR/redis.log
 
@@ -17,6 +19,12 @@ Other processes of the same user reach it with the socket's URL and no password
 (``unix:///DIR/redis.sock``): :func:`with_credentials` reads the password from the file beside the
 socket (``retriever_svc.redis_io.connect`` applies it to every URL), so it never appears in a
 command line, an environment variable or a log.
+
+The server never outlives its owner: it is started under ``setpriv --pdeathsig TERM`` (util-linux;
+where that is missing, an owner killed with SIGKILL leaves it running, and a warning says so), so
+the kernel stops it when the process that started it dies. :meth:`EmbeddedRedis.supervise` restarts
+a server that died on its own (same directory, same password; the append-only file brings its data
+back), with a growing pause between restarts.
 
 Example::
 
@@ -27,17 +35,23 @@ Example::
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 CREDENTIALS = "credentials"
+CONFIG = "redis.conf"
 SOCKET = "redis.sock"
+RESTART_PAUSE_S = (0.1, 5.0)  # the supervisor's first and longest pause between restarts
+
+log = logging.getLogger("exitrank.redis")
 
 
 class RedisServerError(RuntimeError):
@@ -126,6 +140,11 @@ class EmbeddedRedis:
         self.extra_args = extra_args
         self._proc: subprocess.Popen | None = None
         self._lock: int | None = None
+        self._stopping = threading.Event()
+        self._spawning = threading.Lock()  # the supervisor's restart and stop() never interleave
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0
+        self.command: list[str] = []  # the last start's argv: what ps showed before redis retitled itself
 
     @property
     def socket_path(self) -> Path:
@@ -163,14 +182,32 @@ class EmbeddedRedis:
         except BaseException:
             self._release_lock()
             raise
+        self._stopping.clear()
+        self._spawn()
+        self._wait_ready(timeout)
+        return self
+
+    def supervise(self) -> "EmbeddedRedis":
+        """Restart the server whenever it exits without :meth:`stop` (module docstring); returns self."""
+        if self._supervisor is None:
+            self._supervisor = threading.Thread(target=self._watch, name="redis-supervisor", daemon=True)
+            self._supervisor.start()
+        return self
+
+    def _spawn(self) -> None:
+        conf = self.data_dir / CONFIG
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(fd, 0o600)
+            secret = self.password.replace("\\", "\\\\").replace('"', '\\"')
+            out.write(f'requirepass "{secret}"\n')
         args = [
-            find_redis_server(),
+            find_redis_server(), str(conf),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--unixsocket", str(self.socket_path),
             "--unixsocketperm", "700",
             "--dir", str(self.data_dir),
-            "--requirepass", self.password,
             "--appendonly", "yes",
             "--appendfsync", self.appendfsync,
             "--save", "",
@@ -178,11 +215,39 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             *self.extra_args,
         ]
+        guard = shutil.which("setpriv")
+        if guard is None:
+            log.warning("setpriv (util-linux) not found: the embedded redis-server would outlive a SIGKILLed owner")
+        self.command = [guard, "--pdeathsig", "TERM", "--", *args] if guard else args
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
-        self._wait_ready(timeout)
-        return self
+
+    def _watch(self) -> None:
+        pause = RESTART_PAUSE_S[0]
+        while not self._stopping.is_set():
+            proc = self._proc
+            if proc is None:
+                return
+            code = proc.wait()
+            if self._stopping.is_set() or proc is not self._proc:
+                continue
+            log.error("embedded redis-server (pid %s) exited with %s; restarting it on %s in %.1fs",
+                      proc.pid, code, self.data_dir, pause)
+            if self._stopping.wait(pause):
+                return
+            try:
+                with self._spawning:
+                    if self._stopping.is_set():
+                        return
+                    self._spawn()
+                self._wait_ready(10.0, stop_on_failure=False)
+                self.restarts += 1
+                pause = RESTART_PAUSE_S[0]
+                log.info("embedded redis-server restarted (pid %s)", self._proc.pid)
+            except (RedisServerError, OSError) as exc:
+                log.error("embedded redis-server did not restart: %s", exc)
+                pause = min(pause * 2, RESTART_PAUSE_S[1])
 
     def _take_lock(self) -> None:
         fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -207,7 +272,7 @@ class EmbeddedRedis:
             os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT: set it
             out.write(self.password + "\n")
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, *, stop_on_failure: bool = True) -> None:
         import redis  # noqa: PLC0415 - keep import cost off module import
 
         deadline = time.monotonic() + timeout
@@ -224,7 +289,8 @@ class EmbeddedRedis:
             except redis.RedisError as exc:
                 last = exc
             time.sleep(0.05)
-        self.stop()
+        if stop_on_failure:
+            self.stop()
         raise RedisServerError(f"redis-server not ready after {timeout}s: {last}; {self.log_tail()}")
 
     def log_tail(self, lines: int = 20) -> str:
@@ -243,12 +309,15 @@ class EmbeddedRedis:
 
     def kill(self) -> None:
         """SIGKILL, as a crash would: no shutdown save, only what the AOF holds survives."""
+        self._stopping.set()  # a crash the caller makes: not restarted
         if self._proc is not None and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=10)
         self._release_lock()
 
     def stop(self, timeout: float = 10.0) -> None:
+        with self._spawning:
+            self._stopping.set()
         if self._proc is None:
             self._release_lock()
             return

@@ -287,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_service_ports(config.server.host, config.server.port, config.observability)
         redis_url = config.redis.url
         if redis_url is None:
-            embedded = EmbeddedRedis(config.redis.embedded_dir()).start()
+            embedded = EmbeddedRedis(config.redis.embedded_dir()).start().supervise()
             redis_url = embedded.url
             log.info("embedded redis-server (pid %s) keeps its data in %s across restarts (--data-dir); other "
                      "processes of this user reach it with --redis-url %s (password read from %s, mode 0600)",
