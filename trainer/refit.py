@@ -17,8 +17,9 @@ One refit (:func:`refit_once`), under a lock file so runs never overlap:
 1. Pull the interaction log from the retriever's Redis and write a canonical data set
    (``trainer.data.live_log.export_dataset``). Samples follow ``trainer.data.samples`` (chronological
    targets, explicit ratings >= ``--rating-threshold`` positive, or sampled negatives for implicit
-   data), but each user's split is a hash of its id (8:1:1), so it never changes between refits:
-   test users never trained the serving model, and the comparison below is fair.
+   data), but each user's split is a keyed hash of its id (8:1:1, the key secret in
+   ``ROOT/.split-key``), so it never changes between refits and no caller can choose to be a test
+   user: test users never trained the serving model, and the comparison below is fair.
 2. Build a candidate in ``ROOT/releases/.candidate-*``: the serving release's frozen backbone
    (weights hard-linked where possible), LightGCN refitted on the new graph (``fit-gcn``), and,
    when ``--heads-every`` has passed since the serving heads were fitted (or always with 0), new
@@ -65,7 +66,7 @@ from typing import Any
 
 from exitrank.artifacts import (RELEASES, current_release, publish_release, read_manifest, verify_manifest,
                                 write_manifest)
-from trainer.data.live_log import RefitError, export_dataset
+from trainer.data.live_log import RefitError, export_dataset, split_key
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -265,7 +266,7 @@ def refit_once(cfg: RefitConfig) -> dict:
         if cfg.candidate is not None:
             verify_manifest(cfg.candidate)
         data_dir = Path(cfg.data_out or root / "refit-data")
-        counts = export_dataset(cfg.redis_url, data_dir, prefix=cfg.redis_prefix,
+        counts = export_dataset(cfg.redis_url, data_dir, key=split_key(root), prefix=cfg.redis_prefix,
                                 rating_threshold=cfg.rating_threshold, seed=cfg.seed)
         heads = cfg.candidate is None and heads_due(manifest, cfg.heads_every_s)
         candidate = Path(cfg.candidate) if cfg.candidate else build_candidate(cfg, serving, data_dir, heads=heads)

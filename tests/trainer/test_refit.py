@@ -30,7 +30,7 @@ from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
 from tests.conftest import await_ready, launch_service, stop_service
-from trainer.data.live_log import export_dataset, stable_split
+from trainer.data.live_log import export_dataset, split_key, stable_split
 from trainer.refit import RefitConfig, decide, heads_due, parse_duration, publish, refit_once, run_refits
 from trainer.stats import auc, paired_auc_difference
 
@@ -112,7 +112,7 @@ def stack(redis_server, tmp_path_factory):
         stub = retriever_pb2_grpc.RetrieverStub(channel)
         stub.UpsertItems(iter([common_pb2.Item(item_id=i, title=t) for i, t in TITLES.items()]), timeout=30)
         _ingest(stub, histories, range(0, 6))  # the log the first release is trained on
-        export_dataset(url, tmp / "data0", prefix=PREFIX)
+        export_dataset(url, tmp / "data0", key=split_key(root), prefix=PREFIX)  # the refits' split
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -266,10 +266,16 @@ def test_the_gate_publishes_inside_the_noise_band_and_refuses_beyond_it():
     assert decide(_gate(labels, serving, slightly)[1], tolerant)[0] == "published"
 
 
-def test_splits_are_stable_and_durations_parse():
-    assert [stable_split(f"u{j}") for j in range(50)] == [stable_split(f"u{j}") for j in range(50)]
-    shares = [stable_split(f"user-{j}") for j in range(5000)]
+def test_splits_are_stable_secret_and_durations_parse(tmp_path):
+    key = split_key(tmp_path)
+    assert split_key(tmp_path) == key and len(key) == 32
+    assert oct((tmp_path / ".split-key").stat().st_mode & 0o777) == "0o600"
+    assert [stable_split(f"u{j}", key) for j in range(50)] == [stable_split(f"u{j}", key) for j in range(50)]
+    shares = [stable_split(f"user-{j}", key) for j in range(5000)]
     assert 0.77 < shares.count("train") / 5000 < 0.83 and 0.08 < shares.count("test") / 5000 < 0.12
+    other = split_key(tmp_path / "elsewhere")  # another deployment's key: other test users
+    moved = sum(a != b for a, b in zip(shares, (stable_split(f"user-{j}", other) for j in range(5000))))
+    assert moved > 1000  # ~1 - (0.8^2 + 0.1^2 + 0.1^2) = 34% of users change split
     assert [parse_duration(d) for d in ("90", "90s", "30m", "1.5h", "2d", "0")] == [90, 90, 1800, 5400, 172800, 0]
     with pytest.raises(ValueError, match="duration"):
         parse_duration("soon")

@@ -5,11 +5,13 @@ there): every user with a history, each user's newest ``HISTORY_CAP`` interactio
 and timestamps, and the catalog titles of the items in them (ids, JSON and floats only; nothing is
 unpickled). It writes them with ``trainer.data.dataset.write_dataset``: samples by the rule of
 ``trainer.data.samples`` (chronological targets; explicit ratings >= ``rating_threshold``
-positive, or sampled negatives when every rating is 1), but each user's split is a hash of its id
-(8:1:1, :func:`stable_split`), so a user keeps its split across refits and the test users of one
-refit never trained an earlier model.
+positive, or sampled negatives when every rating is 1), but each user's split is a keyed hash of its
+id (8:1:1, :func:`stable_split`), so a user keeps its split across refits and the test users of one
+refit never trained an earlier model. The key is a secret (:func:`split_key`, ``ROOT/.split-key``,
+mode 0600, made at the first refit): with a public hash, whoever can Ingest could pick user ids
+that land in the held-out split and steer the refit gate's evaluation.
 
-    export_dataset("redis://:pw@redis:6379/0", Path("refit-data"), prefix="xr")
+    export_dataset("redis://:pw@redis:6379/0", Path("refit-data"), prefix="xr", key=split_key(root))
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import hmac
+import os
+import secrets
 from pathlib import Path
 
+SPLIT_KEY = ".split-key"  # under the release root: hidden, so never part of a release
 HISTORY_CAP = 5000  # newest interactions read per user (the Lua reply is one table of this size)
 _CHUNK = 500
 
@@ -27,7 +33,7 @@ class RefitError(ValueError):
     """A refit cannot run as configured (no release to refit, Redis unreachable, ...); the message says why."""
 
 
-def export_dataset(redis_url: str, out: Path, *, prefix: str = "xr", rating_threshold: float = 4.0,
+def export_dataset(redis_url: str, out: Path, *, key: bytes, prefix: str = "xr", rating_threshold: float = 4.0,
                    seed: int = 0) -> dict[str, int]:
     """The retriever's histories and catalog (Redis at ``redis_url``) as a canonical data set in ``out``.
 
@@ -46,10 +52,10 @@ def export_dataset(redis_url: str, out: Path, *, prefix: str = "xr", rating_thre
         raise RefitError(f"Redis (prefix {prefix!r}) holds no interaction histories: nothing to refit on")
     implicit = all(x.rating == 1.0 for x in interactions)
     rule = SampleRule(threshold=rating_threshold, implicit=implicit, seed=seed)
-    samples = [dataclasses.replace(s, split=stable_split(s.user_id)) for s in build_samples(interactions, rule)]
+    samples = [dataclasses.replace(s, split=stable_split(s.user_id, key)) for s in build_samples(interactions, rule)]
     meta = DatasetMeta(name="refit", format="redis", implicit=implicit,
                        rating_threshold=1.0 if implicit else rating_threshold,
-                       sample_rule={**dataclasses.replace(rule, kind="given").to_json(), "split": "hash(user_id) 8:1:1"})
+                       sample_rule={**dataclasses.replace(rule, kind="given").to_json(), "split": "hmac(key, user_id) 8:1:1"})
     return write_dataset(out, items=items, interactions=interactions, meta=meta, samples=samples)
 
 
@@ -77,7 +83,25 @@ async def _pull_log(redis_url: str, prefix: str) -> tuple[list, list]:
     return items, interactions
 
 
-def stable_split(user_id: str) -> str:
-    """train / valid / test by a hash of the user id (8:1:1): the same user, the same split, every refit."""
-    bucket = int(hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:8], 16) % 10
+def split_key(root: Path) -> bytes:
+    """The secret that keys :func:`stable_split` for the releases under ``root``: read from
+    ``root/.split-key``, or made (32 random bytes, mode 0600) when there is none yet. Keep it: a new key
+    moves users between splits, and test users would have trained the serving model."""
+    path = Path(root) / SPLIT_KEY
+    if not path.is_file():
+        Path(root).mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another refit made it meanwhile: read that one
+            return bytes.fromhex(path.read_text().strip())
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32) + "\n")
+    return bytes.fromhex(path.read_text().strip())
+
+
+def stable_split(user_id: str, key: bytes) -> str:
+    """train / valid / test by a keyed hash (HMAC-SHA256) of the user id (8:1:1): the same user, the
+    same split, every refit with the same key; unpredictable without it."""
+    digest = hmac.new(key, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+    bucket = int(digest[:8], 16) % 10
     return "test" if bucket == 9 else "valid" if bucket == 8 else "train"
