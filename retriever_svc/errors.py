@@ -6,6 +6,8 @@ Exception tree (status each maps to)::
     ├── InvalidArgument(field, msg)    INVALID_ARGUMENT: a request field is out of range or malformed
     ├── UnknownUser(user_id, reason)   NOT_FOUND: no embedding / no history for the user
     ├── StoreUnavailable               UNAVAILABLE: Redis cannot be reached or refused the command
+    │   └── StoreRefusesWrites         UNAVAILABLE: Redis answers reads but refuses writes (full disk,
+    │                                  ``maxmemory`` reached, a read-only replica)
     ├── EmbeddingsError                FAILED_PRECONDITION: an embedding artifact or version is unusable
     ├── ReplyTooLarge                  RESOURCE_EXHAUSTED: the answer would exceed limits.max_send_bytes
     └── BacklogFull                    RESOURCE_EXHAUSTED: the ingest stream holds index.max_stream_backlog
@@ -49,6 +51,15 @@ class StoreUnavailable(RetrievalError):
 
     def public_message(self) -> str:
         return "the retriever's store (Redis) cannot answer now; retry with backoff"
+
+
+class StoreRefusesWrites(StoreUnavailable):
+    """Redis answers but refuses writes: its disk is full (``MISCONF``, or ``NOREPLICAS`` from an
+    embedded server restarted read-only, ``exitrank.redis_server``), it is out of memory (``OOM``) or
+    a read-only replica; reads go on, writes may work again later."""
+
+    def public_message(self) -> str:
+        return "the retriever cannot store new data now (reads still answer); retry with backoff"
 
 
 class EmbeddingsError(RetrievalError):

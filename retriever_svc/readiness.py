@@ -6,8 +6,9 @@ SERVING needs both:
 1. Something can answer: the in-memory index (NearestUsers, also while Redis is down) or Redis.
    Neither (no embeddings loaded and Redis unreachable): NOT_SERVING at once.
 2. Events can be applied: Redis accepts a write (a tiny expiring key, ``RedisStore.probe_write``:
-   refused when Redis is out of memory, cannot write its append-only file, or is unreachable) and the
-   stream consumer is not failing. Once either has lasted ``STALL_S``, NOT_SERVING, so a replica
+   refused when Redis is out of memory, cannot write its append-only file (a full disk: MISCONF, or
+   the embedded server restarted refusing writes, ``exitrank.redis_server``), or is unreachable) and
+   the stream consumer is not failing. Once either has lasted ``STALL_S``, NOT_SERVING, so a replica
    whose ingested events would wait (a full disk, ``maxmemory`` reached) leaves the load balancer;
    a shorter blip (a Redis restart) does not take it out of rotation.
 """

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -29,10 +30,11 @@ from redis import exceptions as rexc
 from redis.asyncio.cluster import RedisCluster
 
 from exitrank.redis_server import with_credentials
-from retriever_svc.errors import StoreUnavailable
+from retriever_svc.errors import StoreRefusesWrites, StoreUnavailable
 
 T = TypeVar("T")
 CLUSTER_SUFFIX = "+cluster"
+WRITE_REFUSALS = re.compile(r"(?:^|[\s-])(?:MISCONF|NOREPLICAS|OOM|READONLY)\b")  # Redis's error codes
 Client = aioredis.Redis | RedisCluster
 
 
@@ -89,15 +91,24 @@ def connect(url: str, *, timeout_s: float = 5.0, tls: dict[str, str] | None = No
     return aioredis.Redis.from_url(url, **options)
 
 
+def refuses_writes(exc: BaseException) -> bool:
+    """True for Redis's answers that refuse a write while reads go on (also inside a script's error):
+    ``MISCONF`` (it cannot write its append-only file or snapshot), ``NOREPLICAS`` (an embedded
+    server restarted on a full disk), ``OOM`` (``maxmemory``), ``READONLY`` (a replica)."""
+    return isinstance(exc, rexc.ResponseError) and WRITE_REFUSALS.search(str(exc)) is not None
+
+
 def guarded(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """Convert redis-py (and socket) errors of ``method`` into ``StoreUnavailable``."""
+    """Convert redis-py (and socket) errors of ``method`` into ``StoreUnavailable`` (a refused write:
+    ``StoreRefusesWrites``)."""
 
     @functools.wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return await method(*args, **kwargs)
         except (rexc.RedisError, OSError) as exc:
-            raise StoreUnavailable(f"redis {method.__name__} failed: {exc}") from exc
+            error = StoreRefusesWrites if refuses_writes(exc) else StoreUnavailable
+            raise error(f"redis {method.__name__} failed: {exc}") from exc
 
     return wrapper
 
