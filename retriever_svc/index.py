@@ -130,13 +130,14 @@ class Retriever:
 
     # ---- embedding versions -------------------------------------------------------------
 
-    async def load_embeddings(self, emb: GCNEmbeddings) -> None:
-        """Publish a fit from this process: store it in Redis (unless already there), index it,
-        fold in the users it lacks, make it current (other replicas follow), swap it in."""
+    async def load_embeddings(self, emb: GCNEmbeddings, *, created: float | None = None) -> None:
+        """Publish a fit from this process: store it in Redis (unless already there; ``created``:
+        when its artifact was made), index it, fold in the users it lacks, make it current (other
+        replicas follow), swap it in."""
         self._touched = set()  # users touched from now on are re-folded into the new version
         after = await self.store.streams.updates_tail()
         if not await self.store.version_complete(emb.version):
-            await self.store.write_version(emb)
+            await self.store.write_version(emb, created=created)
         await self._adopt(await self._build(emb, after), make_current=True)
 
     async def restore(self) -> str | None:

@@ -13,6 +13,9 @@ change under a replica without its own consumer seeing them, and this loop follo
    atomically. Announcements made while adopting are read afterwards and applied to the new
    version, so none is lost in the swap. At the same poll it reads the catalog's version
    (``Retriever.refresh_catalog``): a peer's UpsertItems empties this replica's title cache.
+3. A release root's ``current`` link moved (``--artifacts ROOT/current``; ``releases.ReleaseWatch``),
+   checked at the same poll: its embeddings are made current unless older, which rolls a publish
+   that crashed after the flip forward.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import IndexConfig, RedisConfig
 from retriever_svc.errors import EmbeddingsError, StoreUnavailable
 from retriever_svc.index import Retriever
+from retriever_svc.releases import ReleaseWatch
 from retriever_svc.store import RedisStore
 
 log = logging.getLogger(__name__)
@@ -37,13 +41,15 @@ class ReplicaFollower(BackgroundLoop):
         store: the Redis access layer.
         redis: the ``redis`` section (``block_ms``, ``read_count``).
         index: the ``index`` section (``version_poll_s``).
+        release: the watch of ``--artifacts`` (a link moved: ``releases.py``; None: nothing to follow).
     """
 
     task_name = "retriever-replica-follower"
 
     def __init__(self, *, retriever: Retriever, store: RedisStore, redis: RedisConfig,
-                 index: IndexConfig) -> None:
+                 index: IndexConfig, release: ReleaseWatch | None = None) -> None:
         self.retriever = retriever
+        self.release = release
         self.store = store
         self.redis = redis
         self.index = index
@@ -58,6 +64,8 @@ class ReplicaFollower(BackgroundLoop):
                 if after is None:
                     after = await self.store.streams.updates_tail()  # earlier ones are in Redis already
                 if time.monotonic() >= next_poll:
+                    if self.release is not None:
+                        await self.release.check()
                     await self.retriever.follow_current()
                     await self.retriever.refresh_catalog()
                     next_poll = time.monotonic() + self.index.version_poll_s

@@ -9,8 +9,9 @@ the embedded Redis, exits 2 naming it before anything starts: :func:`check_artif
 embedded redis-server unless ``--redis-url``, its data kept under ``--data-dir``, default
 ``~/.local/state/exitrank/retriever``, across restarts, its password in a 0600 file beside its
 socket that other CLIs read: ``exitrank.redis_server``), the store, the
-core; publish ``ARTIFACTS/gcn`` when present (else restore the version Redis already holds); the
-stream consumer task; the replica follower task (peers' fold-ins, newly published versions); the
+core; publish ``ARTIFACTS/gcn`` when present and not older than Redis's current version, else restore
+that version (``releases.py``); the stream consumer task; the replica follower task (peers' fold-ins,
+newly published versions, a moved ``ROOT/current`` link); the
 index maintainer task (index rebuilds off the event loop: ``maintenance.py``); the
 gRPC server with health checking and reflection (over TLS, mutual TLS with ``--tls-client-ca``,
 under ``limits``: message sizes, per-client rate and concurrency; with ``auth.policy`` only the RPCs
@@ -53,7 +54,7 @@ import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from exitrank.artifacts import MANIFEST, ManifestError, require_artifacts_dir, verify_manifest
+from exitrank.artifacts import ManifestError, require_artifacts_dir
 from exitrank.access import AuthConfig, load_policy
 from exitrank.grpc_security import ServerGuard, bind, drain_and_stop, find_guard, server_kwargs, start_health_port
 from exitrank.observability import enable_crash_stacks, setup_process
@@ -67,11 +68,11 @@ from exitrank.v1 import retriever_pb2, retriever_pb2_grpc
 from retriever_svc.background import BackgroundLoop
 from retriever_svc.config import RetrieverConfig, ServerConfig
 from retriever_svc.consumer import StreamConsumer
-from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
 from retriever_svc.errors import RetrievalError
 from retriever_svc.index import Retriever
 from retriever_svc.maintenance import IndexMaintainer
 from retriever_svc.readiness import Readiness
+from retriever_svc.releases import ReleaseWatch, adopt_artifacts
 from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.servicer import RetrieverCore, RetrieverServicer
 from retriever_svc.store import RedisStore
@@ -173,27 +174,6 @@ async def watch_readiness(readiness: Readiness, health_servicer: health.aio.Heal
                 await health_servicer.set(name, status)
 
 
-async def publish_artifacts(retriever: Retriever, artifacts: Path) -> str:
-    """Publish ``artifacts/gcn`` when Redis does not hold that version yet, else restore Redis's
-    current version (with its fold-ins; possibly newer, published by the trainer or a peer).
-
-    Raises:
-        ManifestError: ``artifacts/manifest.json`` exists and a ``gcn/`` file does not match it.
-    """
-    if (artifacts / MANIFEST).is_file():
-        verify_manifest(artifacts, subdir=GCN_DIR)
-    if (artifacts / GCN_DIR).is_dir():
-        emb = GCNEmbeddings.load(artifacts)
-        if not await retriever.store.version_complete(emb.version):
-            await retriever.load_embeddings(emb)
-            return emb.version
-    version = await retriever.restore()
-    if version is None:
-        log.warning("no embeddings in %s/%s nor in Redis: NearestUsers answers NOT_FOUND "
-                    "until a fit is published", artifacts, GCN_DIR)
-    return version or ""
-
-
 def build_metrics(retriever: Retriever, consumer: StreamConsumer | None) -> RetrieverMetrics:
     """The retriever's metrics, reading the core's stats (and the consumer's count) when scraped;
     call on the event loop the core runs on."""
@@ -219,10 +199,11 @@ async def start_server(config: RetrieverConfig, redis_url: str) -> RetrieverServ
         undo.push_async_callback(store.close)
         await store.ping()
         retriever = Retriever(store=store, config=config.index, replica=config.redis.consumer)
-        version = await publish_artifacts(retriever, config.artifacts.dir)
+        version = await adopt_artifacts(retriever, config.artifacts.dir)
         await retriever.refresh_catalog()
         consumer = StreamConsumer(retriever=retriever, store=store, config=config.redis)
-        follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis, index=config.index)
+        follower = ReplicaFollower(retriever=retriever, store=store, redis=config.redis, index=config.index,
+                                   release=ReleaseWatch(retriever=retriever, artifacts=config.artifacts.dir))
         maintainer = IndexMaintainer(retriever=retriever, config=config.index)
         for background in (consumer, follower, maintainer):
             background.start()

@@ -43,8 +43,9 @@ none)::
                                        them; one being written joins at its first write, and one whose
                                        publish crashed stays until newer ones push it out
     P:{emb}:v:<version>        HASH    dim, item_ids (JSON), item and item_foldin (float32 bytes,
-                                       (I, d) row-major), meta (JSON), complete ("1" once written): one per
-                                       version in ``versions``, deleted with it
+                                       (I, d) row-major), meta (JSON), created (Unix s of its artifact,
+                                       when known), complete ("1" once written): one per version in
+                                       ``versions``, deleted with it
     P:{emb}:v:<version>:users  SET     users holding a vector of that version, deleted with it
     P:{probe}:write            STRING  the readiness probe's write (``readiness.py``), expiring after 60 s
 
@@ -65,9 +66,8 @@ so applying an event twice, or replaying the stream in any order, leaves the sam
 that changes nothing is not counted, and its user is not folded in again. Nothing is pickled: ids
 are UTF-8, vectors raw float32, the rest JSON.
 
-Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the streams the
-store holds as ``store.streams``), the one place third-party errors convert. A ``redis+cluster://`` URL addresses a
-Redis Cluster (``redis_io.connect``).
+Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the streams the store holds
+as ``store.streams``), the one place third-party errors convert. ``redis+cluster://``: a Redis Cluster.
 """
 
 from __future__ import annotations
@@ -125,8 +125,7 @@ class RedisStore:
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str = "xr", group: str = "retriever", timeout_s: float = 5.0,
-        tls: dict[str, str] | None = None,
+        cls, url: str, *, prefix: str = "xr", group: str = "retriever", timeout_s: float = 5.0, tls: dict | None = None,
     ) -> RedisStore:
         """A store on ``url``; ``redis+cluster://`` URLs give a Redis Cluster client; ``tls``:
         ``redis_io.tls_options`` for ``rediss://``."""
@@ -351,12 +350,19 @@ class RedisStore:
         return await self.client.hget(self.keys.version(version), "complete") == b"1"
 
     @guarded
-    async def write_version(self, emb: GCNEmbeddings) -> None:
+    async def version_created(self, version: str) -> float | None:
+        """When ``version``'s artifact was made (Unix seconds; None: not recorded)."""
+        raw = await self.client.hget(self.keys.version(version), "created")
+        return None if raw is None else float(raw)
+
+    @guarded
+    async def write_version(self, emb: GCNEmbeddings, *, created: float | None = None) -> None:
         """Store a fit's users and items under ``emb.version``, without making it current;
         ``complete`` is written last. The version joins ``versions`` at once: fold-ins into it are
         made before it is current (``Retriever.load_embeddings``) and ``put_fold_ins`` undoes those
         into a version not in ``versions``; and the newest-``keep`` rule drops it in time if it is
-        never made current (a publish that crashed)."""
+        never made current (a publish that crashed). ``created``: when its artifact was made (Unix
+        seconds), which orders releases (``releases.py``)."""
         meta_key = self.keys.version(emb.version)
         await self.client.delete(meta_key)
         await self.client.zadd(self.keys.versions, {emb.version: time.time() * 1000}, nx=True)
@@ -367,7 +373,7 @@ class RedisStore:
             "item": emb.item.tobytes(),
             "item_foldin": emb.fold_in_basis().tobytes(),
             "meta": json.dumps(emb.meta, default=str),
-        }
+        } | ({} if created is None else {"created": repr(float(created))})
         await self.client.hset(meta_key, mapping=fields)
         await self.client.hset(meta_key, "complete", "1")
 
@@ -464,12 +470,6 @@ class RedisStore:
 
         replies = await self._execute(build) if user_ids else []
         return [None if raw is None else np.frombuffer(raw, dtype=np.float32) for raw in replies]
-
-    async def publish_version(self, emb: GCNEmbeddings, *, keep: int) -> list[str]:
-        """Store ``emb`` (unless already complete) and make it current; replicas follow it."""
-        if not await self.version_complete(emb.version):
-            await self.write_version(emb)
-        return await self.set_current(emb.version, keep=keep)
 
     @guarded
     async def set_current(self, version: str, *, keep: int) -> list[str]:
