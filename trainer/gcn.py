@@ -302,23 +302,43 @@ def _rows_of(batch: torch.Tensor, offsets: torch.Tensor, items: torch.Tensor
 # ------------------------------------------------------------------------------------ publishing
 
 
-def publish_gcn(emb: GCNEmbeddings, *, redis_url: str, prefix: str = "xr",
-                keep_versions: int = 2) -> str:
-    """Store a fit as a new embedding version in the retriever's Redis and make it current.
+def publish_gcn(emb: GCNEmbeddings, *, redis_url: str, prefix: str = "xr", keep_versions: int = 2,
+                created: float | None = None, make_current: bool = True) -> str:
+    """Store a fit as an embedding version in the retriever's Redis (unless stored already) and
+    make it current; returns the version.
 
     Running retrievers poll the current version (``index.version_poll_s``) and swap to it
-    atomically, folding in users the fit lacks. Returns the version. A ``redis+cluster://`` URL
-    addresses a Redis Cluster.
+    atomically, folding in users the fit lacks. ``created``: when its artifact was made (Unix
+    seconds; retrievers never make an older artifact current again: ``retriever_svc.releases``).
+    ``make_current=False`` only stores it (a release's first step: ``trainer.publishing.publish_pair``).
+    A ``redis+cluster://`` URL addresses a Redis Cluster.
     """
     from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
 
     async def run() -> str:
         store = RedisStore.from_url(redis_url, prefix=prefix)
         try:
-            await store.publish_version(emb, keep=keep_versions)
+            if not await store.version_complete(emb.version):
+                await store.write_version(emb, created=created)
+            if make_current:
+                await store.set_current(emb.version, keep=keep_versions)
         finally:
             await store.close()
         return emb.version
+
+    return asyncio.run(run())
+
+
+def current_gcn_version(*, redis_url: str, prefix: str = "xr") -> str | None:
+    """Redis's current embedding version (None: none published)."""
+    from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
+
+    async def run() -> str | None:
+        store = RedisStore.from_url(redis_url, prefix=prefix)
+        try:
+            return await store.current_version()
+        finally:
+            await store.close()
 
     return asyncio.run(run())
 

@@ -25,19 +25,23 @@ One refit (:func:`refit_once`), under a lock file so runs never overlap:
    when ``--heads-every`` has passed since the serving heads were fitted (or always with 0), new
    exit heads and a new exit policy (``fit-heads`` + ``calibrate``). Hyper-parameters come from the
    serving release's manifest, then flags. Its manifest is written last.
-3. Evaluate serving and candidate on the same held-out samples (the test split, at most
+3. Evaluate the candidate and the recent releases (the serving one and the newest other kept ones,
+   ``--compare-recent`` in all) on the same held-out samples (the test split, at most
    ``--max-eval``): each with its own embeddings for the neighbours and its own calibrated exit
    policy, as each would serve. AUCs with bootstrap intervals (``trainer.stats.auc_with_ci``) and
-   the paired DeLong difference (``trainer.stats.paired_auc_difference``).
-4. The rule: publish when ``AUC_candidate - AUC_serving >= -(z * se + tolerance)``, ``z`` =
+   the paired DeLong difference (``trainer.stats.paired_auc_difference``) to the reference: the
+   best of the recent releases, so regressions each inside the noise cannot accumulate release
+   after release.
+4. The rule: publish when ``AUC_candidate - AUC_reference >= -(z * se + tolerance)``, ``z`` =
    ``--noise-sigmas`` (default 2) standard errors of the paired difference and ``tolerance`` =
    ``--tolerance`` AUC points (default 0): a candidate is refused only when it is worse by more
    than the noise of the evaluation. Fewer than ``--min-eval`` held-out samples, or one class
    only, refuses too (no evidence is not "not worse"). A candidate identical to the serving
    release (same ranker and embedding versions) is not published again.
-5. Publish: embeddings first (``trainer.gcn.publish_gcn``: Redis's current version, which every
-   retriever replica follows), then the ranker release (``exitrank.artifacts.publish_release``:
-   the ranker reloads it). A refused candidate is deleted.
+5. Publish the pair (``trainer.publishing.publish_pair``): the embeddings stored in Redis, not
+   current; ``ROOT/current`` flipped to the release (the commit point: the rankers reload it); Redis's
+   current version set (every retriever replica follows it). A refit first rolls forward a publish
+   that stopped after its flip (``rolled_forward`` in the summary). A refused candidate is deleted.
 
 Each refit prints one JSON line: ``decision`` (published | refused | unchanged | failed), ``reason``,
 the serving and candidate AUCs, the difference, its standard error and the threshold, the versions,
@@ -64,9 +68,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exitrank.artifacts import (RELEASES, current_release, publish_release, read_manifest, verify_manifest,
+from exitrank.artifacts import (RELEASES, ManifestError, current_release, read_manifest, verify_manifest,
                                 write_manifest)
 from trainer.data.live_log import RefitError, export_dataset, split_key
+from trainer.publishing import publish, publish_pair, roll_forward
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -95,6 +100,7 @@ class RefitConfig:
     min_eval: int = 20
     noise_sigmas: float = 2.0
     tolerance_points: float = 0.0
+    compare_recent: int = 3
     keep_releases: int = 3
     keep_embedding_versions: int = 2
     progress: bool = False
@@ -190,8 +196,28 @@ def heads_due(manifest: dict, every_s: float, now: float | None = None) -> bool:
 # ------------------------------------------------------------------------------------ evaluation and rule
 
 
-def evaluate(serving: Path, candidate: Path, data_dir: Path, cfg: RefitConfig) -> dict:
-    """Both releases scored on the same held-out samples; AUCs, the paired difference and its se."""
+def recent_releases(root: Path, serving: Path, count: int, *, exclude: Path | None = None) -> list[Path]:
+    """The serving release, then the newest other kept releases, ``count`` in all (one whose files
+    do not match its manifest is left out; so is ``exclude``, a candidate kept under ``releases/``)."""
+    skip = {Path(serving).resolve()} | ({Path(exclude).resolve()} if exclude is not None else set())
+    others = sorted((p for p in (Path(root) / RELEASES).iterdir()
+                     if p.is_dir() and not p.name.startswith(".") and p.resolve() not in skip),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    kept = [Path(serving)]
+    for path in others:
+        if len(kept) >= count:
+            break
+        try:
+            verify_manifest(path)
+        except ManifestError:
+            continue
+        kept.append(path)
+    return kept
+
+
+def evaluate(recent: list[Path], candidate: Path, data_dir: Path, cfg: RefitConfig) -> dict:
+    """The recent releases (the serving one first) and the candidate scored on the same held-out
+    samples; AUCs, and the paired difference to the best of the recent ones (the reference) with its se."""
     from trainer.context import subsample
     from trainer.data.dataset import load_dataset
     from trainer.stats import auc_with_ci, paired_auc_difference
@@ -204,13 +230,17 @@ def evaluate(serving: Path, candidate: Path, data_dir: Path, cfg: RefitConfig) -
         out["error"] = (f"{len(samples)} held-out samples ({sum(labels)} positive): at least {cfg.min_eval} "
                         "of both classes are needed to compare models")
         return out
-    scores = {}
-    for name, path in (("serving", serving), ("candidate", candidate)):
-        scores[name], versions = score_release(path, dataset, samples)
+    scores, rows = {}, {}
+    for key, path in [*((f"recent{j}", p) for j, p in enumerate(recent)), ("candidate", candidate)]:
+        scores[key], versions = score_release(path, dataset, samples)
         gc.collect()  # the scored model (a reference cycle with its batcher) goes before the next one loads
-        auc, ci = auc_with_ci(labels, scores[name], resamples=200, seed=cfg.seed)
-        out[name] = {"release": path.name, **versions, "auc": round(auc, 4), "auc_ci95": [round(ci[0], 4), round(ci[1], 4)]}
-    diff, se = paired_auc_difference(labels, scores["candidate"], scores["serving"])
+        auc, ci = auc_with_ci(labels, scores[key], resamples=200, seed=cfg.seed)
+        rows[key] = {"release": path.name, **versions, "auc": round(auc, 4), "auc_ci95": [round(ci[0], 4), round(ci[1], 4)]}
+    best = max((k for k in rows if k != "candidate"), key=lambda k: (rows[k]["auc"], k == "recent0"))
+    out["serving"], out["candidate"] = rows["recent0"], rows["candidate"]
+    out["recent"] = [rows[f"recent{j}"] for j in range(1, len(recent))]
+    out["reference"] = {"release": rows[best]["release"], "auc": rows[best]["auc"], "serving": best == "recent0"}
+    diff, se = paired_auc_difference(labels, scores["candidate"], scores[best])
     out["auc_difference"], out["se"] = round(diff, 5), round(se, 5)
     return out
 
@@ -242,7 +272,9 @@ def decide(evaluation: dict, cfg: RefitConfig) -> tuple[str, str]:
     diff, se = evaluation["auc_difference"], evaluation["se"]
     threshold = -(cfg.noise_sigmas * se + cfg.tolerance_points / 100)
     evaluation["threshold"] = round(threshold, 5)
-    verdict = (f"AUC {candidate['auc']:.4f} vs serving {serving['auc']:.4f}: difference {diff:+.4f}, "
+    reference = evaluation.get("reference") or {"serving": True, "auc": serving["auc"]}
+    against = "serving" if reference["serving"] else f"the best recent release {reference['release']}"
+    verdict = (f"AUC {candidate['auc']:.4f} vs {against} {reference['auc']:.4f}: difference {diff:+.4f}, "
                f"se {se:.4f}, threshold {threshold:+.4f} ({cfg.noise_sigmas:g} se + {cfg.tolerance_points:g} points)")
     if diff >= threshold:
         return "published", f"not worse: {verdict}"
@@ -263,6 +295,8 @@ def refit_once(cfg: RefitConfig) -> dict:
                              f"`trainer publish --from DIR --artifacts {root}`")
         manifest = verify_manifest(serving)  # once: the later reads trust it
         _refuse_soft_tokens(serving)
+        rolled = roll_forward(root, redis_url=cfg.redis_url, prefix=cfg.redis_prefix,
+                              keep_versions=cfg.keep_embedding_versions)
         if cfg.candidate is not None:
             verify_manifest(cfg.candidate)
         data_dir = Path(cfg.data_out or root / "refit-data")
@@ -270,15 +304,16 @@ def refit_once(cfg: RefitConfig) -> dict:
                                 rating_threshold=cfg.rating_threshold, seed=cfg.seed)
         heads = cfg.candidate is None and heads_due(manifest, cfg.heads_every_s)
         candidate = Path(cfg.candidate) if cfg.candidate else build_candidate(cfg, serving, data_dir, heads=heads)
-        evaluation = evaluate(serving, candidate, data_dir, cfg)
+        recent = recent_releases(root, serving, cfg.compare_recent, exclude=candidate)
+        evaluation = evaluate(recent, candidate, data_dir, cfg)
         decision, reason = decide(evaluation, cfg)
-        summary = {"decision": decision, "reason": reason, "heads_refit": heads, "data": counts,
+        summary = {"decision": decision, "reason": reason, "heads_refit": heads, "rolled_forward": rolled, "data": counts,
                    "data_dir": str(data_dir), "evaluation": evaluation, "release": None, "embedding_version": None,
                    "timings_s": {**_stage_seconds(candidate, cfg), "total_before_publish": round(
                        time.perf_counter() - started, 2)}}
         if decision == "published":
-            summary["embedding_version"] = _publish_embeddings(candidate, cfg)
-            summary["release"] = publish_release(candidate, root, keep=cfg.keep_releases)
+            summary.update(publish_pair(candidate, root, redis_url=cfg.redis_url, prefix=cfg.redis_prefix,
+                                        keep_releases=cfg.keep_releases, keep_versions=cfg.keep_embedding_versions))
         elif cfg.candidate is None:
             shutil.rmtree(candidate, ignore_errors=True)
     summary["seconds"] = round(time.perf_counter() - started, 2)
@@ -308,30 +343,6 @@ def run_refits(cfg: RefitConfig, every_s: float, *, stop: threading.Event | None
         print(json.dumps(summary, default=str), flush=True)
         stop.wait(max(0.0, every_s - (time.monotonic() - tick)))
     return summary
-
-
-def publish(src: Path, root: Path, *, redis_url: str | None = None, prefix: str = "xr", keep: int = 3) -> dict:
-    """``trainer publish``: ``src`` as the current release (verified, copied, atomically linked), and
-    its embeddings as Redis's current version when ``redis_url`` is given."""
-    from retriever_svc.embeddings import GCNEmbeddings
-    from trainer.gcn import publish_gcn
-
-    verify_manifest(src)
-    embedding = None
-    if redis_url and (Path(src) / "gcn").is_dir():
-        embedding = publish_gcn(GCNEmbeddings.load(src), redis_url=redis_url, prefix=prefix)
-    return {"release": publish_release(src, root, keep=keep), "current": str(current_release(root)),
-            "embedding_version": embedding}
-
-
-def _publish_embeddings(candidate: Path, cfg: RefitConfig) -> str | None:
-    from retriever_svc.embeddings import GCNEmbeddings
-    from trainer.gcn import publish_gcn
-
-    if not (candidate / "gcn").is_dir():
-        return None
-    return publish_gcn(GCNEmbeddings.load(candidate), redis_url=cfg.redis_url, prefix=cfg.redis_prefix,
-                       keep_versions=cfg.keep_embedding_versions)
 
 
 def _refuse_soft_tokens(release: Path) -> None:
@@ -412,6 +423,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--min-eval", type=int, default=20, help="fewer held-out samples refuse (default 20)")
     p.add_argument("--noise-sigmas", type=float, default=2.0, help="standard errors of noise tolerated (default 2)")
     p.add_argument("--tolerance", type=float, default=0.0, help="AUC points tolerated beyond the noise (default 0)")
+    p.add_argument("--compare-recent", type=int, default=3,
+                   help="compare with the best of the serving and the newest kept releases, this many in all "
+                        "(default 3; 1: the serving release only)")
     p.add_argument("--keep-releases", type=int, default=3)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_refit_command)
@@ -434,7 +448,8 @@ def _refit_command(args) -> dict:
                       data_out=args.data_out, heads_every_s=args.heads_every, candidate=args.candidate,
                       seed=args.seed, overrides=overrides, rating_threshold=args.rating_threshold,
                       max_eval=args.max_eval, min_eval=args.min_eval, noise_sigmas=args.noise_sigmas,
-                      tolerance_points=args.tolerance, keep_releases=args.keep_releases,
+                      tolerance_points=args.tolerance, compare_recent=args.compare_recent,
+                      keep_releases=args.keep_releases,
                       progress=not args.no_progress)
     if args.every:
         return run_refits(cfg, args.every)

@@ -8,6 +8,7 @@ restart; the hourly kind (heads not due) leaves the ranker's model alone; a wors
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -25,13 +26,16 @@ import redis
 import torch
 from safetensors.torch import load_file, save_file
 
-from exitrank.artifacts import current_release, read_manifest, write_manifest
+from exitrank.artifacts import current_release, publish_release, read_manifest, write_manifest
 from tests.support.reliability import recording
 from exitrank.v1 import common_pb2, ranker_pb2, ranker_pb2_grpc, retriever_pb2, retriever_pb2_grpc
 from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
+from retriever_svc.embeddings import GCNEmbeddings
 from tests.conftest import await_ready, launch_service, stop_service
 from trainer.data.live_log import export_dataset, split_key, stable_split
-from trainer.refit import RefitConfig, decide, heads_due, parse_duration, publish, refit_once, run_refits
+from trainer.gcn import publish_gcn
+from trainer.publishing import publish, roll_forward
+from trainer.refit import RefitConfig, decide, heads_due, parse_duration, refit_once, run_refits
 from trainer.stats import auc, paired_auc_difference
 
 ROOT_DIR = Path(__file__).resolve().parents[2]
@@ -224,8 +228,8 @@ def test_a_worse_candidate_is_not_published(stack, request):
         assert summary["reason"].startswith("worse beyond the noise") and summary["release"] is None
         ev = summary["evaluation"]
         assert ev["candidate"]["auc"] < ev["serving"]["auc"] and ev["auc_difference"] < ev["threshold"]
+        # what the services follow is untouched (so no poll can change what they serve), and they still serve it
         assert current_release(stack["root"]) == serving and _current_embedding(stack["url"]) == embedding
-        time.sleep(1.0)  # three ranker polls
         after = _rank(stack)
         assert (after.model_version, after.embedding_version) == (before.model_version, before.embedding_version)
         row.sent, row.refused = 1, 1
@@ -233,6 +237,55 @@ def test_a_worse_candidate_is_not_published(stack, request):
                         f"{ev['serving']['auc']:.3f} on {ev['samples']} held-out samples, difference "
                         f"{ev['auc_difference']:+.3f}, threshold {ev['threshold']:+.3f}) refused: release, Redis "
                         "embedding version and the served model unchanged")
+
+
+def _with_new_embeddings(release: Path, out: Path, scale: float) -> tuple[Path, str]:
+    """A copy of ``release`` whose LightGCN user vectors are scaled (a new embedding version, same ranker)."""
+    shutil.copytree(release, out)
+    emb = GCNEmbeddings.load(out)
+    user = emb.user * scale
+    moved = dataclasses.replace(emb, user=user, version=GCNEmbeddings.make_version(user, emb.item))
+    shutil.rmtree(out / "gcn")
+    moved.save(out)
+    manifest = read_manifest(release)
+    write_manifest(out, config=manifest["config"], data_hash=manifest["data_hash"], metrics=manifest["metrics"])
+    return out, moved.version
+
+
+def test_a_publish_stopped_after_its_flip_is_rolled_forward(stack):
+    """Steps 1-2 of ``publish_pair`` (embeddings stored, link flipped) and then a crash: the retriever,
+    watching ROOT/current, makes the release's embeddings current; so does the next refit's check."""
+    serving = current_release(stack["root"])
+    old = _current_embedding(stack["url"])
+    release, version = _with_new_embeddings(serving, stack["tmp"] / "flipped", 1.5)
+    publish_gcn(GCNEmbeddings.load(release), redis_url=stack["url"], prefix=PREFIX, make_current=False)
+    assert _current_embedding(stack["url"]) == old  # stored, not current: a crash here leaves the old pair
+    publish_release(release, stack["root"])  # the commit point; step 3 never runs
+    _wait_until(lambda: _current_embedding(stack["url"]) == version, "the retriever rolling the publish forward", 30)
+    _wait_until(_served_by(stack, _rank(stack).model_version, version), "the ranker served the new pair")
+    # the trainer's own check, on a Redis (another prefix) where nobody rolled it forward
+    publish_gcn(GCNEmbeddings.load(serving), redis_url=stack["url"], prefix="rf-other")
+    assert roll_forward(stack["root"], redis_url=stack["url"], prefix="rf-other") == version
+    assert roll_forward(stack["root"], redis_url=stack["url"], prefix="rf-other") is None  # whole again
+
+
+def test_the_gate_compares_with_the_best_recent_release(stack):
+    """A bad release serving (published by hand, as a rollback would be) is no licence: a candidate as
+    bad is refused against the best of the recent releases, though it equals the serving one."""
+    good = current_release(stack["root"])
+    bad = _inverted(good, stack["tmp"] / "bad-serving")
+    publish(bad, stack["root"], redis_url=stack["url"], prefix=PREFIX)
+    candidate, _ = _with_new_embeddings(bad, stack["tmp"] / "bad-candidate", 0.5)
+    summary = refit_once(RefitConfig(redis_url=stack["url"], artifacts=stack["root"], redis_prefix=PREFIX,
+                                     candidate=candidate))
+    ev = summary["evaluation"]
+    assert summary["decision"] == "refused" and "the best recent release" in summary["reason"], summary
+    assert not ev["reference"]["serving"] and ev["reference"]["auc"] > ev["serving"]["auc"]
+    assert len(ev["recent"]) == 2 and ev["reference"]["release"] in {r["release"] for r in ev["recent"]}
+    only_serving = refit_once(RefitConfig(redis_url=stack["url"], artifacts=stack["root"], redis_prefix=PREFIX,
+                                          candidate=candidate, compare_recent=1))
+    assert only_serving["decision"] == "published", only_serving  # the old rule let it in: as bad as serving
+    publish(good, stack["root"], redis_url=stack["url"], prefix=PREFIX)  # the rollback, for the tests after
 
 
 def _gate(labels, serving, candidate) -> tuple[str, dict]:
