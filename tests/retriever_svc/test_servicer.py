@@ -139,7 +139,10 @@ async def _snapshot(store: RedisStore) -> dict:
 
 async def test_invalid_arguments_name_the_field_and_change_nothing(svc):
     await _until(lambda: svc.stub.NearestUsers(retriever_pb2.NearestUsersRequest(user_id="c2u0", k=1)))
-    await asyncio.sleep(0.2)  # let the consumer settle
+    deadline = time.monotonic() + 10
+    while await svc.store.streams.stream_backlog() != (0, 0):  # every ingested event applied: Redis at rest
+        assert time.monotonic() < deadline, "the consumer never caught up"
+        await asyncio.sleep(0.01)
     before = await _snapshot(svc.store)
     bad = [
         (svc.stub.NearestUsers(retriever_pb2.NearestUsersRequest(user_id="c0u0", k=0)), "k"),
