@@ -59,6 +59,7 @@ async def test_maxmemory_reached_events_wait_health_off_then_drained_once_lifted
             ready, reason = await readiness.check()
             assert not ready and "Redis refuses writes" in reason, reason
             assert await store.client.zcard(store.keys.hist("u0")) == 0 and consumer.applied == 0
+            assert sum(await store.streams.stream_backlog()) == 200  # lag + pending: all 200 wait
             with pytest.raises(StoreUnavailable):  # Ingest: UNAVAILABLE, nothing acknowledged
                 await retriever.ingest([Interaction("late", "i0", 1.0, 5000)])
             failures = consumer.failures
@@ -69,6 +70,7 @@ async def test_maxmemory_reached_events_wait_health_off_then_drained_once_lifted
         finally:
             await consumer.stop()
         assert consumer.failing_since is None and await readiness.check() == (True, "ready")
+        assert await store.streams.stream_backlog() == (0, 0)  # the lag metric's source drained to 0
         assert sum([await store.client.zcard(store.keys.hist(f"u{j}")) for j in range(10)]) == 200
         assert await store.client.zcard(store.keys.hist("late")) == 0  # the refused Ingest stored nothing
         row.sent, row.refused = 200, 0
