@@ -9,7 +9,7 @@ export PYTHONUNBUFFERED := 1
 
 REPORT ?= reports/reproduce
 
-.PHONY: install lock codegen test test-pretrained demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak clean
+.PHONY: install lock codegen test test-pretrained demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak soak-growth clean
 
 install: $(VENV)/.installed
 
@@ -58,7 +58,12 @@ bench-gpu: install
 # ranker + retriever processes at their measured capacity for SOAK_S seconds: RSS samples, errors (RELIABILITY.md)
 SOAK_S ?= 300
 soak: install
-	$(PY) -m bench.soak --workdir $(RUNS)/soak --duration $(SOAK_S) --record
+	$(PY) -m bench.soak --workdir $(RUNS)/soak --duration $(SOAK_S) --record $(ARGS)
+
+# the same beside ever-new users and items (200 events/s), the retriever's bounds small: memory of both
+# services and Redis must plateau, p99 stay flat (bench/soak_growth.py; also `make soak ARGS=--growth`)
+soak-growth: install
+	$(PY) -m bench.soak --growth --workdir $(RUNS)/soak-growth --duration $(SOAK_S)
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -5,6 +5,8 @@ calls failed (the guarantee: none, and flat).
     make soak                                                   # 5 minutes at capacity
     .venv/bin/python -m bench.soak --duration 30 --sample-s 1   # the short run of the test suite
     .venv/bin/python -m bench.soak --artifacts artifacts --duration 600
+    make soak-growth                                            # --growth: ever-new users and items, 5 minutes
+    .venv/bin/python -m bench.soak --growth --duration 60       # its smoke (bench/soak_growth.py)
 
 1. Artifacts: ``--artifacts`` (``gcn/`` and ``ranker/``), else a tiny random-weight stack written to
    the work dir (a real Llama with exit heads; scores mean nothing, memory and errors do).
@@ -20,6 +22,10 @@ calls failed (the guarantee: none, and flat).
 The JSON last line: ``{"soak": {"duration_s", "concurrency", "capacity_rps", "requests", "errors",
 "requests_per_s", "p50_ms", "p99_ms", "rss_mb": {"ranker": [...], "retriever": [...]},
 "rss_growth_mb": {...}, "rss_flat": bool, "exit_codes": {...}}, "machine": {...}}``.
+
+``--growth`` (``bench.soak_growth``): the retriever with small bounds, ever-new users and items at
+``--growth-rate`` events/s beside the Rank load, RSS of both services and of redis-server and Redis's
+``used_memory`` and key count sampled; the JSON last line is ``{"soak_growth": {...}, "machine": {...}}``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import threading
 from pathlib import Path
 
 from bench.common import emit, first_line, machine, run_load, say
+from bench.proc_memory import rss_mb
+from bench.soak_growth import GROWTH_BOUNDS, growth_soak, ranker_env, retriever_env
 
 SOAK_TEST = "bench/soak.py (make soak)"  # the result file's test name (tests.support.reliability)
 
@@ -112,22 +120,16 @@ def rank_caller(channel, *, users: list[str], items: list[str], candidates: int,
     return call
 
 
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return float("nan")
-
-
 def growth(samples: list[float]) -> float:
     """Median of the last quarter minus the median of the second quarter (the first is warm-up)."""
     quarter = max(1, len(samples) // 4)
     return round(statistics.median(samples[-quarter:]) - statistics.median(samples[quarter : 2 * quarter]), 1)
 
 
-def start(argv: list[str], log: Path, ready: str) -> tuple[subprocess.Popen, str]:
+def start(argv: list[str], log: Path, ready: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """Start a service; (its process, the address it printed once listening)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     line = first_line(proc, 180)
     if not line.startswith(ready):
         proc.kill()
@@ -194,7 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=10.0, help="each Rank's deadline")
     parser.add_argument("--record", action="store_true",
                         help="write the result as a reliability result file (RELIABILITY.md's table)")
+    parser.add_argument("--growth", action="store_true",
+                        help="ever-new users and items beside the Rank load, small retriever bounds "
+                        "(bench.soak_growth)")
+    parser.add_argument("--growth-rate", type=float, default=200.0, help="growth events/s (default 200)")
     args = parser.parse_args(argv)
+    envs = (retriever_env(GROWTH_BOUNDS), ranker_env()) if args.growth else ({}, {})
     work = args.workdir.resolve()
     shutil.rmtree(work / "data", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -203,16 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         say(f"writing a tiny random-weight stack to {artifacts}")
         write_artifacts(artifacts)
     retriever, retriever_at = start([str(BIN / "retriever-svc"), "serve", "--port", "0", "--artifacts", str(artifacts),
-                                     "--data-dir", str(work / "data")], work / "retriever.log", "retriever listening on ")
+                                     "--data-dir", str(work / "data")], work / "retriever.log",
+                                    "retriever listening on ", envs[0])
     ranker = None
     try:
         ranker, ranker_at = start([str(BIN / "ranker-svc"), "serve", "--port", "0", "--retriever", retriever_at,
                                    "--artifacts", str(artifacts), "--dtype", "float32", "--num-threads", "1"],
-                                  work / "ranker.log", "ranker listening on ")
+                                  work / "ranker.log", "ranker listening on ", envs[1])
         users, items = seed(retriever_at, artifacts)
         load_args = {"users": users, "items": items, "candidates": min(args.candidates, len(items)),
                      "timeout_s": args.timeout_s}
-        out = soak(args, ranker, retriever, load_args, ranker_at)
+        if args.growth:
+            out = growth_soak(args, ranker, retriever, load_args, ranker_at, retriever_at, work, artifacts)
+        else:
+            out = soak(args, ranker, retriever, load_args, ranker_at)
     finally:
         codes = {}
         for name, proc in (("ranker", ranker), ("retriever", retriever)):
@@ -220,11 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 proc.send_signal(signal.SIGTERM)
                 codes[name] = proc.wait(60)
     out["exit_codes"] = codes
-    result = {"soak": out, "machine": machine()}
-    if args.record:
+    result = {"soak_growth" if args.growth else "soak": out, "machine": machine()}
+    if args.record and not args.growth:
         record(result)
     emit(result)
-    return 0 if out["errors"] == 0 and out["rss_flat"] and not any(codes.values()) else 1
+    passed = out["passed"] if args.growth else out["errors"] == 0 and out["rss_flat"]
+    return 0 if passed and not any(codes.values()) else 1
 
 
 if __name__ == "__main__":
