@@ -60,7 +60,7 @@ def _rank(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace) -> int:
     options = LoadOptions(data=args.data, batch=args.batch, timeout_s=args.timeout, state=args.state,
-                          restart=args.restart, progress=not args.no_progress)
+                          restart=args.restart, progress=not args.no_progress, max_wait_s=args.max_wait)
     with RetrieverClient(args.target, timeout=args.timeout, **_channel(args)) as retriever:
         summary = load(args.target, options, client=retriever)
     print(json.dumps(summary))  # stdout's last line
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     load_cmd.add_argument("--timeout", type=float, default=60.0, help="deadline of one call in seconds (default 60)")
     load_cmd.add_argument("--state", type=Path, help=f"where progress is recorded (default DATA/{STATE_FILE})")
     load_cmd.add_argument("--restart", action="store_true", help="ignore recorded progress: send every row again")
+    load_cmd.add_argument("--max-wait", type=float, default=300.0,
+                          help="while the retriever sheds load (RESOURCE_EXHAUSTED), resend with growing pauses "
+                               "for at most this many seconds in a row (default 300; 0: fail at once)")
     load_cmd.add_argument("--no-progress", action="store_true", help="no progress bar")
     load_cmd.set_defaults(run=_load)
     ingest = sub.add_parser("ingest", help="one user's interactions (stamped now) through Ingest; prints a JSON summary")

@@ -16,7 +16,12 @@ those lines, go to a small state file (``--state``, default ``DIR/.exitrank-load
 the retriever's address. A run that stopped (Ctrl-C; a retriever that went away: exit 1; a line that
 is not a row: exit 2 naming ``file:line``) continues where it stopped when started again: the lines
 acknowledged before are skipped, as long as they are unchanged (lines appended or fixed after them
-do not matter). ``--restart`` sends everything again. Sending a line twice is harmless: an upsert
+do not matter). ``--restart`` sends everything again.
+
+**Shedding.** A retriever that sheds load (RESOURCE_EXHAUSTED: its per-client rate, or its ingest
+backlog at ``index.max_stream_backlog`` while its consumers catch up) gets the same call again after
+a pause that doubles from ``BACKOFF_S`` up to ``MAX_PAUSE_S``, for at most ``--max-wait`` seconds in
+a row (default 300; then exit 1, and a rerun resumes); the summary counts the pauses (``backoffs``). Sending a line twice is harmless: an upsert
 replaces the item with itself, and the retriever applies a repeated interaction (same user, item
 and time) once.
 
@@ -29,11 +34,13 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exitrank.client.errors import Overloaded
 from exitrank.client.models import IngestSummary, Interaction, Item
 from exitrank.client.sync import RetrieverClient
 
@@ -41,6 +48,7 @@ ITEMS, INTERACTIONS = "items.jsonl", "interactions.jsonl"
 STATE_FILE = ".exitrank-load.json"
 DEFAULT_BATCH = 1000
 MAX_ERRORS = 10  # refusal reasons kept in the summary
+BACKOFF_S, MAX_PAUSE_S = 0.2, 5.0  # the first and the longest pause after a RESOURCE_EXHAUSTED
 
 
 class LoadError(ValueError):
@@ -56,6 +64,7 @@ class FileProgress:
     accepted: int = 0
     rejected: int = 0
     skipped: int = 0
+    backoffs: int = 0  # calls sent again after the retriever shed them
     errors: list[str] = field(default_factory=list)
 
     def add(self, summary: IngestSummary, sent: int) -> None:
@@ -66,7 +75,7 @@ class FileProgress:
 
     def to_json(self) -> dict:
         return {"lines": self.lines, "sent": self.sent, "accepted": self.accepted, "rejected": self.rejected,
-                "skipped": self.skipped, "errors": self.errors}
+                "skipped": self.skipped, "backoffs": self.backoffs, "errors": self.errors}
 
 
 class LoadState:
@@ -130,6 +139,7 @@ class LoadOptions:
     state: Path | None = None  # None: DATA/.exitrank-load.json
     restart: bool = False
     progress: bool = True
+    max_wait_s: float = 300.0  # longest run of pauses while the retriever sheds load
 
 
 def load(target: str, options: LoadOptions, *, client: RetrieverClient | None = None) -> dict:
@@ -176,7 +186,8 @@ def _send(file: Path, convert: Callable[[dict], Any], call: Callable[..., Ingest
     last_line, digest = done, hashlib.sha256()  # digest: of every line up to last_line
 
     def flush() -> None:
-        summary = call(batch, batch_size=len(batch), timeout=options.timeout_s)
+        summary = send_shed_aware(lambda: call(batch, batch_size=len(batch), timeout=options.timeout_s),
+                                  progress, options.max_wait_s)
         progress.add(summary, len(batch))
         state.record(file, last_line, digest.hexdigest())  # acknowledged: a rerun starts after it
         bar.update(last_line - bar.n)
@@ -201,6 +212,24 @@ def _send(file: Path, convert: Callable[[dict], Any], call: Callable[..., Ingest
     finally:
         bar.close()
     return progress
+
+
+def send_shed_aware(send: Callable[[], IngestSummary], progress: FileProgress, max_wait_s: float) -> IngestSummary:
+    """``send()``, made again after a growing pause while the retriever sheds it (module docstring).
+
+    Raises:
+        exitrank.client.Overloaded: still shed after ``max_wait_s`` seconds of pauses.
+    """
+    pause, waited = BACKOFF_S, 0.0
+    while True:
+        try:
+            return send()
+        except Overloaded:
+            if waited + pause > max_wait_s:
+                raise
+        progress.backoffs += 1
+        time.sleep(pause)  # a client's backoff: the server asked for less
+        waited, pause = waited + pause, min(2 * pause, MAX_PAUSE_S)
 
 
 def parse_line(file: Path, number: int, line: bytes, convert: Callable[[dict], Any]) -> Any:

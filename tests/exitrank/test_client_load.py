@@ -53,9 +53,10 @@ def test_load_reports_stops_at_a_broken_line_and_resumes_after_what_was_acknowle
     resumed = _load(address, "--data", data, "--batch", 10)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.splitlines()[-1])
-    assert summary["items"] == {"lines": 24, "sent": 0, "accepted": 0, "rejected": 0, "skipped": 24, "errors": []}
+    assert summary["items"] == {"lines": 24, "sent": 0, "accepted": 0, "rejected": 0, "skipped": 24, "backoffs": 0,
+                                "errors": []}
     assert summary["interactions"] == {"lines": 30, "sent": 10, "accepted": 10, "rejected": 0, "skipped": 20,
-                                       "errors": []}
+                                       "backoffs": 0, "errors": []}
     assert summary["accepted"] == 10 and summary["rejected"] == 0
 
     with grpc.insecure_channel(address) as channel:  # every interaction arrived, once
@@ -98,3 +99,29 @@ def test_every_command_speaks_mutual_tls_with_the_tls_flags(tmp_path, stack_arti
     assert health.returncode == 0 and health.stdout.strip() == "SERVING"
     half = _load(address, "--data", data, "--restart", "--tls-ca", ca.cert, "--tls-cert", ingest.cert)
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+
+
+def test_a_retriever_shedding_load_is_waited_for_not_given_up_on(tmp_path, stack_artifacts, spawn_service):
+    """A per-client rate of 20 calls or messages a second (burst 2): a call made right after a paced
+    stream finds the bucket empty and is refused RESOURCE_EXHAUSTED; the loader pauses and sends it
+    again, so everything arrives. With no patience (--max-wait 0) the first refusal ends the run
+    (exit 1, one line) and what was acknowledged before it stays recorded for a rerun."""
+    address = spawn_service("retriever-svc", "serve", "--port", "0", "--artifacts", str(stack_artifacts.artifacts),
+                            "--data-dir", str(tmp_path / "redis"), "--rate-limit", "20", "--rate-burst", "2",
+                            ready="retriever listening on ")
+    data = _data(tmp_path / "data", stack_artifacts.titles)
+    lines = (data / "interactions.jsonl").read_text().splitlines()
+    (data / "interactions.jsonl").write_text("\n".join(lines[:24]) + "\n")  # the good lines only
+
+    impatient = _load(address, "--data", data, "--batch", 4, "--max-wait", 0)
+    assert impatient.returncode == 1 and len(impatient.stderr.strip().splitlines()) == 1, impatient.stderr
+    assert "rate limit" in impatient.stderr and "Traceback" not in impatient.stderr
+    acknowledged = json.loads((data / ".exitrank-load.json").read_text())[address]["items.jsonl"]["lines"]
+    assert 4 <= acknowledged < 24  # the first call went through, a later one was shed
+
+    patient = _load(address, "--data", data, "--batch", 4)
+    assert patient.returncode == 0, patient.stderr
+    summary = json.loads(patient.stdout.splitlines()[-1])
+    assert summary["items"]["skipped"] == acknowledged and summary["accepted"] == 24 - acknowledged + 24
+    assert summary["items"]["backoffs"] + summary["interactions"]["backoffs"] >= 1  # it was shed, and waited
+    assert summary["rejected"] == 0
