@@ -20,6 +20,7 @@ and the last step is rolled forward within a poll (and by the next ``trainer ref
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -57,10 +58,8 @@ async def adopt_artifacts(retriever: Retriever, artifacts: Path) -> str:
         ManifestError: ``artifacts/manifest.json`` exists and a ``gcn/`` file does not match it.
     """
     artifacts = Path(artifacts)
-    if (artifacts / MANIFEST).is_file():
-        verify_manifest(artifacts, subdir=GCN_DIR)
-    if (artifacts / GCN_DIR).is_dir():
-        emb = GCNEmbeddings.load(artifacts)
+    emb = await asyncio.to_thread(read_artifact, artifacts)  # hashing and loading: off the event loop
+    if emb is not None:
         created, current = artifact_created(artifacts), await retriever.store.current_version()
         if emb.version != current and (current is None or await newer_than(retriever, created, current)):
             await retriever.load_embeddings(emb, created=created)
@@ -75,6 +74,17 @@ async def adopt_artifacts(retriever: Retriever, artifacts: Path) -> str:
         log.warning("no embeddings in %s/%s nor in Redis: NearestUsers answers NOT_FOUND "
                     "until a fit is published", artifacts, GCN_DIR)
     return version or ""
+
+
+def read_artifact(artifacts: Path) -> GCNEmbeddings | None:
+    """``artifacts/gcn``, verified against ``artifacts/manifest.json`` when there is one (None: no ``gcn/``).
+
+    Raises:
+        ManifestError: a ``gcn/`` file is missing or does not match its hash.
+    """
+    if (artifacts / MANIFEST).is_file():
+        verify_manifest(artifacts, subdir=GCN_DIR)
+    return GCNEmbeddings.load(artifacts) if (artifacts / GCN_DIR).is_dir() else None
 
 
 async def newer_than(retriever: Retriever, created: float | None, current: str) -> bool:

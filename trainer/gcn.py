@@ -36,8 +36,9 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ from tqdm import tqdm
 from retriever_svc.embeddings import GCNEmbeddings
 from trainer.bpr import PairSampler, bpr_loss, pair_scores
 from trainer.gcn_model import LAYER_COMBINATIONS, LightGCNRetriever, normalized_adjacency
+
+T = TypeVar("T")
 
 Pairs = Sequence[tuple[int, int]] | np.ndarray
 
@@ -313,30 +316,30 @@ def publish_gcn(emb: GCNEmbeddings, *, redis_url: str, prefix: str = "xr", keep_
     ``make_current=False`` only stores it (a release's first step: ``trainer.publishing.publish_pair``).
     A ``redis+cluster://`` URL addresses a Redis Cluster.
     """
-    from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
 
-    async def run() -> str:
-        store = RedisStore.from_url(redis_url, prefix=prefix)
-        try:
-            if not await store.version_complete(emb.version):
-                await store.write_version(emb, created=created)
-            if make_current:
-                await store.set_current(emb.version, keep=keep_versions)
-        finally:
-            await store.close()
+    async def publish(store) -> str:
+        if not await store.version_complete(emb.version):
+            await store.write_version(emb, created=created)
+        if make_current:
+            await store.set_current(emb.version, keep=keep_versions)
         return emb.version
 
-    return asyncio.run(run())
+    return on_store(redis_url, prefix, publish)
 
 
 def current_gcn_version(*, redis_url: str, prefix: str = "xr") -> str | None:
     """Redis's current embedding version (None: none published)."""
+    return on_store(redis_url, prefix, lambda store: store.current_version())
+
+
+def on_store(redis_url: str, prefix: str, work: Callable[[Any], Awaitable[T]]) -> T:
+    """``await work(store)`` on a ``RedisStore`` of ``redis_url`` opened for it and closed after."""
     from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
 
-    async def run() -> str | None:
+    async def run() -> T:
         store = RedisStore.from_url(redis_url, prefix=prefix)
         try:
-            return await store.current_version()
+            return await work(store)
         finally:
             await store.close()
 

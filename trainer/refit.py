@@ -71,7 +71,7 @@ from typing import Any
 from exitrank.artifacts import (RELEASES, ManifestError, current_release, read_manifest, verify_manifest,
                                 write_manifest)
 from trainer.data.live_log import RefitError, export_dataset, split_key
-from trainer.publishing import publish, publish_pair, roll_forward
+from trainer.publishing import publish, publish_pair, release_embeddings, roll_forward
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -249,11 +249,10 @@ def score_release(path: Path, dataset, samples) -> tuple[list[float], dict[str, 
     """CTRs of one release on ``samples`` as it would serve them (its embeddings, its calibrated policy)."""
     from ranker_svc.artifact import load_ranker
     from ranker_svc.scoring import Scorer
-    from retriever_svc.embeddings import GCNEmbeddings
     from trainer.context import OfflineContexts
 
     config = read_manifest(path).get("config", {}) or {}
-    gcn = GCNEmbeddings.load(path) if (path / "gcn").is_dir() else None
+    gcn = release_embeddings(path)
     contexts = OfflineContexts(dataset, gcn, k=int(config.get("k", 4)), max_history=int(config.get("max_history", 15)))
     scorer = Scorer(loaded=load_ranker(path / "ranker"))
     decisions = scorer.score_examples([contexts.example(s, retrieval=True) for s in samples])

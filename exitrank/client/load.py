@@ -16,14 +16,14 @@ those lines, go to a small state file (``--state``, default ``DIR/.exitrank-load
 the retriever's address. A run that stopped (Ctrl-C; a retriever that went away: exit 1; a line that
 is not a row: exit 2 naming ``file:line``) continues where it stopped when started again: the lines
 acknowledged before are skipped, as long as they are unchanged (lines appended or fixed after them
-do not matter). ``--restart`` sends everything again.
+do not matter). ``--restart`` sends everything again. Sending a line twice is harmless: an upsert
+replaces the item with itself, and the retriever applies a repeated interaction (same user, item
+and time) once.
 
 **Shedding.** A retriever that sheds load (RESOURCE_EXHAUSTED: its per-client rate, or its ingest
 backlog at ``index.max_stream_backlog`` while its consumers catch up) gets the same call again after
 a pause that doubles from ``BACKOFF_S`` up to ``MAX_PAUSE_S``, for at most ``--max-wait`` seconds in
-a row (default 300; then exit 1, and a rerun resumes); the summary counts the pauses (``backoffs``). Sending a line twice is harmless: an upsert
-replaces the item with itself, and the retriever applies a repeated interaction (same user, item
-and time) once.
+a row (default 300; then exit 1, and a rerun resumes); the summary counts the pauses (``backoffs``).
 
 Only the standard library, ``tqdm`` and the client are used: no service code.
 """
