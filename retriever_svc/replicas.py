@@ -7,7 +7,7 @@ change under a replica without its own consumer seeing them, and this loop follo
    stream (``stream.py``) after writing their vectors; this loop reads every announcement
    (XREAD, blocking up to ``redis.block_ms``), skips its own, and copies the vectors from Redis
    into its index (``Retriever.apply_remote_updates``).
-2. A new embedding version published elsewhere (``trainer.gcn.publish_gcn`` or another replica):
+2. A new embedding version published elsewhere (``trainer.publishing.publish_gcn`` or another replica):
    every ``index.version_poll_s`` seconds it compares Redis's current version with its own and
    adopts a new one (``Retriever.follow_current``): indexed off the event loop, then swapped in
    atomically. Announcements made while adopting are read afterwards and applied to the new

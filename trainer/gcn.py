@@ -32,13 +32,11 @@ edge: no better per second.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -47,8 +45,8 @@ from tqdm import tqdm
 from retriever_svc.embeddings import GCNEmbeddings
 from trainer.bpr import PairSampler, bpr_loss, pair_scores
 from trainer.gcn_model import LAYER_COMBINATIONS, LightGCNRetriever, normalized_adjacency
+from trainer.publishing import publish_gcn
 
-T = TypeVar("T")
 
 Pairs = Sequence[tuple[int, int]] | np.ndarray
 
@@ -300,50 +298,6 @@ def _rows_of(batch: torch.Tensor, offsets: torch.Tensor, items: torch.Tensor
     rows = torch.repeat_interleave(torch.arange(len(batch)), counts)
     first = torch.repeat_interleave(offsets[batch] - (torch.cumsum(counts, 0) - counts), counts)
     return rows, items[first + torch.arange(len(rows))]
-
-
-# ------------------------------------------------------------------------------------ publishing
-
-
-def publish_gcn(emb: GCNEmbeddings, *, redis_url: str, prefix: str = "xr", keep_versions: int = 2,
-                created: float | None = None, make_current: bool = True) -> str:
-    """Store a fit as an embedding version in the retriever's Redis (unless stored already) and
-    make it current; returns the version.
-
-    Running retrievers poll the current version (``index.version_poll_s``) and swap to it
-    atomically, folding in users the fit lacks. ``created``: when its artifact was made (Unix
-    seconds; retrievers never make an older artifact current again: ``retriever_svc.releases``).
-    ``make_current=False`` only stores it (a release's first step: ``trainer.publishing.publish_pair``).
-    A ``redis+cluster://`` URL addresses a Redis Cluster.
-    """
-
-    async def publish(store) -> str:
-        if not await store.version_complete(emb.version):
-            await store.write_version(emb, created=created)
-        if make_current:
-            await store.set_current(emb.version, keep=keep_versions)
-        return emb.version
-
-    return on_store(redis_url, prefix, publish)
-
-
-def current_gcn_version(*, redis_url: str, prefix: str = "xr") -> str | None:
-    """Redis's current embedding version (None: none published)."""
-    return on_store(redis_url, prefix, lambda store: store.current_version())
-
-
-def on_store(redis_url: str, prefix: str, work: Callable[[Any], Awaitable[T]]) -> T:
-    """``await work(store)`` on a ``RedisStore`` of ``redis_url`` opened for it and closed after."""
-    from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
-
-    async def run() -> T:
-        store = RedisStore.from_url(redis_url, prefix=prefix)
-        try:
-            return await work(store)
-        finally:
-            await store.close()
-
-    return asyncio.run(run())
 
 
 # ------------------------------------------------------------------------------------ the CLI

@@ -4,7 +4,7 @@ The rankers follow ``ROOT/current`` (``exitrank.artifacts``); the retrievers fol
 embedding version. :func:`publish_pair` changes both in an order that a crash cannot turn into a
 mix that stays:
 
-1. the release's embeddings are stored in Redis, not current (``trainer.gcn.publish_gcn`` with
+1. the release's embeddings are stored in Redis, not current (:func:`publish_gcn` with
    ``make_current=False``): a crash here leaves both services on the old pair, and the stored
    version inert (dropped by a later publish's newest-``keep`` rule);
 2. ``ROOT/current`` flips to the release (``exitrank.artifacts.publish_release``, one atomic
@@ -20,12 +20,16 @@ neighbours for at most that long.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from exitrank.artifacts import current_release, publish_release, verify_manifest
 from retriever_svc.embeddings import GCN_DIR, GCNEmbeddings
 from retriever_svc.releases import artifact_created
-from trainer.gcn import current_gcn_version, publish_gcn
+
+T = TypeVar("T")
 
 
 def release_embeddings(release: Path) -> GCNEmbeddings | None:
@@ -66,3 +70,44 @@ def publish(src: Path, root: Path, *, redis_url: str | None = None, prefix: str 
     verify_manifest(src)
     pair = publish_pair(src, root, redis_url=redis_url, prefix=prefix, keep_releases=keep)
     return {**pair, "current": str(current_release(root))}
+
+
+def publish_gcn(emb: GCNEmbeddings, *, redis_url: str, prefix: str = "xr", keep_versions: int = 2,
+                created: float | None = None, make_current: bool = True) -> str:
+    """Store a fit as an embedding version in the retriever's Redis (unless stored already) and
+    make it current; returns the version.
+
+    Running retrievers poll the current version (``index.version_poll_s``) and swap to it
+    atomically, folding in users the fit lacks. ``created``: when its artifact was made (Unix
+    seconds; retrievers never make an older artifact current again: ``retriever_svc.releases``).
+    ``make_current=False`` only stores it (a release's first step: ``trainer.publishing.publish_pair``).
+    A ``redis+cluster://`` URL addresses a Redis Cluster.
+    """
+
+    async def publish(store) -> str:
+        if not await store.version_complete(emb.version):
+            await store.write_version(emb, created=created)
+        if make_current:
+            await store.set_current(emb.version, keep=keep_versions)
+        return emb.version
+
+    return on_store(redis_url, prefix, publish)
+
+
+def current_gcn_version(*, redis_url: str, prefix: str = "xr") -> str | None:
+    """Redis's current embedding version (None: none published)."""
+    return on_store(redis_url, prefix, lambda store: store.current_version())
+
+
+def on_store(redis_url: str, prefix: str, work: Callable[[Any], Awaitable[T]]) -> T:
+    """``await work(store)`` on a ``RedisStore`` of ``redis_url`` opened for it and closed after."""
+    from retriever_svc.store import RedisStore  # noqa: PLC0415 - redis only when publishing
+
+    async def run() -> T:
+        store = RedisStore.from_url(redis_url, prefix=prefix)
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return asyncio.run(run())

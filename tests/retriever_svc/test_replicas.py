@@ -15,7 +15,7 @@ from retriever_svc.index import Retriever
 from retriever_svc.records import Interaction
 from retriever_svc.replicas import ReplicaFollower
 from retriever_svc.store import RedisStore
-from trainer.gcn import publish_gcn
+from trainer.publishing import publish_gcn
 
 pytestmark = pytest.mark.anyio
 INDEX = IndexConfig(kind="exact", version_poll_s=0.05)
