@@ -103,13 +103,13 @@ FULL = (
 
 # the quick run checks that every stage, table and figure is produced, not what they say (its tiny models sit
 # near chance); its sizes keep it to about a fifth of the test suite's 15 minutes on 2 cores
-QUICK_SIZES = {"preset": "tiny", "train": 160, "valid": 100, "test": 120, "epochs": 1, "heads_epochs": 1,
-               "speed_samples": 16, "sweep_samples": 60, "gcn_epochs": 5, "synth_users": 300, "synth_items": 240}
+QUICK_SIZES = {"preset": "tiny", "train": 128, "valid": 80, "test": 100, "epochs": 1, "heads_epochs": 1,
+               "speed_samples": 16, "sweep_samples": 50, "gcn_epochs": 5, "synth_users": 300, "synth_items": 240}
 QUICK_MAX_USERS = 400
 
 
 # the quick run's few-shot table: the same code with the tiny preset from scratch, two shot counts, one seed
-QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60, test=120)
+QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60, test=100)
 
 
 def plans(*, quick: bool = False, names: tuple[str, ...] | None = None) -> list[DatasetPlan]:
