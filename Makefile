@@ -25,7 +25,7 @@ codegen: install
 	$(PY) scripts/codegen.py
 
 test: install
-	EXITRANK_DATA=$(DATA) $(PY) -m pytest -q -p no:cacheprovider -m "not pretrained" tests
+	EXITRANK_DATA=$(DATA) $(PY) -m pytest -q -p no:cacheprovider --durations=15 -m "not pretrained" tests
 
 # the real pretrained model (install, LoRA tune, serve): minutes on 2 cores, so apart from `make test`
 test-pretrained: install

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from ranker_svc.scoring import Scorer
 from trainer.lm import answer_token_ids, build_model, build_tokenizer, ensure_collab_token, load_base_model
 from trainer.errors import TrainingFailed
 from trainer.stats import auc, collapse_reason
-from trainer.tune_loop import train_answers
+from trainer.tune_loop import BestEpoch, answer_scores, train_answers
 
 LORA_AUTO_PARAMS = 50_000_000  # above this, full fine-tuning on CPU is impractical: use LoRA
 # attention and MLP projections (Llama, Qwen2, Mistral names): TALLRec adapts attention only; the MLP
@@ -93,6 +94,7 @@ def instruction_tune(
     embedding_version: str = "",
     lora_rank: int = 8,
     allow_collapse: bool = False,
+    keep_best_epoch: bool = False,
     log=None,
 ) -> dict:
     """Trains the answer token and writes ``out_dir/ranker/``; returns metrics.
@@ -105,6 +107,9 @@ def instruction_tune(
             float32); None: where the hardware multiplies bf16 natively (``trainer.tune_loop``).
         lora_rank: r of the LoRA adapters (alpha = 2r).
         allow_collapse: write the artifact even when the model collapsed (tests of other stages).
+        keep_best_epoch: with ``valid``, score it after every ``ceil(epochs / 4)`` epochs (and the
+            last) and write the weights of the epoch with the best validation AUC (few-shot runs,
+            which overfit their samples); ``best_epoch`` and ``epoch_valid_aucs`` join the metrics.
         log: ``log(message)`` for one line per epoch (None: silent); ``progress`` adds a bar.
         collab_dim, embedding_version: for a prompt with collaborative soft tokens
             (``prompt.collab`` "user" or "full"), the width of the LightGCN vectors the examples
@@ -126,10 +131,23 @@ def instruction_tune(
     projector, table = _collab(prompt, tokenizer, causal_lm, collab_dim, embedding_version)
     ids, targets = encode_examples(train, builder, tokenizer, max_tokens=max_tokens, answer_ids=answer_ids,
                                    table=table)
+    valid_ids = (encode_examples(valid, builder, tokenizer, max_tokens=max_tokens, answer_ids=answer_ids,
+                                 table=table)[0] if keep_best_epoch and valid else None)
     soft = table.tensor() if table is not None else None
+    reporters = _reporters(epochs, len(ids), batch_size, progress, log)
+    best = BestEpoch(trainable, projector) if valid_ids is not None else None
+    if best is not None:
+        reporters["on_epoch"] = _validating(reporters["on_epoch"], best, epochs, lambda: auc(
+            [ex.label for ex in valid], answer_scores(causal_lm, valid_ids, answer_ids, tokenizer.pad_token_id or 0,
+                                                      batch_size=batch_size, projector=projector, soft=soft)),
+            (causal_lm, projector))
     run = train_answers(causal_lm, trainable, ids, targets, tokenizer.pad_token_id or 0, epochs=epochs, lr=lr,
                         batch_size=batch_size, seed=seed, amp=amp, projector=projector, soft=soft,
-                        weights_train=not use_lora, **_reporters(epochs, len(ids), batch_size, progress, log))
+                        weights_train=not use_lora, **reporters)
+    if best is not None:
+        best.restore()
+        run["best_epoch"] = best.epoch
+        run["epoch_valid_aucs"] = {str(epoch): round(value, 4) for epoch, value in best.aucs.items()}
     if use_lora:
         causal_lm = trainable.merge_and_unload()
     metrics = {"train_loss": run["epoch_losses"][-1], "lr": lr, "lora": use_lora,
@@ -173,6 +191,27 @@ def _reporters(epochs: int, examples: int, batch_size: int, progress: bool, log)
             log(f"tune: epoch {epoch}/{epochs} mean loss {loss:.4f} in {seconds:.1f}s")
 
     return {"on_step": on_step, "on_epoch": on_epoch}
+
+
+def _validating(on_epoch: Callable[[int, float, float], None], best: BestEpoch, epochs: int,
+               valid_auc: Callable[[], float], modules) -> Callable[[int, float, float], None]:
+    """``on_epoch`` that also scores the validation prompts every ``ceil(epochs / 4)`` epochs and
+    the last (the model in eval mode meanwhile), recording each AUC in ``best``."""
+    every = math.ceil(epochs / 4)
+
+    def on_epoch_validated(epoch: int, loss: float, seconds: float) -> None:
+        on_epoch(epoch, loss, seconds)
+        if epoch % every and epoch != epochs:
+            return
+        for module in modules:
+            if module is not None:
+                module.eval()
+        best.update(epoch, valid_auc())
+        for module in modules:
+            if module is not None:
+                module.train()
+
+    return on_epoch_validated
 
 
 def evaluate_scores(ranker_dir: Path, examples: list[RankExample], *, batch_size: int = 32

@@ -44,12 +44,63 @@ def answer_loss(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch
     """:math:`-\\log p(y|x)` at each row's last real token, full vocabulary, mean over the batch.
 
     With ``projector``, virtual ids take its projection of ``soft`` (trained with the model)."""
+    return F.cross_entropy(next_token_logits(causal_lm, input_ids, mask, projector, soft), targets)
+
+
+def next_token_logits(causal_lm: PreTrainedModel, input_ids: torch.Tensor, mask: torch.Tensor,
+                      projector: CollabProjector | None = None, soft: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) float32 logits of the token after each row's last real token (right-padded rows)."""
     embeds = embed_tokens(causal_lm.get_input_embeddings(), projector, input_ids, soft)
     hidden = causal_lm.base_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (B, T, H)
-    rows = torch.arange(hidden.shape[0])
-    last = hidden[rows, mask.sum(dim=1) - 1]  # (B, H)
-    logits = causal_lm.get_output_embeddings()(last).float()  # (B, V)
-    return F.cross_entropy(logits, targets)
+    last = hidden[torch.arange(hidden.shape[0]), mask.sum(dim=1) - 1]  # (B, H)
+    return causal_lm.get_output_embeddings()(last).float()
+
+
+@torch.inference_mode()
+def answer_scores(causal_lm: PreTrainedModel, ids: list[list[int]], answer_ids: tuple[int, int], pad_id: int, *,
+                  batch_size: int, projector: CollabProjector | None = None, soft: torch.Tensor | None = None
+                  ) -> list[float]:
+    """P(yes) per prompt, the softmax over the "Yes"/"No" logits (the CTR serving computes at full
+    depth), from the model being trained: validation between epochs without writing an artifact."""
+    device = next(causal_lm.parameters()).device
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths together: less padding
+    scores = [0.0] * len(ids)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        input_ids, mask = pad_right([ids[i] for i in chunk], pad_id, device)
+        pair = next_token_logits(causal_lm, input_ids, mask, projector, soft)[:, list(answer_ids)]
+        for i, p in zip(chunk, pair.softmax(dim=-1)[:, 0].tolist()):
+            scores[i] = p
+    return scores
+
+
+class BestEpoch:
+    """Keeps a copy of the trainable weights at the epoch with the best validation AUC, and puts
+    them back at the end: a run that overfits its few samples ends at its best epoch, not its last."""
+
+    def __init__(self, *modules: nn.Module | None) -> None:
+        self.modules = [m for m in modules if m is not None]
+        self.epoch, self.auc, self.aucs, self.state = 0, -1.0, {}, None
+
+    def update(self, epoch: int, auc: float) -> bool:
+        """Record ``auc`` for ``epoch``; copies the weights when it is the best so far (True)."""
+        self.aucs[epoch] = auc
+        if auc <= self.auc:
+            return False
+        self.epoch, self.auc = epoch, auc
+        self.state = [{n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
+                      for m in self.modules]
+        return True
+
+    def restore(self) -> None:
+        """The best epoch's weights back into the modules (nothing when none was recorded)."""
+        if self.state is None:
+            return
+        with torch.no_grad():
+            for module, saved in zip(self.modules, self.state):
+                for name, param in module.named_parameters():
+                    if name in saved:
+                        param.copy_(saved[name])
 
 
 def batches(n: int, batch_size: int, *, shuffle: bool, rng: random.Random) -> list[list[int]]:

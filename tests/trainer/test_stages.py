@@ -220,3 +220,14 @@ def test_a_collapsed_model_fails_and_leaves_no_artifact(data, tmp_path):
     with pytest.raises(TrainingFailed, match="alike"):
         instruction_tune(flat_train, out_dir=tmp_path, valid=flat_valid, epochs=1, progress=False)
     assert not (tmp_path / "ranker").exists() and not (tmp_path / ".ranker-staging").exists()
+
+
+def test_keep_best_epoch_writes_the_epoch_validation_chose(data, tmp_path):
+    train, valid = data
+    metrics = instruction_tune(train, out_dir=tmp_path, valid=valid, epochs=6, batch_size=16, progress=False,
+                               keep_best_epoch=True, allow_collapse=True)
+    aucs = metrics["epoch_valid_aucs"]
+    assert sorted(aucs, key=int) == ["2", "4", "6"]  # every ceil(6 / 4) = 2 epochs, and the last
+    assert aucs[str(metrics["best_epoch"])] == max(aucs.values())
+    # the written artifact, scored through the serving path, is the chosen epoch's model
+    assert metrics["valid_auc"] == pytest.approx(aucs[str(metrics["best_epoch"])], abs=0.01)

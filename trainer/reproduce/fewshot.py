@@ -6,7 +6,10 @@ TALLRec (Bao et al., RecSys 2023, Table 2) tunes LLaMA-7B with LoRA on 16 / 64 /
 disliked books and the target, no retrieval: here k=0 (``OfflineContexts(..., k=0)``), the model the
 plan names (``FewShotPlan.model``: an installed pretrained model, or a preset trained from scratch in
 ``--quick``), LoRA for the pretrained one. Small sample counts get more epochs, so every run takes at
-least ``MIN_STEPS`` optimiser steps (16 samples in batches of 8 would otherwise be 4 steps).
+least ``MIN_STEPS`` optimiser steps (16 samples in batches of 8 would otherwise be 4 steps), and the
+weights kept are those of the epoch with the best validation AUC (``instruction_tune(keep_best_epoch=True)``):
+a few samples over many epochs are memorised,
+and the epoch to stop at is chosen on validation data, never on the test file.
 
 Each run is a stage of its own (resumable); the tuned weights are deleted once its test scores are
 kept (nine 135M-parameter checkpoints would take 5 GB). A collapsed run is kept and labelled.
@@ -63,11 +66,13 @@ def stage_run(data: Path, plan: FewShotPlan, shots: int, seed: int, max_history:
     epochs = epochs_for(shots, plan.batch_size)
     metrics = instruction_tune(train, out_dir=out, valid=valid, preset=preset or "tiny", epochs=epochs,
                                base_model=None if preset else resolve_base_model(plan.model), lr=plan.lr,
-                               batch_size=plan.batch_size, seed=seed, progress=False, allow_collapse=True)
+                               batch_size=plan.batch_size, seed=seed, progress=False, allow_collapse=True,
+                               keep_best_epoch=True)
     labels, scores = evaluate_scores(out / "ranker", test, batch_size=16)
     shutil.rmtree(out / "ranker")
     return {"shots": shots, "seed": seed, "epochs": epochs, "test_auc": auc(labels, scores),
-            "valid_auc": metrics.get("valid_auc"), "collapsed": metrics.get("collapsed"),
+            "valid_auc": metrics.get("valid_auc"), "best_epoch": metrics.get("best_epoch"),
+            "epoch_valid_aucs": metrics.get("epoch_valid_aucs"), "collapsed": metrics.get("collapsed"),
             "tune_seconds": metrics["seconds"], "tflops_achieved": metrics["tflops_achieved"],
             "dtype": metrics["dtype"], "labels": labels, "ctr": scores}
 
