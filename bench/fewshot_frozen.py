@@ -37,7 +37,7 @@ def split_examples(data: Path) -> tuple[dict[str, list], dict[tuple[int, int], l
     (shots, seed) subset's keys."""
     from trainer.context import OfflineContexts
     from trainer.data.dataset import load_dataset
-    from trainer.reproduce.run import MAX_HISTORY
+    from trainer.reproduce.plan import MAX_HISTORY
 
     contexts = OfflineContexts(load_dataset(data), None, k=0, max_history=MAX_HISTORY)
     out = {split: contexts.examples(split, retrieval=False, limit=n, seed=0) for split, n in SIZES.items()}

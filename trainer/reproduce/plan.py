@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 
 from trainer.reproduce.fewshot import FewShotPlan
 
+MAX_HISTORY = 15  # the paper's history length, the user's own and each similar user's
+
 # Table 2 (AUC x 100), Table 3 (average vs last layer), Table 4 (AUC, requests/s per A100).
 PAPER = {
     "video_games": {
@@ -64,6 +66,8 @@ class DatasetPlan:
         speed_samples: test samples timed per requests/s point of the sweeps.
         sweep_samples: test samples of the neighbour sweep (Figure 5), the first of the evaluated ones.
         gcn_epochs: LightGCN epochs.
+        max_history: interactions kept of the user and of each similar user (the prompt shows at most
+            ``PromptConfig.max_history`` / ``neighbor_history`` of them).
         few_shot: TALLRec's few-shot table on this data set (``trainer.reproduce.fewshot``), or None.
     """
 
@@ -81,6 +85,7 @@ class DatasetPlan:
     speed_samples: int = 96
     sweep_samples: int = 800
     gcn_epochs: int = 40
+    max_history: int = MAX_HISTORY
     synth_users: int = 2000
     synth_items: int = 1500
     extra: dict = field(default_factory=dict)
@@ -104,7 +109,8 @@ FULL = (
 # the quick run checks that every stage, table and figure is produced, not what they say (its tiny models sit
 # near chance); its sizes keep it to about a fifth of the test suite's 15 minutes on 2 cores
 QUICK_SIZES = {"preset": "tiny", "train": 128, "valid": 80, "test": 100, "epochs": 1, "heads_epochs": 1,
-               "speed_samples": 16, "sweep_samples": 50, "gcn_epochs": 5, "synth_users": 300, "synth_items": 240}
+               "speed_samples": 16, "sweep_samples": 50, "gcn_epochs": 5, "synth_users": 300, "synth_items": 240,
+               "max_history": 4}
 QUICK_MAX_USERS = 400
 
 

@@ -35,7 +35,6 @@ from trainer.reproduce.plan import TALLREC_TEST, DatasetPlan, plans
 from trainer.reproduce.stages import StageCache
 
 K = 4  # the paper's "example number": similar users in the prompt
-MAX_HISTORY = 15
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceCon
                  "heads": {"epochs": plan.heads_epochs, "max_train": plan.train},
                  "calibrate": {"max_valid": plan.valid}}
     fit_cfg = make_config(data, out, preset=plan.preset, seed=cfg.seed, overrides=overrides, k=k,
-                          max_history=MAX_HISTORY, progress=cfg.progress)
+                          max_history=plan.max_history, progress=cfg.progress)
     manifest = run_stages(fit_cfg, ("tune", "fit-heads", "calibrate"))
     metrics = manifest["metrics"]
     return {"version": manifest["version"], "k": k, "collab": collab,
@@ -109,7 +108,7 @@ def stage_baselines(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Pa
     from trainer.context import OfflineContexts
     from trainer.data.dataset import load_dataset
 
-    contexts = OfflineContexts(load_dataset(data), None, k=0, max_history=MAX_HISTORY)
+    contexts = OfflineContexts(load_dataset(data), None, k=0, max_history=plan.max_history)
     train = contexts.examples("train", retrieval=False, limit=plan.train, seed=cfg.seed)
     valid = contexts.examples("valid", retrieval=False, limit=plan.valid, seed=cfg.seed)
     test = contexts.examples("test", retrieval=False, limit=plan.test, seed=cfg.seed)
@@ -136,16 +135,16 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
     rankers = {name: Scorer(loaded=load_ranker(path / "ranker")) for name, path in ranker_dirs.items()}
     samples = subsample(dataset.split("test"), plan.test, cfg.seed)
     eval_cfg = EvalConfig(data=data, artifacts=gcn_dir, report=out, seed=cfg.seed, bootstrap=cfg.bootstrap)
-    gcn_contexts = OfflineContexts(dataset, gcn, k=K, max_history=MAX_HISTORY, cache=False)
+    gcn_contexts = OfflineContexts(dataset, gcn, k=K, max_history=plan.max_history, cache=False)
     histories = gcn_contexts.graph_histories()
     started = time.perf_counter()
     llm = LLMRetriever(rankers["gcn"].model.causal_lm, rankers["gcn"].tokenizer).user_vectors(histories)
     llm_embed_seconds = time.perf_counter() - started
     collab_gcn = GCNEmbeddings.load(collab_gcn_dir)
     contexts = {"none": gcn_contexts, "gcn": gcn_contexts,
-                "llm": OfflineContexts(dataset, llm, k=K, max_history=MAX_HISTORY, cache=False),
-                "last": OfflineContexts(dataset, gcn.with_users("last"), k=K, max_history=MAX_HISTORY),
-                "collab": OfflineContexts(dataset, collab_gcn, k=K, max_history=MAX_HISTORY, cache=False,
+                "llm": OfflineContexts(dataset, llm, k=K, max_history=plan.max_history, cache=False),
+                "last": OfflineContexts(dataset, gcn.with_users("last"), k=K, max_history=plan.max_history),
+                "collab": OfflineContexts(dataset, collab_gcn, k=K, max_history=plan.max_history, cache=False,
                                           vectors=collab_gcn)}
     labels = [s.label for s in samples]
     rows, passes = experiments.config_rows(rankers, contexts, samples, eval_cfg, speed=plan.speed_samples)
@@ -163,7 +162,7 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
         "exit_sweeps": experiments.exit_sweeps(rankers["gcn"], examples, p_yes, plan.speed_samples,
                                                eval_cfg.batch_size),
         "neighbours": experiments.neighbour_sweep(
-            rankers["gcn"], dataset, gcn, samples[: plan.sweep_samples], plan.speed_samples, eval_cfg, MAX_HISTORY,
+            rankers["gcn"], dataset, gcn, samples[: plan.sweep_samples], plan.speed_samples, eval_cfg, plan.max_history,
             known={K: (examples[: plan.sweep_samples], p_yes[: plan.sweep_samples])}),
         "num_layers": rankers["gcn"].num_layers,
         "exit_layers": list(rankers["gcn"].model.exit_layers),
@@ -226,7 +225,7 @@ def run_few_shot(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache, set
         return []
     return [cache.run(f"{plan.name}/fewshot-{few.model}-{shots}-s{seed}",
                       {**settings, "data": data.fingerprint, "shots": shots, "seed": seed},
-                      lambda out, shots=shots, seed=seed: fewshot.stage_run(data.dir, few, shots, seed, MAX_HISTORY,
+                      lambda out, shots=shots, seed=seed: fewshot.stage_run(data.dir, few, shots, seed, plan.max_history,
                                                                             out))
             for shots in few.shots for seed in few.seeds]
 
