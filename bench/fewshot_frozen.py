@@ -98,9 +98,10 @@ def probe_row(train: dict, valid: dict, test: dict, rows: list[int], layers: lis
     y = train["labels"][rows]
     best = None
     for layer in layers:
+        x_train, x_valid = standardised(train, layer)[rows], standardised(valid, layer)
         for c in C_GRID:
-            head = LogisticRegression(C=c, max_iter=3000).fit(standardised(train, layer)[rows], y)
-            score = roc_auc_score(valid["labels"], head.decision_function(standardised(valid, layer)))
+            head = LogisticRegression(C=c, max_iter=3000).fit(x_train, y)
+            score = roc_auc_score(valid["labels"], head.decision_function(x_valid))
             if best is None or score > best[0]:
                 best = (score, layer, c, head)
     score, layer, c, head = best

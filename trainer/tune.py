@@ -139,8 +139,7 @@ def instruction_tune(
     if best is not None:
         reporters["on_epoch"] = _validating(reporters["on_epoch"], best, epochs, lambda: auc(
             [ex.label for ex in valid], answer_scores(causal_lm, valid_ids, answer_ids, tokenizer.pad_token_id or 0,
-                                                      batch_size=batch_size, projector=projector, soft=soft)),
-            (causal_lm, projector))
+                                                      batch_size=batch_size, projector=projector, soft=soft)))
     run = train_answers(causal_lm, trainable, ids, targets, tokenizer.pad_token_id or 0, epochs=epochs, lr=lr,
                         batch_size=batch_size, seed=seed, amp=amp, projector=projector, soft=soft,
                         weights_train=not use_lora, **reporters)
@@ -194,22 +193,20 @@ def _reporters(epochs: int, examples: int, batch_size: int, progress: bool, log)
 
 
 def _validating(on_epoch: Callable[[int, float, float], None], best: BestEpoch, epochs: int,
-               valid_auc: Callable[[], float], modules) -> Callable[[int, float, float], None]:
+               valid_auc: Callable[[], float]) -> Callable[[int, float, float], None]:
     """``on_epoch`` that also scores the validation prompts every ``ceil(epochs / 4)`` epochs and
-    the last (the model in eval mode meanwhile), recording each AUC in ``best``."""
+    the last (``best``'s modules in eval mode meanwhile), recording each AUC in ``best``."""
     every = math.ceil(epochs / 4)
 
     def on_epoch_validated(epoch: int, loss: float, seconds: float) -> None:
         on_epoch(epoch, loss, seconds)
         if epoch % every and epoch != epochs:
             return
-        for module in modules:
-            if module is not None:
-                module.eval()
+        for module in best.modules:
+            module.eval()
         best.update(epoch, valid_auc())
-        for module in modules:
-            if module is not None:
-                module.train()
+        for module in best.modules:
+            module.train()
 
     return on_epoch_validated
 

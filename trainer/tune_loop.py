@@ -96,11 +96,8 @@ class BestEpoch:
         """The best epoch's weights back into the modules (nothing when none was recorded)."""
         if self.state is None:
             return
-        with torch.no_grad():
-            for module, saved in zip(self.modules, self.state):
-                for name, param in module.named_parameters():
-                    if name in saved:
-                        param.copy_(saved[name])
+        for module, saved in zip(self.modules, self.state):
+            module.load_state_dict(saved, strict=False)  # the trainable parameters; the rest stay
 
 
 def batches(n: int, batch_size: int, *, shuffle: bool, rng: random.Random) -> list[list[int]]:

@@ -33,8 +33,7 @@ from ranker_svc.artifact import HEADS_FILE, read_meta, stamp_version
 from retriever_svc.embeddings import GCNEmbeddings
 from tests.conftest import await_ready, launch_service, stop_service
 from trainer.data.live_log import export_dataset, split_key, stable_split
-from trainer.publishing import publish_gcn
-from trainer.publishing import publish, roll_forward
+from trainer.publishing import publish, publish_gcn, roll_forward
 from trainer.refit import RefitConfig, decide, heads_due, parse_duration, refit_once, run_refits
 from trainer.stats import auc, paired_auc_difference
 

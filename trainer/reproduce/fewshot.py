@@ -6,10 +6,9 @@ TALLRec (Bao et al., RecSys 2023, Table 2) tunes LLaMA-7B with LoRA on 16 / 64 /
 disliked books and the target, no retrieval: here k=0 (``OfflineContexts(..., k=0)``), the model the
 plan names (``FewShotPlan.model``: an installed pretrained model, or a preset trained from scratch in
 ``--quick``), LoRA for the pretrained one. Small sample counts get more epochs, so every run takes at
-least ``MIN_STEPS`` optimiser steps (16 samples in batches of 8 would otherwise be 4 steps), and the
-weights kept are those of the epoch with the best validation AUC (``instruction_tune(keep_best_epoch=True)``):
-a few samples over many epochs are memorised,
-and the epoch to stop at is chosen on validation data, never on the test file.
+least ``MIN_STEPS`` optimiser steps (16 samples in batches of 8 would otherwise be 4 steps). A few
+samples over many epochs are memorised, so the weights kept are those of the epoch with the best
+validation AUC (``instruction_tune(keep_best_epoch=True)``): chosen on validation, never on the test file.
 
 Each run is a stage of its own (resumable); the tuned weights are deleted once its test scores are
 kept (nine 135M-parameter checkpoints would take 5 GB). A collapsed run is kept and labelled.
