@@ -115,7 +115,7 @@ QUICK_MAX_USERS = 400
 
 
 # the quick run's few-shot table: the same code with the tiny preset from scratch, two shot counts, one seed
-QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60, test=100)
+QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60, test=100, lr=None)
 
 
 def plans(*, quick: bool = False, names: tuple[str, ...] | None = None) -> list[DatasetPlan]:
