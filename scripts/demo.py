@@ -54,7 +54,7 @@ def choose_model(name: str) -> str:
 
     from ranker_svc.model import resolve_dtype
 
-    native = torch.cuda.is_available() or resolve_dtype("auto") == torch.bfloat16
+    native = resolve_dtype("auto") == torch.bfloat16  # CUDA, AMX or AVX512-BF16
     chosen = "smollm2-135m" if native else "tiny"
     print(f"model: {chosen} (bf16 matmuls {'native' if native else 'not native'} here; --model tiny or "
           f"--model smollm2-135m chooses)", flush=True)

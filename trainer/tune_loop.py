@@ -130,6 +130,11 @@ def autocast_dtype(amp: bool | None, device: torch.device) -> torch.dtype | None
     return torch.bfloat16 if amp else None
 
 
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """``torch.autocast`` to ``dtype`` (from :func:`autocast_dtype`) on ``device``; off when it is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def layer_linear_params(causal_lm: PreTrainedModel) -> int:
     """Weights of the decoder layers' linear maps (what a token multiplies through, embeddings excluded)."""
     return sum(m.weight.numel() for layer in causal_lm.base_model.layers for name, m in layer.named_modules()
@@ -176,7 +181,7 @@ def train_answers(causal_lm: PreTrainedModel, trainable: nn.Module, ids: list[li
         epoch_started, epoch_losses = time.perf_counter(), []
         for chunk in length_batches(lengths, batch_size, rng):
             input_ids, mask = pad_right([ids[i] for i in chunk], pad_id, device)
-            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with autocast(dtype, device):
                 loss = answer_loss(causal_lm, input_ids, mask, targets[chunk].to(device), projector, soft)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
