@@ -34,7 +34,7 @@ from ranker_svc.artifact import load_ranker, save_heads
 from ranker_svc.model import EarlyExitLM, ExitHead, pad_right
 from trainer.stats import auc
 from trainer.tune import encode_examples
-from trainer.tune_loop import autocast, autocast_dtype, batches
+from trainer.tune_loop import batches
 
 FULL_VOCAB_HEAD_PARAMS = 50_000_000
 
@@ -91,13 +91,8 @@ def fit_heads(
     table = model.soft_table()
     ids, targets = encode_examples(train, loaded.prompt, loaded.tokenizer, max_tokens=max_tokens,
                                    answer_ids=(model.yes_token_id, model.no_token_id), table=table)
-    # the frozen pass in bf16 autocast where bf16 matmuls are native, as tuning and serving run there
-    # (float32 everywhere cost a third more time on SmolLM2); the heads train on float32 states
-    device = model.answer_ids.device
-    with autocast(autocast_dtype(None, device), device):
-        states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0,
-                             soft=table.tensor() if table is not None else None)  # (N, E, H)
-    states = states.float()
+    states = exit_states(model, ids, loaded.tokenizer.pad_token_id or 0,
+                         soft=table.tensor() if table is not None else None)  # (N, E, H)
     if log is not None:
         log(f"fit-heads: hidden states of {len(ids)} examples at {len(model.answer_layers)} layers "
             f"in {time.perf_counter() - started:.1f}s")
