@@ -8,7 +8,8 @@ One consumer group (``redis.group``) reads the ingest stream. For each batch the
 
 A crash anywhere before 3 leaves the entries pending; the next start under the same consumer name
 re-reads its own pending entries (XREADGROUP from 0) and applies them again, which changes nothing
-that was already applied. Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's
+that was already applied; the users of such a redelivered batch are all folded in again, since a crash
+between the history write and the fold-in leaves a history that re-applying cannot show as changed. Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's
 that did not come back) are claimed by any replica, at start and while running, and entries every
 group has acknowledged are trimmed from the stream every ``TRIM_INTERVAL_S``. Replicas sharing the
 group never take each other's in-flight entries, so each event is applied by one replica (give each
@@ -110,7 +111,7 @@ class StreamConsumer(BackgroundLoop):
         total = 0
         while entries := await self.store.streams.own_pending(self.config.consumer,
                                                               count=self.config.read_count):
-            total += await self._process(entries)
+            total += await self._process(entries, redelivered=True)
         return total
 
     async def reclaim(self, *, min_idle_ms: int) -> int:
@@ -122,14 +123,14 @@ class StreamConsumer(BackgroundLoop):
             )
             if not entries:
                 return total
-            total += await self._process(entries)
+            total += await self._process(entries, redelivered=True)
 
-    async def _process(self, entries: Sequence[StreamEntry]) -> int:
+    async def _process(self, entries: Sequence[StreamEntry], *, redelivered: bool = False) -> int:
         if not entries:
             return 0
         events = [e for entry_id, fields in entries if (e := _valid(entry_id, fields)) is not None]
         if events:
-            await self.retriever.apply_events(events)
+            await self.retriever.apply_events(events, redelivered=redelivered)
         await self.store.streams.ack([entry_id for entry_id, _ in entries])  # only after the writes
         self.applied += len(entries)
         return len(entries)

@@ -344,12 +344,17 @@ class Retriever:
         """The event if valid now (``records.check_interaction`` against this host's clock), else InvalidArgument."""
         return check_interaction(event, now_ms=int(time.time() * 1000), max_future_s=self.config.max_future_s)
 
-    async def apply_events(self, events: Sequence[Interaction]) -> int:
+    async def apply_events(self, events: Sequence[Interaction], *, redelivered: bool = False) -> int:
         """The consumer's step: histories first, then the fold-in vectors of the users whose history
         changed (Redis, announced to the other replicas, then FAISS). Returns how many vectors were
-        refreshed; idempotent (an event applied again changes nothing and refreshes no vector)."""
+        refreshed; idempotent (an event applied again changes nothing and refreshes no vector).
+
+        ``redelivered``: the events were delivered before and never acknowledged, so a crash may
+        have fallen between the history write and the fold-in; every user of the batch is folded
+        in again (the history alone cannot tell, since re-applying it changes nothing)."""
         async with self._lock:
-            states = await self.store.apply_events(events, history_cap=self.config.history_per_user)
+            states = await self.store.apply_events(events, history_cap=self.config.history_per_user,
+                                                   every_user=redelivered)
             self._touched.update(states)
             snap = self._snapshot
             return 0 if snap is None else len(await self._write_fold_ins(snap, states, announce=True))

@@ -72,6 +72,21 @@ async def test_crash_between_read_and_ack_is_reclaimed(store, clustered):
     np.testing.assert_array_equal(after[2], state[2])
 
 
+async def test_crash_between_history_and_fold_in_is_folded_in_on_recovery(store, clustered):
+    retriever, emb = await _published(store, clustered)
+    await store.streams.append_events(NEW)
+    assert len(await store.streams.read_events(CONFIG.consumer, count=10, block_ms=10)) == 3
+    await store.apply_events(NEW)  # the first delivery wrote the histories, then died before the fold-in
+    assert await store.user_vector("newbie", emb.version) is None
+    consumer = StreamConsumer(retriever=retriever, store=store, config=CONFIG)
+    assert await consumer.recover() == 3 and await store.streams.pending_count() == 0
+    rows = [emb.item_ids.index("c1i0"), emb.item_ids.index("c1i2")]
+    np.testing.assert_allclose(await store.user_vector("newbie", emb.version),
+                               emb.item_foldin[rows].sum(0) / np.sqrt(2), rtol=1e-6)
+    neighbors = (await retriever.nearest_users("newbie", 3)).neighbors  # and in the FAISS index
+    assert all(user.startswith("c1") for user, _ in neighbors)
+
+
 async def test_peers_in_flight_entries_are_left_until_idle(store, clustered):
     retriever, _ = await _published(store, clustered)
     await store.streams.append_events(NEW)
