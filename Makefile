@@ -7,7 +7,7 @@ DATA ?= ../shared/data
 RUNS ?= runs
 export PYTHONUNBUFFERED := 1
 
-REPORT ?= reports/reproduce
+REPORT ?= reports/reproduce$(if $(MODEL),-$(MODEL),)
 
 .PHONY: install lock codegen test test-pretrained demo reproduce bench bench-ranker bench-retriever bench-gcn-quality bench-gpu soak soak-growth clean
 
@@ -34,9 +34,10 @@ test-pretrained: install
 demo: install
 	EXITRANK_DATA=$(DATA) $(PY) scripts/demo.py --data-root $(DATA) --workdir $(RUNS)/demo $(if $(MODEL),--model $(MODEL),)
 
-# The paper's experiments on DATA (resumable: unchanged stages are reused); QUICK=1 for subsets.
+# The paper's experiments on DATA (resumable: unchanged stages are reused); QUICK=1 for subsets;
+# MODEL=smollm2-135m: that installed pretrained model as the LLM (its report in reports/reproduce-MODEL).
 reproduce: install
-	$(PY) -m trainer reproduce --data-root $(DATA) --out $(REPORT) $(if $(QUICK),--quick,)
+	$(PY) -m trainer reproduce --data-root $(DATA) --out $(REPORT) $(if $(QUICK),--quick,) $(if $(MODEL),--model $(MODEL),)
 
 # Benchmarks print one JSON object as their last line (../shared/BENCH_OUTPUT.md).
 bench: bench-ranker bench-retriever bench-gcn-quality

@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", type=int, default=0)
     rep.add_argument("--force", action="store_true", help="re-run stages whose inputs are unchanged")
     rep.add_argument("--bootstrap", type=int, default=1000)
+    rep.add_argument("--model", help="an installed pretrained model (trainer models list) as the LLM of every "
+                                     "table, LoRA-tuned on 256 samples; default: the small preset from scratch")
+    rep.add_argument("--no-few-shot", action="store_true",
+                     help="leave out the few-shot table's runs (tallrec-book; their cached stages are kept)")
     rep.add_argument("--no-progress", action="store_true")
     rep.set_defaults(func=_reproduce)
 
@@ -242,9 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _reproduce(args: argparse.Namespace) -> dict:
     from trainer.reproduce import ReproduceConfig, reproduce
 
+    if args.model is not None:  # a missing model is named before any data is read
+        from trainer.models import resolve_base_model
+
+        resolve_base_model(args.model)
     report = reproduce(ReproduceConfig(data_root=args.data_root, out=args.out, quick=args.quick,
                                        datasets=tuple(args.datasets) if args.datasets else None, seed=args.seed,
-                                       force=args.force, progress=not args.no_progress, bootstrap=args.bootstrap))
+                                       force=args.force, progress=not args.no_progress, bootstrap=args.bootstrap,
+                                       model=args.model, few_shot=not args.no_few_shot))
     return {"out": str(args.out), "goals": report["goals"], "wall_seconds": report["wall_seconds"]}
 
 

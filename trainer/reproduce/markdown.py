@@ -23,13 +23,19 @@ def _noise(c: dict) -> str:
     return f"{c['diff_points']:+.2f} ± {1.96 * c['se_points']:.2f} points ({verdict})"
 
 
+def _model(plan: dict) -> str:
+    if plan.get("base_model"):
+        return f"{plan['base_model']} (pretrained, LoRA-tuned at lr {plan.get('lr') or 'default'})"
+    return f"{plan['preset']} preset (trained from scratch)"
+
+
 def dataset_section(name: str, report: dict) -> list[str]:
     ds, t2, t3, t4 = report["datasets"][name], report["table2"][name], report["table3"][name], report["table4"][name]
     figs, goals, plan = report["figures"][name], report["goals"][name], ds["plan"]
     ev = ds["evaluated"]
     labels = dict(TABLE2)
     lines = [f"## {name}", "",
-             f"Setup: {plan['preset']} preset ({ds['num_layers']} layers, exit heads at {ds['exit_layers']}), "
+             f"Setup: {_model(plan)} ({ds['num_layers']} layers, exit heads at {ds['exit_layers']}), "
              f"up to {plan['train']} training / {plan['valid']} calibration samples, {ev['samples']} test samples "
              f"({ev['positives']} positive), k=4 similar users, seed {report['seed']}; splits {ds['samples']}; "
              f"requests/s timed on {plan['speed_samples']} samples, Figure 5 on {min(plan['sweep_samples'], ev['samples'])}. "
@@ -115,6 +121,8 @@ def _fmt(value) -> str:
 
 def render(report: dict) -> str:
     mode = "quick (subsets, tiny preset)" if report["quick"] else "full"
+    if report.get("model"):
+        mode += f", {report['model']} as the LLM"
     lines = ["# exitrank: the paper's experiments, reproduced", "",
              f"Mode: {mode}; seed {report['seed']}; this run {report['wall_seconds']:.0f} s, the stages' own time "
              f"{report['stage_seconds_total']:.0f} s ({report['stages_reused']} of {report['stages']} stages reused "

@@ -3,7 +3,9 @@
 A ``DatasetPlan`` fixes the data (importer, source folder, users kept), the model preset and how many
 samples each step uses. ``plans(quick=False)`` is the full run (the small preset, ≤ 90 minutes on 2
 cores for all three data sets); ``quick=True`` runs the same code on subsets with the tiny preset
-(≤ 10 minutes), which is what the test suite runs.
+(≤ 10 minutes), which is what the test suite runs. ``plans(model=NAME)``: an installed pretrained
+model (``trainer models``) is the LLM of every table and figure, LoRA-tuned on ``PRETRAINED_SIZES``
+(TALLRec's 256 samples), and the few-shot table uses it too.
 
 The paper's numbers (Table 2, 3 and 4 of "The Efficiency vs. Accuracy Trade-off: Optimizing
 RAG-Enhanced LLM Recommender Systems Using Multi-Head Early Exit", Vicuna-7B, their own splits)
@@ -69,6 +71,9 @@ class DatasetPlan:
         max_history: interactions kept of the user and of each similar user (the prompt shows at most
             ``PromptConfig.max_history`` / ``neighbor_history`` of them).
         few_shot: TALLRec's few-shot table on this data set (``trainer.reproduce.fewshot``), or None.
+        base_model: an installed model's name or a checkpoint directory to LoRA-tune instead of
+            training ``preset`` from scratch; lr, batch_size: tuning's (None: the preset's or
+            ``instruction_tune``'s defaults).
     """
 
     name: str
@@ -90,12 +95,20 @@ class DatasetPlan:
     synth_items: int = 1500
     extra: dict = field(default_factory=dict)
     few_shot: FewShotPlan | None = None
+    base_model: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
 
     def to_json(self) -> dict:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        # the fields added with base_model are left out while unset, so the from-scratch plans keep the
+        # fingerprints their cached stages were stored under
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__
+               if k not in _UNSET_OMITTED or getattr(self, k) is not None}
         out["few_shot"] = self.few_shot.to_json() if self.few_shot is not None else None
         return out
 
+
+_UNSET_OMITTED = ("base_model", "lr", "batch_size")
 
 FULL = (
     DatasetPlan("games6k", "games6k", "games6k", paper="video_games", max_users=4000),
@@ -118,10 +131,25 @@ QUICK_MAX_USERS = 400
 QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60, test=100, lr=None)
 
 
-def plans(*, quick: bool = False, names: tuple[str, ...] | None = None) -> list[DatasetPlan]:
-    """The data sets to run, in report order; ``quick``: subsets and the tiny preset."""
+# a pretrained model's run: TALLRec's 256 training samples per ranker (k=4 tallrec-book prompts: 2 epochs in
+# ~6.5 minutes on 2 bf16 cores, bench/README), fewer test samples (a full-depth pass costs ~0.5 s a prompt
+# there), so three data sets and the few-shot table fit the 150-minute budget. lr 1e-3: LoRA's 3e-4 barely
+# moved SmolLM2 in 64 steps; chosen on validation AUC (FewShotPlan.lr), never on a test file. The preset then
+# only sets what tuning does not take from the base model: tiny's leaves bf16 autocast to the hardware.
+PRETRAINED_SIZES = {"preset": "tiny", "train": 256, "valid": 200, "test": 600, "epochs": 2, "heads_epochs": 2, "speed_samples": 24,
+                    "sweep_samples": 200, "lr": 1e-3, "batch_size": 8}
+
+
+def plans(*, quick: bool = False, names: tuple[str, ...] | None = None, model: str | None = None) -> list[DatasetPlan]:
+    """The data sets to run, in report order; ``quick``: subsets and the tiny preset; ``model``: an
+    installed pretrained model as the LLM (``PRETRAINED_SIZES``, or the quick sizes with ``quick``)."""
     chosen = [p for p in FULL if names is None or p.name in names]
+    if model is not None:
+        chosen = [replace(p, **PRETRAINED_SIZES, base_model=model,
+                          few_shot=replace(p.few_shot, model=model) if p.few_shot is not None else None)
+                  for p in chosen]
     if quick:
+        few = QUICK_FEW_SHOT if model is None else replace(QUICK_FEW_SHOT, model=model)
         chosen = [replace(p, **QUICK_SIZES, max_users=min(p.max_users or QUICK_MAX_USERS, QUICK_MAX_USERS),
-                          few_shot=QUICK_FEW_SHOT if p.few_shot is not None else None) for p in chosen]
+                          few_shot=few if p.few_shot is not None else None) for p in chosen]
     return chosen

@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,8 @@ class ReproduceConfig:
     force: bool = False
     progress: bool = True
     bootstrap: int = 1000
+    model: str | None = None  # an installed pretrained model as the LLM (plan.PRETRAINED_SIZES)
+    few_shot: bool = True  # False: the few-shot table's runs are left out (its stages stay cached)
 
 
 def _say(message: str) -> None:
@@ -85,14 +87,17 @@ def stage_gcn(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Path, *,
 
 def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceConfig, k: int, out: Path,
                  collab: str = "none") -> dict:
+    from trainer.models import resolve_base_model
     from trainer.pipeline import make_config, run_stages
 
     shutil.copytree(gcn_dir / "gcn", out / "gcn")
     # a collapsed model is kept and its rows labelled in the report (run.py's docstring), not a crash
-    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train, "collab": collab, "allow_collapse": True},
+    overrides = {"tune": {"epochs": plan.epochs, "max_train": plan.train, "collab": collab, "allow_collapse": True,
+                          "lr": plan.lr, "batch_size": plan.batch_size},
                  "heads": {"epochs": plan.heads_epochs, "max_train": plan.train},
                  "calibrate": {"max_valid": plan.valid}}
-    fit_cfg = make_config(data, out, preset=plan.preset, seed=cfg.seed, overrides=overrides, k=k,
+    fit_cfg = make_config(data, out, preset=plan.preset, base_model=plan.base_model and str(resolve_base_model(plan.base_model)), seed=cfg.seed,
+                          overrides=overrides, k=k,
                           max_history=plan.max_history, progress=cfg.progress)
     manifest = run_stages(fit_cfg, ("tune", "fit-heads", "calibrate"))
     metrics = manifest["metrics"]
@@ -236,14 +241,16 @@ def reproduce(cfg: ReproduceConfig) -> dict:
 
     started = time.perf_counter()
     cache = StageCache(cfg.out / "stages", force=cfg.force, log=_say)
-    chosen = plans(quick=cfg.quick, names=cfg.datasets)
+    chosen = plans(quick=cfg.quick, names=cfg.datasets, model=cfg.model)
+    if not cfg.few_shot:
+        chosen = [replace(p, few_shot=None) for p in chosen]
     results = {}
     for plan in chosen:
         if plan.source is not None and not (cfg.data_root / plan.source).is_dir():
             _say(f"{plan.name}: {cfg.data_root / plan.source} is absent, skipped")
             continue
         results[plan.name] = run_dataset(plan, cfg, cache)
-    report = {"quick": cfg.quick, "seed": cfg.seed, "datasets": results,
+    report = {"quick": cfg.quick, "seed": cfg.seed, "model": cfg.model, "datasets": results,
               "wall_seconds": round(time.perf_counter() - started, 1),
               "stage_seconds_total": round(sum(s.seconds for s in cache.ran), 1),
               "stages_reused": sum(s.reused for s in cache.ran), "stages": len(cache.ran)}
