@@ -63,9 +63,8 @@ freed the consumer drains the backlog and health is SERVING again (``tests/.../t
 History is idempotent and order-independent: per (user, item) the interaction with the larger
 (timestamp_ms, rating) wins, and a full history keeps the newest items by (timestamp_ms, item id),
 so applying an event twice, or replaying the stream in any order, leaves the same state; an event
-that changes nothing is not counted, and its user is not folded in again (unless its batch is a
-redelivered one: ``apply_events(every_user=True)``). Nothing is pickled: ids
-are UTF-8, vectors raw float32, the rest JSON.
+that changes nothing is not counted, and its user is not folded in again (but a redelivered batch's
+are: ``every_user``). Nothing is pickled: ids are UTF-8, vectors raw float32, the rest JSON.
 
 Every redis-py error becomes ``StoreUnavailable`` here (and in ``stream.py``, the streams the store holds
 as ``store.streams``), the one place third-party errors convert. ``redis+cluster://``: a Redis Cluster.
@@ -170,10 +169,8 @@ class RedisStore:
     async def apply_events(self, events: Sequence[Interaction], *, history_cap: int = HISTORY_PER_USER,
                            every_user: bool = False) -> dict[str, HistoryState]:
         """Apply events to histories (idempotently; each keeps its newest ``history_cap`` items);
-        returns the users whose history changed, each with its item ids and change count. A
-        re-applied (or superseded) event changes nothing, so its user is not returned, unless
-        ``every_user``: then every user of the batch is (a redelivered batch whose first delivery
-        may have changed the history and died before the fold-in was written).
+        returns the users whose history changed (``every_user``: every user of the batch, whose
+        first delivery may have died before its fold-in), each with its item ids and change count.
 
         One round trip: the history scripts, the user set update, then the users' states.
         """
