@@ -100,8 +100,12 @@ def test_calibration_stores_a_policy_within_budget_and_plots(pipeline):
     assert meta["policy"] == summary["policy"] and meta["version"] == summary["version"]
     assert summary["auc"] >= summary["full_auc"] - 0.003 - 1e-12
     assert summary["mean_exit_layer"] <= 6
-    # the chosen point is the shallowest within budget among all replayed policies
-    within = [p for p in summary["curve"] if p["policy"]["disabled"] or p["auc"] >= summary["full_auc"] - 0.003]
+    # the chosen point is the shallowest among all replayed policies whose loss plus its margin (margin_sigmas
+    # standard errors) is within the budget: a shallower one within the budget on its loss alone may not qualify
+    margin = summary["margin_sigmas"]
+    assert margin > 0 and summary["auc"] - margin * summary["loss_se_points"] / 100 >= summary["full_auc"] - 0.003 - 1e-12
+    within = [p for p in summary["curve"] if p["policy"]["disabled"]
+              or summary["full_auc"] - p["auc"] + margin * p["loss_se"] <= 0.003 + 1e-12]
     assert summary["mean_exit_layer"] == min(p["mean_exit_layer"] for p in within)
     png = Path(summary["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
