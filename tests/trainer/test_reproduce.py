@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -57,3 +58,7 @@ def test_a_second_run_reuses_every_stage_and_reports_the_same(quick_run):
     fewshot = len(few["shots"]) * len(few["seeds"])
     assert fewshot >= 1 and again["stages_reused"] == again["stages"] == first["stages"] == 8 * 3 + fewshot
     assert again["table2"] == first["table2"] and again["figures"] == first["figures"]
+    # leaving the few-shot table out re-runs nothing else, and leaves the table out of the report
+    without = reproduce(replace(cfg, few_shot=False))
+    assert without["stages_reused"] == without["stages"] == 8 * 3
+    assert without["datasets"]["tallrec-book"]["few_shot"] is None and without["table2"] == first["table2"]

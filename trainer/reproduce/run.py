@@ -24,7 +24,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -186,7 +186,8 @@ def stage_measure(data: Path, gcn_dir: Path, collab_gcn_dir: Path, ranker_dirs: 
 
 def run_dataset(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache) -> dict:
     """Every stage of one data set; returns the measurements and the stages' timings."""
-    settings = {"plan": plan.to_json(), "seed": cfg.seed}
+    # the few-shot table is no input of the other stages: adding, changing or leaving it out re-runs none of them
+    settings = {"plan": {k: v for k, v in plan.to_json().items() if k != "few_shot"}, "seed": cfg.seed}
     data = cache.run(f"{plan.name}/data", {**settings, "root": str(cfg.data_root)},
                      lambda out: stage_data(plan, cfg, out))
     gcn = cache.run(f"{plan.name}/gcn", {**settings, "data": data.fingerprint},
@@ -226,10 +227,10 @@ def run_dataset(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache) -> d
 def run_few_shot(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache, settings: dict, data) -> list:
     """The few-shot table's runs (one stage each), or [] when the plan has none."""
     few = plan.few_shot
-    if few is None:
+    if few is None or not cfg.few_shot:
         return []
     return [cache.run(f"{plan.name}/fewshot-{few.model}-{shots}-s{seed}",
-                      {**settings, "data": data.fingerprint, "shots": shots, "seed": seed},
+                      {**settings, "few_shot": few.to_json(), "data": data.fingerprint, "shots": shots, "seed": seed},
                       lambda out, shots=shots, seed=seed: fewshot.stage_run(data.dir, few, shots, seed, plan.max_history,
                                                                             out))
             for shots in few.shots for seed in few.seeds]
@@ -242,8 +243,6 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     started = time.perf_counter()
     cache = StageCache(cfg.out / "stages", force=cfg.force, log=_say)
     chosen = plans(quick=cfg.quick, names=cfg.datasets, model=cfg.model)
-    if not cfg.few_shot:
-        chosen = [replace(p, few_shot=None) for p in chosen]
     results = {}
     for plan in chosen:
         if plan.source is not None and not (cfg.data_root / plan.source).is_dir():
