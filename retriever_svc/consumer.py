@@ -8,12 +8,13 @@ One consumer group (``redis.group``) reads the ingest stream. For each batch the
 
 A crash anywhere before 3 leaves the entries pending; the next start under the same consumer name
 re-reads its own pending entries (XREADGROUP from 0) and applies them again, which changes nothing
-that was already applied; the users of such a redelivered batch are all folded in again, since a crash
-between the history write and the fold-in leaves a history that re-applying cannot show as changed. Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's
-that did not come back) are claimed by any replica, at start and while running, and entries every
-group has acknowledged are trimmed from the stream every ``TRIM_INTERVAL_S``. Replicas sharing the
-group never take each other's in-flight entries, so each event is applied by one replica (give each
-a distinct ``redis.consumer``).
+that was already applied; every user of such a redelivered batch is folded in again, since a crash
+between the history write and the fold-in leaves a history that re-applying cannot show as changed.
+Entries pending longer than ``redis.claim_idle_ms`` (a crashed peer's that did not come back) are
+claimed by any replica, at start and while running, and entries every group has acknowledged are
+trimmed from the stream every ``TRIM_INTERVAL_S``. Replicas sharing the group never take each
+other's in-flight entries, so each event is applied by one replica (give each a distinct
+``redis.consumer``).
 
 The loop never stops for good: any failure, in a batch or in the recovery at (re)start, is logged
 and retried with exponential backoff (0.1 s doubling to ``MAX_BACKOFF_S``), the batch staying

@@ -100,15 +100,10 @@ class DatasetPlan:
     batch_size: int | None = None
 
     def to_json(self) -> dict:
-        # the fields added with base_model are left out while unset, so the from-scratch plans keep the
-        # fingerprints their cached stages were stored under
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__
-               if k not in _UNSET_OMITTED or getattr(self, k) is not None}
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
         out["few_shot"] = self.few_shot.to_json() if self.few_shot is not None else None
         return out
 
-
-_UNSET_OMITTED = ("base_model", "lr", "batch_size")
 
 FULL = (
     DatasetPlan("games6k", "games6k", "games6k", paper="video_games", max_users=4000),
@@ -136,8 +131,8 @@ QUICK_FEW_SHOT = FewShotPlan(model="tiny", shots=(16, 64), seeds=(0,), valid=60,
 # there), so three data sets and the few-shot table fit the 150-minute budget. lr 1e-3: LoRA's 3e-4 barely
 # moved SmolLM2 in 64 steps; chosen on validation AUC (FewShotPlan.lr), never on a test file. The preset then
 # only sets what tuning does not take from the base model: tiny's leaves bf16 autocast to the hardware.
-PRETRAINED_SIZES = {"preset": "tiny", "train": 256, "valid": 200, "test": 600, "epochs": 2, "heads_epochs": 2, "speed_samples": 24,
-                    "sweep_samples": 200, "lr": 1e-3, "batch_size": 8}
+PRETRAINED_SIZES = {"preset": "tiny", "train": 256, "valid": 200, "test": 600, "epochs": 2, "heads_epochs": 2,
+                    "speed_samples": 24, "sweep_samples": 200, "lr": 1e-3, "batch_size": 8}
 
 
 def plans(*, quick: bool = False, names: tuple[str, ...] | None = None, model: str | None = None) -> list[DatasetPlan]:

@@ -87,7 +87,6 @@ def stage_gcn(data: Path, plan: DatasetPlan, cfg: ReproduceConfig, out: Path, *,
 
 def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceConfig, k: int, out: Path,
                  collab: str = "none") -> dict:
-    from trainer.models import resolve_base_model
     from trainer.pipeline import make_config, run_stages
 
     shutil.copytree(gcn_dir / "gcn", out / "gcn")
@@ -96,9 +95,8 @@ def stage_ranker(data: Path, gcn_dir: Path, plan: DatasetPlan, cfg: ReproduceCon
                           "lr": plan.lr, "batch_size": plan.batch_size},
                  "heads": {"epochs": plan.heads_epochs, "max_train": plan.train},
                  "calibrate": {"max_valid": plan.valid}}
-    fit_cfg = make_config(data, out, preset=plan.preset, base_model=plan.base_model and str(resolve_base_model(plan.base_model)), seed=cfg.seed,
-                          overrides=overrides, k=k,
-                          max_history=plan.max_history, progress=cfg.progress)
+    fit_cfg = make_config(data, out, preset=plan.preset, base_model=plan.base_model, seed=cfg.seed,
+                          overrides=overrides, k=k, max_history=plan.max_history, progress=cfg.progress)
     manifest = run_stages(fit_cfg, ("tune", "fit-heads", "calibrate"))
     metrics = manifest["metrics"]
     return {"version": manifest["version"], "k": k, "collab": collab,
@@ -230,7 +228,8 @@ def run_few_shot(plan: DatasetPlan, cfg: ReproduceConfig, cache: StageCache, set
     if few is None or not cfg.few_shot:
         return []
     return [cache.run(f"{plan.name}/fewshot-{few.model}-{shots}-s{seed}",
-                      {**settings, "few_shot": few.to_json(), "data": data.fingerprint, "shots": shots, "seed": seed},
+                      {**settings, "few_shot": few.to_json(), "data": data.fingerprint, "shots": shots,
+                       "seed": seed},
                       lambda out, shots=shots, seed=seed: fewshot.stage_run(data.dir, few, shots, seed, plan.max_history,
                                                                             out))
             for shots in few.shots for seed in few.seeds]
